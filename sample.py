@@ -1,0 +1,251 @@
+"""sample.py: generate, reconstruct, or render at any size; from our checkpoints or the official ones.
+
+    python sample.py runs/dit-demo                                  # 16 EMA samples -> runs/dit-demo/samples.png
+    python sample.py runs/dit-demo --n 64 --class 2 --cfg 3 --sampler ddim --steps 50 --each
+    python sample.py --model dit --official DiT-XL-2-256x256.pt --config DiT-XL/2 \
+        --ae ae_kl:kl-f8:vae-ft-mse-840000-ema-pruned.ckpt --class 207 --cfg 4
+    python sample.py runs/ae_kl-tiny --reconstruct photo.jpg        # input|output pairs, PSNR and LPIPS
+    python sample.py runs/infd-tiny --reconstruct photos/ --size 1024   # INFD renders at any size
+
+Like train.py it knows only the model-file contract (README.md): `sample`, `encode`, `decode`, `render`,
+`load_official`. Images are written as PNG; a grid, and with --each one file per image.
+"""
+import argparse
+import importlib
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+
+
+def fail(msg):
+    """Bad input ends the run with one line naming the problem, not a stack trace."""
+    raise SystemExit(f"error: {msg}")
+
+
+# ------------------------------------------------------- checkpoints and images (train.py uses these too)
+def load_checkpoint(path):
+    """Our own checkpoint (a run folder or a .pt file), loaded with weights_only=True."""
+    path = Path(path)
+    path = path / "ckpt.pt" if path.is_dir() else path
+    if not path.is_file():
+        fail(f"no checkpoint at {path}")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        fail(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    if not isinstance(ck, dict) or "create" not in ck:
+        fail(f"{path} was not written by train.py (no 'create' entry); official weights go through "
+             "sample.py --official")
+    return ck
+
+
+def load_weights(model, state, what):
+    """Strict load; a mismatch names the first differing keys (the usual cause: the wrong --model/--config)."""
+    mine, theirs = set(model.state_dict()), set(state)
+    if mine != theirs:
+        fail(f"{what} does not fit this model: missing {sorted(mine - theirs)[:4]}, unexpected {sorted(theirs - mine)[:4]}")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        fail(f"{what} does not fit this model: {str(e).splitlines()[-1].strip()[:200]}")
+
+
+def build_model(create, weights=None, what="checkpoint"):
+    """create = {"model": module name, "config": preset, "overrides": {...}}, as stored in every checkpoint."""
+    try:
+        module = importlib.import_module(create["model"])
+    except ModuleNotFoundError:
+        fail(f"no model file {create['model']}.py")
+    if create["config"] not in module.CONFIGS:
+        fail(f"{create['model']} has no preset {create['config']!r}; presets: {', '.join(module.CONFIGS)}")
+    model = module.create(create["config"], **create["overrides"])
+    if weights is not None:
+        load_weights(model, weights, what)
+    return model
+
+
+def load_autoencoder(spec, device):
+    """--ae: one of our autoencoder checkpoints (EMA weights), or MODEL:CONFIG:PATH for an official one."""
+    if spec.count(":") >= 2 and not Path(spec).exists():
+        name, config, path = spec.split(":", 2)
+        ae, scale = importlib.import_module(name).load_official(path, config), None
+    else:
+        ck = load_checkpoint(spec)
+        ae, scale = build_model(ck["create"], ck["ema"], f"--ae {spec}"), None
+    if not all(hasattr(ae, f) for f in ("encode", "decode", "scale_factor")):
+        fail(f"--ae {spec} is not an autoencoder (no encode/decode/scale_factor)")
+    return ae.to(device).eval().requires_grad_(False), scale
+
+
+def to_uint8(x):
+    """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8 on the host."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(x, path, nrow=None):
+    """Images (B, 3, H, W) in [-1, 1] -> one PNG grid with a 2-pixel gap."""
+    imgs = to_uint8(x[:, :3])
+    b, h, w, c = imgs.shape
+    nrow = nrow or math.ceil(math.sqrt(b))
+    rows = math.ceil(b / nrow)
+    grid = np.full((rows * (h + 2) + 2, nrow * (w + 2) + 2, c), 255, np.uint8)
+    for k, img in enumerate(imgs):
+        r, q = divmod(k, nrow)
+        grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + q * (w + 2): 2 + q * (w + 2) + w] = img
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(path)
+
+
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Sample from, or reconstruct with, a trained or official model.")
+    p.add_argument("ckpt", nargs="?", help="run folder or checkpoint written by train.py")
+    p.add_argument("--model", help="with --official: the model file (dit, hdit, ...)")
+    p.add_argument("--official", help="an official released checkpoint (needs --model and --config)")
+    p.add_argument("--config", help="with --official: a CONFIGS preset of the model file")
+    p.add_argument("--ae", help="decode through this autoencoder: our checkpoint or MODEL:CONFIG:OFFICIAL_PATH")
+    p.add_argument("--n", type=int, default=16, help="number of samples")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the paper's)")
+    p.add_argument("--sampler", default=None, help="model-specific name, e.g. ddpm, ddim, euler, dpmpp_2m")
+    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--class", dest="classes", type=int, nargs="+", default=None, help="class label(s), cycled")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=16, help="images per forward pass")
+    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--reconstruct", help="autoencoders: an image or a folder of images to encode and decode")
+    p.add_argument("--image-size", type=int, default=None, help="--reconstruct: input size (default: trained size)")
+    p.add_argument("--size", type=int, default=None, help="render at this size (INFD's render(z, size))")
+    p.add_argument("--out", default=None, help="output PNG (grid) or folder (--reconstruct)")
+    p.add_argument("--each", action="store_true", help="also write one PNG per image")
+    p.add_argument("--cpu", action="store_true")
+    return p.parse_args(argv)
+
+
+def load(args, device):
+    """-> (model, autoencoder or None, trained image size or None)."""
+    if args.official:
+        if not (args.model and args.config):
+            fail("--official needs --model and --config")
+        model, size = importlib.import_module(args.model).load_official(args.official, args.config), None
+        ae = load_autoencoder(args.ae, device)[0] if args.ae else None
+        return model.to(device).eval(), ae, size
+    if not args.ckpt:
+        fail("give a run folder / checkpoint, or --model NAME --official PATH --config NAME")
+    ck = load_checkpoint(args.ckpt)
+    weights = "model" if args.raw else "ema"
+    model = build_model(ck["create"], ck[weights], f"{args.ckpt} '{weights}'").to(device).eval()
+    ae = None
+    if args.ae or ck.get("ae"):
+        ae = load_autoencoder(args.ae or ck["ae"]["spec"], device)[0]
+        if ck.get("ae") and not args.ae:
+            ae.scale_factor.fill_(ck["ae"]["scale_factor"])  # the factor train.py measured (or the official one)
+    return model, ae, ck["create"]["overrides"].get("image_size")
+
+
+def to_image(x, ae, size):
+    """Model space -> pixels in [-1, 1]: decode latents (or render them at `size`, INFD) when there is an AE."""
+    if ae is None:
+        if x.shape[1] != 3:
+            fail(f"the model samples {x.shape[1]}-channel latents; give --ae to decode them")
+        return x
+    return ae.render(x, size) if size and hasattr(ae, "render") else ae.decode(x)
+
+
+@torch.no_grad()
+def generate(model, ae, args, device):
+    if not hasattr(model, "sample"):
+        fail("this is an autoencoder: use --reconstruct IMAGE_OR_FOLDER")
+    gen = torch.Generator(device).manual_seed(args.seed)
+    images = []
+    for i in range(0, args.n, args.batch):
+        n = min(args.batch, args.n - i)
+        labels = (torch.tensor([args.classes[(i + j) % len(args.classes)] for j in range(n)], device=device)
+                  if args.classes else None)
+        try:
+            x = model.sample(n, labels=labels, steps=args.steps, cfg=args.cfg, sampler=args.sampler, generator=gen)
+        except ValueError as e:
+            fail(str(e))
+        images.append(to_image(x, ae, args.size).float().cpu())
+    images = torch.cat(images)
+    out = Path(args.out or (Path(args.ckpt if Path(args.ckpt or "").is_dir() else ".") / "samples.png"))
+    save_grid(images, out)
+    if args.each:
+        for k, img in enumerate(to_uint8(images)):
+            Image.fromarray(img).save(out.with_name(f"{out.stem}_{k:05d}.png"))
+    print(f"wrote {len(images)} samples to {out}" + (f" (+ {len(images)} single PNGs)" if args.each else ""))
+
+
+def lpips_metric(device):
+    """LPIPS (AlexNet, as the LPIPS paper recommends for evaluation), or None with a clear note when the
+    ImageNet backbone weights cannot be downloaded."""
+    try:
+        import lpips
+        return lpips.LPIPS(net="alex", verbose=False).to(device).eval()
+    except Exception as e:  # noqa: BLE001 (no network: torchvision cannot fetch the backbone)
+        hub = Path(torch.hub.get_dir()) / "checkpoints"
+        print(f"note: LPIPS not computed ({type(e).__name__}): put alexnet-owt-7be5be79.pth (torchvision's "
+              f"AlexNet ImageNet weights) in {hub}/ and run again")
+        return None
+
+
+@torch.no_grad()
+def reconstruct(model, args, size, device):
+    from train import Folder, center_crop_transform  # data helpers live in train.py (imported late: no cycle)
+    if not (hasattr(model, "encode") and hasattr(model, "decode")):
+        fail("--reconstruct needs an autoencoder checkpoint (encode/decode)")
+    src = Path(args.reconstruct)
+    if src.is_file() and src.suffix.lower() in IMAGE_EXTS:
+        files = [src]
+    else:
+        files = Folder(src, labelled=False).files
+    size_in = args.image_size or size or 256
+    size_out = args.size or size_in
+    out = Path(args.out or "reconstructions")
+    out.mkdir(parents=True, exist_ok=True)
+    tf_in, tf_out, rng = center_crop_transform(size_in), center_crop_transform(size_out), _NoFlip()
+    metric, psnrs, dists = lpips_metric(device), [], []
+    for f in files:
+        with Image.open(f) as img:
+            img = img.convert("RGB")
+        x, target = tf_in(img, rng)["x"][None].to(device), tf_out(img, rng)["x"][None].to(device)
+        z = model.encode(x)
+        y = model.render(z, size_out) if args.size and hasattr(model, "render") else model.decode(z)
+        y = y.float().clamp(-1, 1)
+        if y.shape != target.shape:
+            fail(f"the model reconstructs {tuple(y.shape[-2:])} from {size_in}px input; give --size")
+        mse = ((y - target) / 2).pow(2).mean().item()  # on [0, 1] images
+        psnrs.append(10 * math.log10(1 / max(mse, 1e-12)))
+        if metric is not None:
+            dists.append(metric(target, y).item())
+        pair = np.concatenate(list(to_uint8(torch.cat([target, y]))), axis=1)  # input | output, side by side
+        Image.fromarray(pair).save(out / f"{f.stem}_recon.png")
+        print(f"{f.name}: PSNR {psnrs[-1]:.2f} dB" + (f", LPIPS {dists[-1]:.4f}" if dists else ""))
+    print(f"{len(files)} image(s) -> {out}/: mean PSNR {np.mean(psnrs):.2f} dB"
+          + (f", mean LPIPS {np.mean(dists):.4f}" if dists else ""))
+
+
+class _NoFlip:  # evaluation: centre crop, never flip
+    def random(self):
+        return 1.0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    model, ae, size = load(args, device)
+    if args.reconstruct:
+        reconstruct(model, args, size, device)
+    else:
+        generate(model, ae, args, device)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,465 @@
+"""train.py: the one training loop for every model file in this repository.
+
+    python train.py --model dit --config demo --data shapes --image-size 32 --steps 3000
+    torchrun --nproc_per_node 8 train.py --model hdit --config ffhq-1024 --data ffhq
+
+It knows only the model-file contract (README.md, "Model file contract"): `create`, `optimizer_groups`,
+`loss`, `hparams`, and `sample` / `encode` / `decode` for the grids. Everything else here is plumbing that
+any diffusion or autoencoder paper needs: data, DDP, bf16, EMA, checkpoints, resume, logs.
+
+Reproducibility: --batch-size is the GLOBAL batch. Each optimizer step reads one global batch from a
+per-epoch permutation and cuts it into world_size * grad_accum equal shards; shard s is the same samples
+and is run under the same RNG seed whatever the number of processes. So two DDP ranks compute exactly what
+one process with --grad-accum 2 computes, and a resumed run repeats an uninterrupted one step for step.
+"""
+import argparse, ast, contextlib, copy, hashlib, json, math, os, random, sys, time  # noqa: E401
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from sample import IMAGE_EXTS, build_model, fail, load_autoencoder, load_checkpoint, load_weights, save_grid
+
+DEFAULTS = dict(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, ema_decay=0.9999, warmup_steps=0, grad_clip=1.0, batch_size=64)
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
+
+
+def seed_for(*parts):
+    """A 64-bit seed from any tuple of ints/strings: the same parts give the same seed in every process."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
+
+
+# ----------------------------------------------------------------------------------------------- data
+class Shapes:
+    """Built-in procedural data: one coloured shape on a two-colour gradient, label = shape kind.
+    No files; image i is the same for the same seed at any size (drawn at 4x, then box-downsampled)."""
+
+    classes = ["circle", "square", "triangle", "star"]
+
+    def __init__(self, size, n=60_000, seed=0):
+        self.size, self.n, self.seed = size, n, seed
+
+    def __len__(self):
+        return self.n
+
+    def image(self, i):
+        rng, s = random.Random(seed_for("shapes", self.seed, i)), 4 * self.size
+        top, bottom = np.array([rng.randrange(256) for _ in range(6)]).reshape(2, 3)
+        ramp = np.linspace(0, 1, s)[:, None, None]  # vertical gradient (s, 1, 1)
+        bg = (top * (1 - ramp) + bottom * ramp).repeat(s, axis=1)  # (s, s, 3)
+        img = Image.fromarray(bg.astype(np.uint8))
+        mean = (top + bottom) / 2  # shape colour far from the background, so the shape is always visible
+        color = tuple(int(c) for c in max((np.array([rng.randrange(256) for _ in range(3)]) for _ in range(8)),
+                                          key=lambda c: np.abs(c - mean).sum()))
+        kind, r = i % len(self.classes), rng.uniform(0.2, 0.34) * s
+        cx, cy, a = rng.uniform(r, s - r), rng.uniform(r, s - r), rng.uniform(0, 2 * math.pi)
+        draw = ImageDraw.Draw(img)
+        if kind == 0:
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+        else:
+            corners = {1: 4, 2: 3, 3: 10}[kind]
+            radii = [r if kind != 3 or j % 2 == 0 else 0.45 * r for j in range(corners)]
+            draw.polygon([(cx + q * math.cos(a + 2 * math.pi * j / corners), cy + q * math.sin(a + 2 * math.pi * j / corners))
+                          for j, q in enumerate(radii)], fill=color)
+        return img.resize((self.size, self.size), Image.BOX), kind
+
+
+class Folder:
+    """Images under a folder. With class sub-folders (ImageNet layout) the label is the sub-folder;
+    otherwise (or labelled=False, e.g. FFHQ's numbered sub-folders) every image has label 0."""
+
+    def __init__(self, root, labelled=True):
+        root = Path(root)
+        if not root.is_dir():
+            fail(f"data folder {root} does not exist (give --data PATH, or set $DATA_ROOT)")
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+        if not files:
+            fail(f"data folder {root} has no images ({' '.join(sorted(IMAGE_EXTS))})")
+        subdirs = sorted(d.name for d in root.iterdir() if d.is_dir())
+        labelled = labelled and subdirs and not any(p.parent == root for p in files)
+        self.classes = subdirs if labelled else ["all"]
+        index = {c: k for k, c in enumerate(self.classes)}
+        self.files = files
+        self.labels = [index[p.relative_to(root).parts[0]] if labelled else 0 for p in files]
+
+    def __len__(self):
+        return len(self.files)
+
+    def image(self, i):
+        with Image.open(self.files[i]) as img:
+            return img.convert("RGB"), self.labels[i]
+
+
+def find_data(name, image_size, seed):
+    root = Path(os.environ.get("DATA_ROOT", "./data"))
+    if name == "shapes":
+        return Shapes(image_size, seed=seed)
+    if name == "ffhq":
+        return Folder(root / "ffhq", labelled=False)
+    if name == "imagenet":
+        return Folder(root / "imagenet" / "train" if (root / "imagenet" / "train").is_dir() else root / "imagenet")
+    return Folder(name)
+
+
+def center_crop_transform(image_size):
+    """ADM/DiT preprocessing: box-halve while large, bicubic-resize the short side, centre crop; random flip."""
+    def transform(img, rng):
+        while min(img.size) >= 2 * image_size:
+            img = img.resize(tuple(x // 2 for x in img.size), Image.BOX)
+        scale = image_size / min(img.size)
+        img = img.resize(tuple(max(image_size, round(x * scale)) for x in img.size), Image.BICUBIC)
+        left, top = (img.size[0] - image_size) // 2, (img.size[1] - image_size) // 2
+        img = img.crop((left, top, left + image_size, top + image_size))
+        if rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        return {"x": torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)}  # (3, H, W)
+    return transform
+
+
+class Examples(torch.utils.data.Dataset):
+    """source.image(i) -> transform -> dict of tensors. An unreadable image is skipped (the next one is used),
+    announced by one warning line per worker and counted in batch["skipped"]."""
+
+    def __init__(self, source, transform):
+        self.source, self.transform, self.warned = source, transform, False
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, item):
+        i, aug_seed = item
+        for skipped in range(len(self.source)):
+            try:
+                img, label = self.source.image((i + skipped) % len(self.source))
+                break
+            except Exception as e:  # noqa: BLE001 (any decoder error means "unreadable")
+                if not self.warned:
+                    print(f"warning: skipping unreadable image {self.source.files[(i + skipped) % len(self.source)]}: "
+                          f"{type(e).__name__} (further skips are only counted)", file=sys.stderr)
+                    self.warned = True
+        else:
+            raise RuntimeError("no readable image in the data set")
+        out = self.transform(img, random.Random(aug_seed))
+        return {**out, "y": torch.tensor(label), "skipped": torch.tensor(skipped)}
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Yields (index, augmentation seed) for this process's shards of every global batch, from start_step on.
+    Used instead of DistributedSampler (which deals rank r the samples r::world) so that the samples of a
+    shard do not depend on how many processes share the batch (see the module docstring)."""
+
+    def __init__(self, n, global_batch, shards, total_shards, seed, start_step):
+        if global_batch > n:
+            fail(f"--batch-size {global_batch} is larger than the data set ({n} images)")
+        self.n, self.g, self.shards, self.seed, self.start = n, global_batch, shards, seed, start_step
+        self.mb = global_batch // total_shards  # samples per shard (= per micro-batch)
+
+    def __iter__(self):
+        per_epoch, mb, step, perm, epoch = self.n // self.g, self.mb, self.start, None, -1
+        while True:
+            if step // per_epoch != epoch:
+                epoch = step // per_epoch
+                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            base = (step % per_epoch) * self.g
+            for s in self.shards:
+                for j in perm[base + s * mb: base + (s + 1) * mb]:
+                    yield j, seed_for("aug", self.seed, epoch, j)
+            step += 1
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def save_checkpoint(path, state):
+    """Atomic: a run killed while writing leaves the previous checkpoint intact."""
+    tmp = Path(f"{path}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def fit_scale_factor(ae, x):
+    """LDM's scale_by_std: 1 / std of the first batch's latents (averaged over ranks), so z has unit variance."""
+    ae.scale_factor.fill_(1.0)
+    var = ae.encode(x).float().var()
+    if dist.is_initialized():
+        dist.all_reduce(var, op=dist.ReduceOp.AVG)
+    ae.scale_factor.fill_(float(var.rsqrt()))
+
+
+# ------------------------------------------------------------------------------------ helpers
+@torch.no_grad()
+def ema_update(ema_params, params, decay):
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)  # ema += (1 - decay) * (p - ema)
+
+
+def count_flops(model, batch, groups, step):
+    """FLOPs of one training step for one sample: every group's loss forward + backward (FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    n = min(2, len(batch["x"]))
+    few = {k: v[:n] for k, v in batch.items()}
+    with FlopCounterMode(display=False) as counter:
+        for g in groups:
+            loss, _ = model.loss(g, few, step)
+            loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / n
+
+
+@torch.no_grad()
+def preview(ema, ae, fixed, args, num_classes, device):
+    """Grid of EMA samples (diffusion models, decoded through --ae) or of input|reconstruction pairs (AEs)."""
+    if hasattr(ema, "sample"):
+        n = 16
+        labels = torch.arange(n, device=device) % num_classes
+        gen = torch.Generator(device).manual_seed(args.seed)
+        x = ema.sample(n, labels=labels, steps=args.sample_steps, cfg=args.sample_cfg, generator=gen)
+        return ae.decode(x) if ae is not None else x
+    x = fixed["x"][:8]
+    pairs = torch.stack([x, ema.decode(ema.encode(x))], 1)  # (8, 2, C, H, W): input next to reconstruction
+    return pairs.flatten(0, 1)
+
+
+# ------------------------------------------------------------------------------------ main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train any model file of this repository (see README.md).")
+    p.add_argument("--model", required=True, help="model file name: dit, hdit, unet_ldm, ae_kl, ae_vq, dcae, infd")
+    p.add_argument("--config", default="tiny", help="preset name from the model file's CONFIGS")
+    p.add_argument("--data", default="shapes", help="shapes | ffhq | imagenet (under $DATA_ROOT, default ./data) | PATH")
+    p.add_argument("--image-size", type=int, default=None, help="pixels (default 32 for shapes, else 256)")
+    p.add_argument("--out", default=None, help="run folder (default runs/MODEL-CONFIG)")
+    p.add_argument("--batch-size", type=int, default=None, help="GLOBAL batch over all processes and accumulation")
+    for name, default, what in [("steps", 10_000, "optimizer steps"), ("grad-accum", 1, "micro-batches per step"),
+                                ("warmup-steps", None, "linear LR warm-up"), ("seed", 0, "data order and RNG"),
+                                ("workers", min(4, os.cpu_count() or 1), "data loader processes"),
+                                ("log-every", 10, "steps"), ("sample-every", 1000, "steps"), ("ckpt-every", 1000, "steps"),
+                                ("sample-steps", None, "sampler steps for the grids")]:
+        p.add_argument(f"--{name}", type=int, default=default, help=what)
+    for name in ("lr", "weight-decay", "ema-decay", "grad-clip"):
+        p.add_argument(f"--{name}", type=float, default=None, help="default: the preset's hparams")
+    p.add_argument("--sample-cfg", type=float, default=1.0)
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/ckpt.pt if there is one")
+    p.add_argument("--init", default=None, help="start from this checkpoint's EMA weights (e.g. a DC-AE phase)")
+    p.add_argument("--phase", type=int, default=None, help="passed to optimizer_groups (DC-AE phases 1-3)")
+    p.add_argument("--ae", default=None, help="train on the latents of this autoencoder checkpoint (or MODEL:CONFIG:PATH)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra create() override")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="autocast dtype on CUDA")
+    p.add_argument("--compile", action="store_true", help="torch.compile the loss")
+    p.add_argument("--cpu", action="store_true", help="do not use CUDA even if present")
+    p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: known GPUs)")
+    args = p.parse_args(argv)
+    args.image_size = args.image_size or (32 if args.data == "shapes" else 256)
+    args.out = args.out or f"runs/{args.model}-{args.config.replace('/', '-')}"
+    return args
+
+
+def parse_sets(items):
+    """--set depth=4 --set attn=\"global\" -> {"depth": 4, "attn": "global"} (Python literals, else strings)."""
+    if any("=" not in item for item in items):
+        fail(f"--set {[i for i in items if '=' not in i][0]!r}: expected KEY=VALUE")
+    pairs = [item.split("=", 1) for item in items]
+    return {k: _literal(v) for k, v in pairs}
+
+
+def _literal(text):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    cuda = torch.cuda.is_available() and not args.cpu
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    main_proc, out = rank == 0, Path(args.out)
+    autocast = torch.autocast("cuda", torch.bfloat16) if cuda and args.precision == "bf16" else contextlib.nullcontext()
+
+    ck = None
+    if args.resume and (out / "ckpt.pt").exists():
+        ck = load_checkpoint(out / "ckpt.pt")
+        if (ck["create"]["model"], ck["create"]["config"]) != (args.model, args.config):
+            fail(f"{out}/ckpt.pt is a {ck['create']['model']} {ck['create']['config']} run, not {args.model} {args.config}")
+    elif args.resume and main_proc:
+        print(f"no checkpoint in {out}; starting at step 0")
+    start = ck["step"] if ck else 0
+
+    # Data, and the shape the model sees: pixels, or the latents of a frozen autoencoder (--ae).
+    source = find_data(args.data, args.image_size, args.seed)
+    num_classes, accum, shards = len(source.classes), args.grad_accum, world * args.grad_accum
+    default_tf = center_crop_transform(args.image_size)
+    ae, ae_info, shape = None, None, (3, args.image_size, args.image_size)
+    if args.ae:  # latents of a frozen autoencoder: measure their shape (and scale) on 8 images of this rank
+        ae, _ = load_autoencoder(args.ae, device)
+        probe = torch.stack([Examples(source, default_tf)[(j % len(source), j)]["x"] for j in range(8 * rank, 8 * rank + 8)])
+        if ck and ck.get("ae"):
+            ae.scale_factor.fill_(ck["ae"]["scale_factor"])
+        elif float(ae.scale_factor) == 0:
+            fit_scale_factor(ae, probe.to(device))
+        with torch.no_grad(), autocast:
+            shape = tuple(ae.encode(probe[:1].to(device)).shape[1:])
+        ae_info = {"spec": str(Path(args.ae).resolve()) if Path(args.ae).exists() else args.ae,
+                   "scale_factor": float(ae.scale_factor)}
+    spec = ck["create"] if ck else {"model": args.model, "config": args.config, "overrides": {
+        "image_size": shape[-1], "in_channels": shape[0], "num_classes": num_classes, **parse_sets(args.set)}}
+    torch.manual_seed(args.seed)  # the same initial weights in every process and every run with this seed
+    try:
+        model = build_model(spec)
+    except ValueError as e:
+        fail(f"--ae latent shape {shape} does not fit {args.model} {args.config}: {e}" if args.ae else str(e))
+    if args.init:
+        load_weights(model, load_checkpoint(args.init)["ema"], f"--init {args.init}")
+    model.to(device)
+    groups = model.optimizer_groups(phase=args.phase)
+    hp = {**DEFAULTS, **getattr(model, "hparams", {})}
+    hp.update({k: getattr(args, k) for k in ("lr", "weight_decay", "ema_decay", "grad_clip", "batch_size",
+                                             "warmup_steps") if getattr(args, k) is not None})
+    batch = hp["batch_size"]
+    if batch % shards:
+        fail(f"--batch-size {batch} is not divisible by processes x --grad-accum = {shards}")
+
+    # One AdamW per group; a group may be a list of torch param-group dicts when parts need other settings.
+    opts, params = {}, {}
+    for name, group in groups.items():
+        pgs = [dict(g) for g in group] if group and isinstance(group[0], dict) else [{"params": list(group)}]
+        for pg in pgs:
+            pg["initial_lr"] = pg.setdefault("lr", hp["lr"])
+        opts[name] = torch.optim.AdamW(pgs, lr=hp["lr"], betas=tuple(hp["betas"]), weight_decay=hp["weight_decay"],
+                                       fused=cuda or None)
+        params[name] = [p for pg in pgs for p in pg["params"]]
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    ema_pairs = [(e, p) for e, p in zip(ema.parameters(), model.parameters()) if p.is_floating_point()]
+    if ck:
+        load_weights(model, ck["model"], "checkpoint 'model'")
+        load_weights(ema, ck["ema"], "checkpoint 'ema'")
+        for name, opt in opts.items():
+            opt.load_state_dict(ck["opt"][name])
+        torch.set_rng_state(ck["rng"]["torch"])
+
+    class LossCall(torch.nn.Module):  # DDP syncs gradients only through forward(), so loss() becomes forward
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, group, batch, step):
+            return self.m.loss(group, batch, step)
+
+    call = LossCall(model)
+    if world > 1:
+        call = torch.nn.parallel.DistributedDataParallel(call, device_ids=[device.index] if cuda else None,
+                                                         find_unused_parameters=len(groups) > 1)
+    no_sync = call.no_sync if world > 1 else contextlib.nullcontext
+    call = torch.compile(call) if args.compile else call
+
+    transform = default_tf if args.ae or not hasattr(model, "data_transform") else model.data_transform(args.image_size)
+    sampler = ShardSampler(len(source), batch, range(rank * accum, (rank + 1) * accum), shards, args.seed, start)
+    loader = torch.utils.data.DataLoader(Examples(source, transform), batch_size=batch // shards, sampler=sampler,
+                                         num_workers=args.workers, pin_memory=cuda, persistent_workers=args.workers > 0)
+
+    def prepare(b):
+        b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+        if ae is not None:
+            with torch.no_grad(), autocast:
+                b["x"] = ae.encode(b["x"]).float()
+        return b
+
+    first = torch.utils.data.default_collate([Examples(source, transform)[(j, j)] for j in (0, 1)])
+    first = prepare({k: v for k, v in first.items() if k != "skipped"})
+    try:
+        flops = count_flops(model, first, list(groups), start) if main_proc else None
+    except Exception as e:  # noqa: BLE001 (an op FlopCounterMode does not know: report no MFU, train anyway)
+        flops, _ = None, print(f"note: FLOP count failed ({type(e).__name__}); MFU not reported")
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if cuda and k in torch.cuda.get_device_name()), None)
+    if main_proc:
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"{args.model} {args.config}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, input {shape}, "
+              f"{(flops or 0) / 1e9:.3g} GFLOP/sample/step, {len(source)} images, {num_classes} classes, "
+              f"{world} process(es), global batch {batch} = {shards} x {batch // shards}, {device}")
+
+    bad = torch.zeros((), dtype=torch.bool, device=device)
+    sums, n_steps, t0, skipped, saved, fixed = {}, 0, time.time(), torch.zeros((), device=device), start, None
+    it = iter(loader)
+    pbar = tqdm(total=args.steps, initial=start, disable=not main_proc, dynamic_ncols=True, desc=args.model)
+
+    def check_finite(done):
+        flag = bad.float()
+        if world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            fail(f"loss became NaN/inf before step {done}; stopped. The last good checkpoint "
+                 f"({out / 'ckpt.pt'}, step {saved}) is kept")
+
+    def checkpoint(done):
+        check_finite(done)
+        if main_proc:
+            save_checkpoint(out / "ckpt.pt", {
+                "model": model.state_dict(), "ema": ema.state_dict(), "step": done, "create": spec, "ae": ae_info,
+                "opt": {n: o.state_dict() for n, o in opts.items()}, "args": vars(args),
+                "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if cuda else []}})
+        return done
+
+    for step in range(start, args.steps):
+        micro = [prepare(next(it)) for _ in range(accum)]
+        for b in micro:
+            skipped += b.pop("skipped").sum()
+        fixed = fixed or micro[0]
+        warm = min(1.0, (step + 1) / hp["warmup_steps"]) if hp["warmup_steps"] else 1.0
+        for gi, (name, opt) in enumerate(opts.items()):
+            for pg in opt.param_groups:
+                pg["lr"] = pg["initial_lr"] * warm
+            opt.zero_grad(set_to_none=True)
+            for k, b in enumerate(micro):
+                torch.manual_seed(seed_for("step", args.seed, step, gi, rank * accum + k))
+                with no_sync() if k < accum - 1 else contextlib.nullcontext():
+                    with autocast:
+                        loss, logs = call(name, b, step)
+                    (loss / accum).backward()
+                bad |= ~torch.isfinite(loss.detach())
+                for key, v in {"loss" if len(opts) == 1 else f"loss_{name}": loss, **logs}.items():
+                    sums[key] = sums.get(key, 0) + v.detach().float() / accum
+            if hp["grad_clip"]:
+                norm = torch.nn.utils.clip_grad_norm_(params[name], hp["grad_clip"], foreach=True)
+                sums[f"grad_norm_{name}"] = sums.get(f"grad_norm_{name}", 0) + norm
+            opt.step()
+        # EMA with LDM LitEma's warm-up: decay min(d, (1 + n) / (10 + n)) so short runs get a useful EMA.
+        ema_update(*zip(*ema_pairs), min(hp["ema_decay"], (1 + step) / (10 + step)))
+        n_steps, done = n_steps + 1, step + 1
+        pbar.update(1)
+        if done % args.log_every == 0 or done == args.steps:
+            keys = sorted(sums, key=lambda k: (not k.startswith("loss"), k))
+            vals = torch.stack([torch.as_tensor(sums[k], device=device).float() for k in keys] + [skipped]) / n_steps
+            if world > 1:
+                dist.all_reduce(vals)
+                vals /= world
+            vals = vals.tolist()
+            check_finite(done)
+            rate = n_steps * batch / (time.time() - t0)
+            mem = (torch.cuda.max_memory_allocated() if cuda else 0) / 2**30
+            rec = {"step": done, **dict(zip(keys, vals)), "img_per_s": rate, "lr": hp["lr"] * warm,
+                   "mfu": flops * rate / world / (peak * 1e12) if flops and peak else None,
+                   "peak_mem_gb": mem, "skipped_images": vals[-1] * n_steps * world}
+            if main_proc:
+                with open(out / "log.jsonl", "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                mfu = f"{100 * rec['mfu']:.1f}%" if rec["mfu"] is not None else "-"
+                pbar.set_postfix_str(f"loss {rec[keys[0]]:.4f} | {rate:.1f} img/s | MFU {mfu} | mem {mem:.1f}G")
+            sums, n_steps, t0 = {}, 0, time.time()
+        if main_proc and (done % args.sample_every == 0 or done == args.steps):
+            with autocast:
+                save_grid(preview(ema, ae, fixed, args, num_classes, device), out / "samples" / f"step_{done:07d}.png")
+        if done % args.ckpt_every == 0 or done == args.steps:
+            saved = checkpoint(done)
+    pbar.close()
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
