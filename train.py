@@ -132,18 +132,18 @@ class Examples(torch.utils.data.Dataset):
     def __getitem__(self, item):
         i, aug_seed = item
         for skipped in range(len(self.source)):
+            j = (i + skipped) % len(self.source)
             try:
-                img, label = self.source.image((i + skipped) % len(self.source))
-                break
+                img, label = self.source.image(j)
             except Exception as e:  # noqa: BLE001 (any decoder error means "unreadable")
                 if not self.warned:
-                    print(f"warning: skipping unreadable image {self.source.files[(i + skipped) % len(self.source)]}: "
-                          f"{type(e).__name__} (further skips are only counted)", file=sys.stderr)
-                    self.warned = True
-        else:
-            raise RuntimeError("no readable image in the data set")
-        out = self.transform(img, random.Random(aug_seed))
-        return {**out, "y": torch.tensor(label), "skipped": torch.tensor(skipped)}
+                    print(f"warning: skipping unreadable image {self.source.files[j]}: {type(e).__name__} "
+                          "(further skips are only counted)", file=sys.stderr)
+                self.warned = True
+                continue
+            out = self.transform(img, random.Random(aug_seed))
+            return {**out, "y": torch.tensor(label), "skipped": torch.tensor(skipped)}
+        raise RuntimeError("no readable image in the data set")
 
 
 class ShardSampler(torch.utils.data.Sampler):
@@ -168,14 +168,6 @@ class ShardSampler(torch.utils.data.Sampler):
                 for j in perm[base + s * mb: base + (s + 1) * mb]:
                     yield j, seed_for("aug", self.seed, epoch, j)
             step += 1
-
-
-# ------------------------------------------------------------------------------------ checkpoints
-def save_checkpoint(path, state):
-    """Atomic: a run killed while writing leaves the previous checkpoint intact."""
-    tmp = Path(f"{path}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -255,18 +247,16 @@ def parse_args(argv=None):
 
 
 def parse_sets(items):
-    """--set depth=4 --set attn=\"global\" -> {"depth": 4, "attn": "global"} (Python literals, else strings)."""
-    if any("=" not in item for item in items):
-        fail(f"--set {[i for i in items if '=' not in i][0]!r}: expected KEY=VALUE")
-    pairs = [item.split("=", 1) for item in items]
-    return {k: _literal(v) for k, v in pairs}
-
-
-def _literal(text):
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
+    """--set depth=4 --set attn=global -> {"depth": 4, "attn": "global"} (Python literals, else strings)."""
+    out = {}
+    for key, sep, value in (item.partition("=") for item in items):
+        if not sep:
+            fail(f"--set {key!r}: expected KEY=VALUE")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
 
 
 def main(argv=None):
@@ -274,20 +264,18 @@ def main(argv=None):
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     cuda = torch.cuda.is_available() and not args.cpu
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cuda  # TF32 matmuls/convs on GPU
     if cuda:
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world > 1:
         dist.init_process_group("nccl" if cuda else "gloo")
     main_proc, out = rank == 0, Path(args.out)
     autocast = torch.autocast("cuda", torch.bfloat16) if cuda and args.precision == "bf16" else contextlib.nullcontext()
 
-    ck = None
-    if args.resume and (out / "ckpt.pt").exists():
-        ck = load_checkpoint(out / "ckpt.pt")
-        if (ck["create"]["model"], ck["create"]["config"]) != (args.model, args.config):
-            fail(f"{out}/ckpt.pt is a {ck['create']['model']} {ck['create']['config']} run, not {args.model} {args.config}")
-    elif args.resume and main_proc:
+    ck = load_checkpoint(out / "ckpt.pt") if args.resume and (out / "ckpt.pt").exists() else None
+    if ck and (ck["create"]["model"], ck["create"]["config"]) != (args.model, args.config):
+        fail(f"{out}/ckpt.pt is a {ck['create']['model']} {ck['create']['config']} run, not {args.model} {args.config}")
+    if args.resume and not ck and main_proc:
         print(f"no checkpoint in {out}; starting at step 0")
     start = ck["step"] if ck else 0
 
@@ -340,7 +328,10 @@ def main(argv=None):
         load_weights(model, ck["model"], "checkpoint 'model'")
         load_weights(ema, ck["ema"], "checkpoint 'ema'")
         for name, opt in opts.items():
+            lrs = [pg["initial_lr"] for pg in opt.param_groups]  # this command's learning rates win on resume
             opt.load_state_dict(ck["opt"][name])
+            for pg, lr in zip(opt.param_groups, lrs):
+                pg["initial_lr"] = lr
         torch.set_rng_state(ck["rng"]["torch"])
 
     class LossCall(torch.nn.Module):  # DDP syncs gradients only through forward(), so loss() becomes forward
@@ -388,8 +379,8 @@ def main(argv=None):
     it = iter(loader)
     pbar = tqdm(total=args.steps, initial=start, disable=not main_proc, dynamic_ncols=True, desc=args.model)
 
-    def check_finite(done):
-        flag = bad.float()
+    def check_finite(done):  # a non-finite loss, or weights it already broke, ends the run
+        flag = (bad | ~torch.stack(torch._foreach_norm(list(model.parameters()))).isfinite().all()).float()
         if world > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item():
@@ -398,11 +389,13 @@ def main(argv=None):
 
     def checkpoint(done):
         check_finite(done)
-        if main_proc:
-            save_checkpoint(out / "ckpt.pt", {
+        if main_proc:  # atomic: temp file, then rename, so a run killed while writing keeps the previous one
+            torch.save({
                 "model": model.state_dict(), "ema": ema.state_dict(), "step": done, "create": spec, "ae": ae_info,
                 "opt": {n: o.state_dict() for n, o in opts.items()}, "args": vars(args),
-                "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if cuda else []}})
+                "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if cuda else []}},
+                out / "ckpt.pt.tmp")
+            os.replace(out / "ckpt.pt.tmp", out / "ckpt.pt")
         return done
 
     for step in range(start, args.steps):
@@ -459,6 +452,7 @@ def main(argv=None):
     pbar.close()
     if world > 1:
         dist.destroy_process_group()
+    return model
 
 
 if __name__ == "__main__":
