@@ -3,8 +3,12 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# Set before torch loads: spinning OpenMP workers starve each other (and the subprocesses the end-to-end
+# tests start) on a 2-core CI machine; passive waiting keeps the suite's time predictable.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "golden"

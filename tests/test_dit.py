@@ -1,0 +1,448 @@
+"""dit.py against the official DiT code (golden tensors in tests/golden/dit/, see ../shared/reference/dit)
+plus the model-file contract, the official key sets, an overfit run and bad-input errors.
+
+Golden layout: the three tiny_* reference files hold the same state dict; it is stored once in
+tiny_weights.pt (their "state_dict" entry names that file). keys/ holds the official key files.
+"""
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import dit
+from conftest import GOLDEN, assert_close, load_golden
+
+KEYS = sorted((GOLDEN / "dit" / "keys").glob("*.txt"))
+ERRORS = {}  # case -> max abs error, printed at the end of each golden test (the numbers for the notes)
+
+
+def report(case, err):
+    ERRORS[case] = err
+    print(f"[dit golden] {case}: max abs err {err:.3g}")
+
+
+def tiny_golden(name):
+    """A tiny_* golden case and the model loaded from the shared weights (eval: no label dropout)."""
+    g = load_golden("dit", name)
+    sd = load_golden("dit", g["state_dict"])["state_dict"]
+    model = dit.load_official(sd, g["config"])
+    assert not model.training
+    return g, model
+
+
+# -------------------------------------------------------------------------------------------------
+# golden cases
+# -------------------------------------------------------------------------------------------------
+def test_embeddings_golden():
+    """pos_embed to float32 rounding; timestep_embedding to 4e-5 (README: float32 vs exact math 3.1e-5).
+    The float32 exp/cos/sin of the golden machine and ours differ by an ulp in a few frequencies (column 3
+    of d64, 12/13 of d256); at t = 999 an ulp of the argument (6e-5 rad) moves the output by ~3e-5."""
+    g = load_golden("dit", "embeddings.pt")
+    out, inp = g["outputs"], g["inputs"]
+    worst = 0.0
+    for grid, dim in [(4, 64), (2, 8), (8, 32)]:
+        mine = dit.get_2d_sincos_pos_embed(dim, grid).float()
+        worst = max(worst, assert_close(mine, out[f"pos_embed_g{grid}_d{dim}"], atol=1e-6, what=f"pos g{grid} d{dim}"))
+    report("embeddings/pos_embed", worst)
+    worst = 0.0
+    for dim in (64, 256, 65):
+        mine = dit.TimestepEmbedder.timestep_embedding(inp["t_values"], dim)
+        assert mine.dtype == torch.float32
+        worst = max(worst, assert_close(mine, out[f"timestep_embedding_d{dim}"], atol=4e-5, what=f"t-emb d{dim}"))
+    mine = dit.TimestepEmbedder.timestep_embedding(inp["t_int_values"], 256)
+    worst = max(worst, assert_close(mine, out["timestep_embedding_d256_int_t"], atol=4e-5, what="t-emb int"))
+    report("embeddings/timestep_embedding", worst)
+    # the quirk: first half of the features follows the COLUMN index, second half the ROW index
+    pe = dit.get_2d_sincos_pos_embed(8, 2)  # rows k = r*2 + s
+    assert torch.equal(pe[0, :4], pe[2, :4]) and not torch.equal(pe[0, :4], pe[1, :4])
+    assert torch.equal(pe[0, 4:], pe[1, 4:]) and not torch.equal(pe[0, 4:], pe[2, 4:])
+
+
+def test_schedule_golden():
+    g = load_golden("dit", "schedule.pt")
+    ref, ref64 = g["outputs"], g["outputs_float64"]
+    d1000, d250 = dit.GaussianDiffusion(""), dit.GaussianDiffusion("250")
+    assert d1000.timestep_map == ref["timestep_map_1000"].tolist()
+    assert d250.timestep_map == ref["timestep_map_250"].tolist()  # exact (Python round, half to even)
+    assert sorted(dit.space_timesteps(1000, "250")) == ref["timestep_map_250"].tolist()
+    gaps = torch.diff(ref["timestep_map_250"])
+    assert (gaps == 5).sum() == 3 and set(gaps.tolist()) == {4, 5}
+    mine = {
+        "betas_linear_1000": dit.linear_beta_schedule(1000),
+        "alphas_cumprod_1000": d1000.alphas_cumprod,
+        "posterior_variance_1000": d1000.posterior_variance,
+        "posterior_log_variance_clipped_1000": d1000.posterior_log_variance_clipped,
+        "respaced_betas_250": d250.betas,
+        "respaced_alphas_cumprod_250": d250.alphas_cumprod,
+        "respaced_posterior_variance_250": d250.posterior_variance,
+        "respaced_posterior_log_variance_clipped_250": d250.posterior_log_variance_clipped,
+    }
+    worst = 0.0
+    for k, v in mine.items():
+        v = torch.from_numpy(v)
+        worst = max(worst, assert_close(v, ref64[k], atol=0, rtol=1e-12, what=k))  # float64 vs float64
+        assert_close(v.float(), ref[k], atol=0, rtol=1e-6, what=k + " (float32)")
+    report("schedule (float64)", worst)
+    # the training process is also "respaced" (identity map): its betas equal the linspace to ~1e-16
+    assert_close(torch.from_numpy(d1000.betas), ref64["betas_linear_1000"], atol=1e-15, what="respaced identity")
+    assert sorted(dit.space_timesteps(1000, "ddim50")) == list(range(0, 1000, 20))
+
+
+def test_forward_golden():
+    g, model = tiny_golden("tiny_forward.pt")
+    inp, ref = g["inputs"], g["outputs"]
+    acts = {}
+    hooks = [model.x_embedder.register_forward_hook(lambda m, a, o: acts.__setitem__("x_embedder_out", o)),
+             model.t_embedder.register_forward_hook(lambda m, a, o: acts.__setitem__("t_emb", o)),
+             model.y_embedder.register_forward_hook(lambda m, a, o: acts.__setitem__("y_emb", o)),
+             model.final_layer.register_forward_hook(lambda m, a, o: acts.__setitem__("final_layer_out", o))]
+    for i, block in enumerate(model.blocks):
+        hooks.append(block.register_forward_hook(lambda m, a, o, i=i: acts.__setitem__(f"block{i}_out", o)))
+    with torch.no_grad():
+        out = model(inp["x"], inp["t"], inp["y"])
+    for h in hooks:
+        h.remove()
+    acts["tokens_in"] = acts["x_embedder_out"] + model.pos_embed
+    acts["c"] = acts["t_emb"] + acts["y_emb"]
+    for k, v in acts.items():
+        report(f"tiny_forward/{k}", assert_close(v, ref[k], atol=1e-5, rtol=1e-5, what=k))
+    report("tiny_forward/out", assert_close(out, ref["out"], atol=1e-5, rtol=1e-5, what="out"))
+    with torch.no_grad():
+        comb = model(inp["x_cfg"], inp["t_cfg"], inp["y_cfg"])
+        cfg = model.forward_with_cfg(inp["x_cfg"], inp["t_cfg"], inp["y_cfg"], inp["cfg_scale"])
+        cfg_mixed = model.forward_with_cfg(inp["x_cfg_mixed"], inp["t_cfg"], inp["y_cfg"], inp["cfg_scale"])
+        cfg_all = model.forward_with_cfg(inp["x_cfg"], inp["t_cfg"], inp["y_cfg"], inp["cfg_scale"],
+                                         cfg_all_channels=True)
+    report("tiny_forward/cfg_combined_forward",
+           assert_close(comb, ref["cfg_combined_forward"], atol=1e-5, rtol=1e-5, what="cfg_combined_forward"))
+    report("tiny_forward/cfg_out", assert_close(cfg, ref["cfg_out"], atol=2e-5, rtol=1e-5, what="cfg_out"))
+    report("tiny_forward/cfg_out_mixed",
+           assert_close(cfg_mixed, ref["cfg_out_mixed"], atol=2e-5, rtol=1e-5, what="cfg_out_mixed"))
+    # the variant guides eps channel 3 too and leaves channels 0-2 and v as the faithful version
+    assert torch.equal(cfg_all[:, :3], cfg[:, :3]) and torch.equal(cfg_all[:, 4:], cfg[:, 4:])
+    n = len(comb) // 2
+    guided3 = comb[n:, 3] + 4.0 * (comb[:n, 3] - comb[n:, 3])
+    assert_close(cfg_all[:n, 3], guided3, atol=1e-5, what="all-channel cfg")
+    assert not torch.allclose(cfg[:n, 3], guided3, atol=1e-3)
+
+
+def test_training_losses_golden():
+    g, model = tiny_golden("tiny_training_losses.pt")
+    inp, ref = g["inputs"], g["outputs"]
+    diffusion = dit.GaussianDiffusion("")
+    terms = diffusion.training_losses(model, inp["x_start"], inp["t"], dict(y=inp["y"]), noise=inp["noise"])
+    terms["model_output"].retain_grad()
+    terms["loss"].mean().backward()
+    for k in ("loss", "mse", "vb", "x_t"):
+        report(f"tiny_training_losses/{k}", assert_close(terms[k], ref[k], atol=1e-5, rtol=1e-5, what=k))
+    report("tiny_training_losses/model_output",
+           assert_close(terms["model_output"], ref["model_output"], atol=1e-5, rtol=1e-5, what="model_output"))
+    grad_out = terms["model_output"].grad
+    report("tiny_training_losses/dlossmean_dmodel_output",
+           assert_close(grad_out, ref["dlossmean_dmodel_output"], atol=1e-6, what="d loss / d output"))
+    params = dict(model.named_parameters())
+    worst = 0.0
+    for k in ref:
+        if k.startswith("grad_"):
+            worst = max(worst, assert_close(params[k[5:]].grad, ref[k], atol=1e-6, what=k))
+    report("tiny_training_losses/param grads", worst)
+    # stop-gradient: the eps channels only carry the mse gradient 2 (eps - noise) / (N C H W)
+    eps = terms["model_output"][:, :4].detach()
+    assert_close(grad_out[:, :4], 2 * (eps - inp["noise"]) / eps.numel(), atol=1e-9, what="mse-only eps grad")
+
+
+SAMPLING_ROWS = {  # prefix: (sampler, t, clip, cfg)
+    "p_sample_t0": ("p", 0, False, False), "p_sample_t137": ("p", 137, False, False),
+    "p_sample_tmixed": ("p", None, False, False), "p_sample_clip_t0": ("p", 0, True, False),
+    "p_sample_clip_t137": ("p", 137, True, False), "ddim_t0": ("ddim", 0, False, False),
+    "ddim_t137": ("ddim", 137, False, False), "ddim_clip_t137": ("ddim", 137, True, False),
+    "p_sample_cfg_t0": ("p", 0, False, True), "p_sample_cfg_t137": ("p", 137, False, True),
+}
+
+
+def test_sampling_golden():
+    g, model = tiny_golden("tiny_sampling.pt")
+    inp, ref = g["inputs"], g["outputs"]
+    diffusion = dit.GaussianDiffusion("250")
+    seen = set()
+    with torch.no_grad():
+        for prefix, (sampler, t, clip, cfg) in SAMPLING_ROWS.items():
+            x, kwargs, fn = inp["x"], dict(y=inp["y"]), model
+            if cfg:
+                x, kwargs = inp["x_cfg"], dict(y=inp["y_cfg"], cfg_scale=inp["cfg_scale"])
+                fn = model.forward_with_cfg
+            t = inp["t_mixed"] if t is None else torch.full((4,), t, dtype=torch.long)
+            if sampler == "p":
+                out = diffusion.p_sample(fn, x, t, clip_denoised=clip, model_kwargs=kwargs, noise=inp["noise"])
+            else:
+                out = diffusion.ddim_sample(fn, x, t, clip_denoised=clip, model_kwargs=kwargs, eta=0.0,
+                                            noise=inp["noise"])
+            for k, v in out.items():
+                name = f"{prefix}_{k}"
+                if name not in ref:
+                    continue
+                seen.add(name)
+                if k == "pred_xstart":  # amplified by sqrt(1/abar - 1): 1e-5 of max|unclipped pred_xstart|
+                    unclipped = ref[name.replace("clip_", "")]
+                    err = assert_close(v, ref[name], atol=1e-5 * unclipped.abs().max().item(), what=name)
+                else:
+                    err = assert_close(v, ref[name], atol=1e-5, rtol=1e-5, what=name)
+                report(f"tiny_sampling/{name}", err)
+    assert seen == set(ref), f"golden rows not checked: {sorted(set(ref) - seen)}"
+
+
+# -------------------------------------------------------------------------------------------------
+# official key sets, presets
+# -------------------------------------------------------------------------------------------------
+def read_keys(path):
+    lines = path.read_text().splitlines()
+    m = re.match(r"# DiT (\{.*\}) params=(\d+)", lines[0])
+    kwargs, params = json.loads(m.group(1)), int(m.group(2))
+    entries = {}
+    for line in lines[1:]:
+        if line.strip():
+            key, shape, _ = line.split("\t")
+            entries[key] = tuple(json.loads(shape.replace("(", "[").replace(")", "]").replace(",]", "]")))
+    return kwargs, params, entries
+
+
+@pytest.mark.parametrize("path", KEYS, ids=[p.stem for p in KEYS])
+def test_official_keys(path):
+    kwargs, params, entries = read_keys(path)
+    with torch.device("meta"):
+        model = dit.create(kwargs)
+    mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert list(mine) == list(entries)  # same keys, same order (no rename table needed)
+    assert mine == entries
+    assert sum(p.numel() for p in model.parameters()) == params
+    # strict load of a state dict with exactly these keys (meta tensors: no memory, no time)
+    sd = {k: torch.empty(s, device="meta") for k, s in entries.items()}
+    loaded = dit.load_official(sd, kwargs)
+    assert not loaded.pos_embed.requires_grad and loaded.input_size == kwargs["input_size"]
+    # the 512 px checkpoint also loads under the plain preset name: input_size follows pos_embed
+    name = "DiT-XL/2" if "XL-2" in path.stem else None
+    if name:
+        assert dit.load_official(sd, name).input_size == kwargs["input_size"]
+
+
+def check_config_sizes(names, flops):
+    """The parameter counts (and Gflops) in the CONFIGS comments are the measured ones."""
+    from torch.utils.flop_counter import FlopCounterMode
+    src = Path(dit.__file__).read_text()
+    for name in names:
+        m = re.search(re.escape(f'"{name}"') + r".*# ([\d,]+) params, ([\d.]+) Gflops", src)
+        with torch.device("meta"):
+            model = dit.create(name).eval()
+            x = torch.empty(1, 4, 32, 32)
+            t = y = torch.zeros(1, dtype=torch.long)
+        assert sum(p.numel() for p in model.parameters()) == int(m.group(1).replace(",", "")), name
+        if name in flops:
+            with FlopCounterMode(display=False) as fc:
+                model(x, t, y)
+            assert abs(fc.get_total_flops() / 2e9 - float(m.group(2))) < 0.006, name  # MACs, as the paper
+
+
+def test_config_sizes():
+    names = [n for n in dit.CONFIGS if n != "tiny"]
+    check_config_sizes(names, flops=["DiT-S/2", "DiT-B/8"])
+
+
+@pytest.mark.slow
+def test_config_gflops_all():
+    names = [n for n in dit.CONFIGS if n != "tiny"]
+    check_config_sizes(names, flops=names)
+
+
+# -------------------------------------------------------------------------------------------------
+# paper claims / behaviour
+# -------------------------------------------------------------------------------------------------
+def test_adaln_zero_init():
+    """adaLN-Zero (Sec. 3.1): a fresh model outputs exactly 0 and every block is the identity."""
+    torch.manual_seed(0)
+    model = dit.create("tiny").eval()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 900]), torch.tensor([1, 2])
+    assert torch.equal(model(x, t, y), torch.zeros(2, 8, 8, 8))
+    tokens = torch.randn(2, 16, 64)
+    assert torch.equal(model.blocks[0](tokens, torch.randn(2, 64)), tokens)
+    assert model.y_embedder.embedding_table.num_embeddings == 11  # + the null class
+    assert [n for n, p in model.named_parameters() if not p.requires_grad] == ["pos_embed"]
+    trained = {id(p) for p in model.optimizer_groups()["model"]}
+    assert trained == {id(p) for n, p in model.named_parameters() if n != "pos_embed"}
+
+
+def test_label_dropout():
+    torch.manual_seed(0)
+    emb = dit.LabelEmbedder(10, 8, 0.5)
+    labels = torch.zeros(4000, dtype=torch.long)
+    dropped = (emb.token_drop(labels) == 10).float().mean().item()
+    assert 0.45 < dropped < 0.55
+    assert torch.equal(emb(labels[:5], train=False), emb.embedding_table.weight[[0] * 5])
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_overfit_one_batch(one_thread):
+    """A tiny DiT fits one small batch: the hybrid loss (on a fixed set of t / noise draws) halves."""
+    torch.manual_seed(0)
+    model = dit.create("tiny", image_size=8, in_channels=4, num_classes=4)
+    x0 = torch.randn(4, 4, 8, 8).clamp(-1, 1)
+    batch = {"x": x0.repeat(2, 1, 1, 1), "y": torch.arange(4).repeat(2)}  # 4 images, 2 draws of (t, eps) each
+    eval_batch = {"x": x0.repeat(8, 1, 1, 1), "y": torch.arange(4).repeat(8)}
+
+    def eval_loss():  # the same 64 (t, eps) draws before and after training
+        state = torch.get_rng_state()
+        torch.manual_seed(123)
+        with torch.no_grad():
+            model.eval()
+            loss = sum(model.loss("model", eval_batch, 0)[0] for _ in range(2)) / 2
+            model.train()
+        torch.set_rng_state(state)
+        return loss.item()
+
+    opt = torch.optim.AdamW(model.optimizer_groups()["model"], lr=2e-3, weight_decay=0.0)
+    before = eval_loss()
+    for step in range(100):
+        loss, logs = model.loss("model", batch, step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    after = eval_loss()
+    print(f"[dit overfit] loss {before:.4f} -> {after:.4f}")
+    assert after < 0.5 * before, (before, after)
+
+
+# -------------------------------------------------------------------------------------------------
+# the contract train.py / sample.py rely on
+# -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [dict(image_size=32, in_channels=3, num_classes=4),
+                                   dict(image_size=8, in_channels=4, num_classes=1)])
+def test_contract_smoke(shape, one_thread):
+    torch.manual_seed(0)
+    model = dit.create("tiny", **shape)
+    hp = model.hparams
+    assert hp["lr"] == 1e-4 and hp["weight_decay"] == 0.0 and hp["ema_decay"] == 0.9999 and hp["batch_size"] == 256
+    assert math.isinf(hp["grad_clip"])  # the official train.py does not clip
+    groups = model.optimizer_groups()
+    assert list(groups) == ["model"]
+    s, c = shape["image_size"], shape["in_channels"]
+    batch = {"x": torch.rand(4, c, s, s) * 2 - 1, "y": torch.randint(0, shape["num_classes"], (4,))}
+    for group in groups:
+        loss, logs = model.loss(group, batch, 0)
+        assert loss.shape == () and loss.dtype == torch.float32 and torch.isfinite(loss)
+        assert set(logs) == {"mse", "vb"} and all(not v.requires_grad and v.shape == () for v in logs.values())
+        loss.backward()
+    assert all(p.grad is not None for p in groups["model"])
+    model.train()
+    for sampler in ("ddpm", "ddim"):
+        for cfg in (1.0, 4.0):
+            gen = torch.Generator().manual_seed(1)
+            x = model.sample(4, steps=2, cfg=cfg, sampler=sampler, generator=gen)
+            assert x.shape == (4, c, s, s) and torch.isfinite(x).all() and not x.requires_grad
+            again = model.sample(4, steps=2, cfg=cfg, sampler=sampler, generator=torch.Generator().manual_seed(1))
+            assert torch.equal(x, again)  # all randomness from the generator
+    assert model.training  # sample() restores the mode
+    x = model.sample(2, labels=torch.tensor([0, 0]), steps=3, cfg=1.5)
+    assert x.shape == (2, c, s, s)
+
+
+def test_sample_loop_matches_steps():
+    """sample() = the official p_sample_loop: z, then p_sample at respaced t = S-1 .. 0 with fresh noise."""
+    torch.manual_seed(0)
+    _, model = tiny_golden("tiny_sampling.pt")
+    labels = torch.tensor([1, 2])
+    got = model.sample(2, labels=labels, steps=5, cfg=4.0, generator=torch.Generator().manual_seed(7))
+    gen = torch.Generator().manual_seed(7)
+    z = torch.randn(2, 4, 8, 8, generator=gen)
+    x, y = torch.cat([z, z]), torch.tensor([1, 2, 10, 10])
+    d = dit.GaussianDiffusion("5")
+    assert d.timestep_map == [0, 250, 500, 749, 999]
+    with torch.no_grad():
+        for i in reversed(range(5)):
+            noise = torch.randn(x.shape, generator=gen)
+            x = d.p_sample(model.forward_with_cfg, x, torch.full((4,), i), clip_denoised=False,
+                           model_kwargs=dict(y=y, cfg_scale=4.0), noise=noise)["sample"]
+    assert torch.equal(got, x[:2])
+
+
+def test_load_official_checkpoint_formats(tmp_path):
+    torch.manual_seed(0)
+    model = dit.create("tiny")
+    ema = dit.create("tiny")
+    ckpt = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": {}, "args": {}}
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    loaded = dit.load_official(tmp_path / "ckpt.pt", "tiny")  # train.py format: "ema" preferred
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, ema.state_dict()[k])
+    torch.save(model.state_dict(), tmp_path / "raw.pt")
+    raw = dit.load_official(str(tmp_path / "raw.pt"), "tiny")
+    assert torch.equal(raw.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
+    ddp = dit.load_official({"module." + k: v for k, v in model.state_dict().items()}, "tiny")
+    assert torch.equal(ddp.final_layer.linear.weight, model.final_layer.linear.weight)
+
+
+def test_learn_sigma_false_runs():
+    torch.manual_seed(0)
+    model = dit.create("tiny", learn_sigma=False)
+    assert model.final_layer.linear.out_features == 2 * 2 * 4
+    loss, logs = model.loss("model", {"x": torch.randn(2, 4, 8, 8), "y": torch.tensor([0, 1])}, 0)
+    loss.backward()
+    assert logs["vb"] == 0
+    assert model.sample(2, steps=2).shape == (2, 4, 8, 8)
+
+
+# -------------------------------------------------------------------------------------------------
+# bad input
+# -------------------------------------------------------------------------------------------------
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="unknown dit preset"):
+        dit.create("DiT-XXL/2")
+    with pytest.raises(ValueError, match="patch size 2 does not divide image size 9"):
+        dit.create("tiny", image_size=9)
+    with pytest.raises(ValueError, match="unknown dit argument"):
+        dit.create("tiny", depthh=3)
+    model = dit.create("tiny")
+    with pytest.raises(ValueError, match=r"expects input \(N, C, 8, 8\)"):
+        model(torch.randn(1, 4, 16, 16), torch.tensor([0]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="one optimizer group"):
+        model.loss("disc", {"x": torch.randn(1, 4, 8, 8), "y": torch.tensor([0])}, 0)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        model.sample(1, steps=2, sampler="euler")
+    with pytest.raises(ValueError, match="class indices"):
+        model.sample(1, labels=torch.tensor([10]), steps=2)
+    with pytest.raises(ValueError, match="at least 2"):
+        model.sample(1, steps=1)
+    sd = model.state_dict()
+    bad = dict(sd)
+    bad.pop("final_layer.linear.bias")
+    bad["extra.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"missing \['final_layer.linear.bias'\], unexpected \['extra.weight'\]"):
+        dit.load_official(bad, "tiny")
+    with pytest.raises(ValueError, match=r"wrong shape \['y_embedder.embedding_table.weight"):
+        dit.load_official(sd, "tiny", num_classes=20)
+    with pytest.raises(ValueError, match="missing"):  # an S/2 checkpoint is not an XL/2 one
+        dit.load_official(sd, "DiT-XL/2")
+
+
+def test_loss_reproducible_and_bf16_autocast():
+    """Randomness only from the global RNG (same seed, same loss); bf16 autocast keeps the loss float32."""
+    model = dit.create("tiny", num_classes=4)
+    batch = {"x": torch.randn(4, 4, 8, 8), "y": torch.tensor([0, 1, 2, 3])}
+    torch.manual_seed(5)
+    a, _ = model.loss("model", batch, 0)
+    torch.manual_seed(5)
+    b, _ = model.loss("model", batch, 0)
+    assert torch.equal(a, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, logs = model.loss("model", batch, 0)
+        x = model.sample(2, steps=2, cfg=2.0)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss) and x.dtype == torch.float32
+    loss.backward()
