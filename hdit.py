@@ -1,0 +1,1182 @@
+"""HDiT: the Hourglass Diffusion Transformer, in one file.
+
+Paper: Katherine Crowson, Stefan Andreas Baumann, Alex Birch, Tanishq Mathew Abraham, Daniel Z. Kaplan,
+Enrico Shippole, "Scalable High-Resolution Pixel-Space Image Synthesis with Hourglass Diffusion
+Transformers", ICML 2024, arXiv:2401.11605.
+
+Official code matched: crowsonkb/k-diffusion @ 4601bf085320592473f681a62808ed873d17fad5
+  k_diffusion/models/image_transformer_v2.py  (ImageTransformerDenoiserModelV2: "image_transformer_v2" = HDiT)
+  k_diffusion/models/axial_rope.py            (make_axial_pos)
+  k_diffusion/layers.py                       (Denoiser, FourierFeatures)
+  k_diffusion/sampling.py                     (get_sigmas_karras, Euler, DPM++(2M), DPM++(2M) SDE, DPM++(3M) SDE)
+  k_diffusion/utils.py, config.py             (rand_cosine_interpolated, stratified uniforms, EMA warmup)
+Golden tensors made by that code: ../shared/reference/hdit/ (tests/test_hdit.py checks them).
+
+Map from the paper to this file
+  Sec. 3.1  hourglass levels, PixelUnshuffle-style merge / split    -> TokenMerge, TokenSplit, HDiT.forward
+  Sec. 3.1  skip merge by a learnable lerp, Eq. (1)                 -> TokenSplit.fac
+  Sec. 3.2  AdaRMSNorm + mapping network (Fourier features, class)  -> AdaRMSNorm, FourierFeatures, MappingNetwork
+  Sec. 3.2  cosine-similarity attention (Swin v2)                   -> scale_for_cosine_sim
+  Sec. 3.2  axial RoPE on half of each head                         -> make_axial_pos, AxialRoPE, apply_rotary_emb
+  Sec. 3.2  GEGLU feed-forward, zero-initialised output projections -> LinearGEGLU, FeedForwardBlock
+  Sec. 3.3  neighborhood attention (local) / global attention       -> neighborhood_attention_*, SelfAttentionBlock
+  Sec. 3.3  shifted-window attention (ablation, Table 2)            -> apply_window_attention
+  Sec. 4 / App.  EDM preconditioning (Karras et al. 2022)           -> HDiT.get_scalings, HDiT.denoise
+  Sec. 4    soft-min-SNR loss weighting, Eq. (2)-(4)                -> loss_weighting
+  App.      cosine-interpolated noise-level sampling                -> rand_cosine_interpolated
+  Sampling  Karras schedule, Euler, DPM++(2M), DPM++ 2M/3M SDE, CFG -> get_sigmas_karras, sample_* , HDiT.sample
+
+The network keeps the official module tree, so the official state dict loads with an EMPTY rename table
+(`OFFICIAL_RENAMES`). Tensors inside blocks are channels-last, (B, h, w, C), as in the official code.
+
+Contract notes (README "Model file contract")
+  * create(config, image_size=, in_channels=, num_classes=): num_classes is the number of labels in the data;
+    0 or 1 (an unlabelled folder) builds an UNCONDITIONAL model (no class_emb, as the official with dataset
+    num_classes 0); N > 1 builds class_emb with N + 1 rows, row N being the dropped class used for CFG
+    (labels are dropped with probability cond_dropout_rate = 0.1 in loss()).
+  * optimizer_groups(): one AdamW group "model" holding the official 4 parameter groups as torch param-group
+    dicts: {"params", "lr_scale", ["weight_decay": 0]}; the mapping network and every AdaRMSNorm linear use
+    lr * 1/3, and norms' scales, the lerp factors, the attention scales and the conditioning input
+    projections / embeddings get no weight decay.
+  * hparams: lr 5e-4, betas (0.9, 0.95), weight decay per config, no gradient clipping, ema_decay 0.9999
+    with the official EMA warm-up decay_t = min(0.9999, 1 - (1 + t) ** -ema_power) (ema_power 0.6667 or 0.75).
+  * loss("model", batch, step): sigma ~ the cosine-interpolated density with stratified uniforms, noise,
+    label dropout, all from the global torch RNG; returns the mean soft-min-SNR-weighted loss in float32.
+  * sample(n, labels, steps, cfg, sampler in SAMPLERS, generator): Karras schedule from the config's
+    sigma_max down to sigma_min, default sampler "dpmpp_2m_sde" (eta 0, heun) with 50 steps, the official
+    train.py's demo-grid / FID sampler.
+
+Deliberately left out
+  * NATTEN (a CUDA extension): replaced by a pure-PyTorch gather reference and a flex_attention fast path.
+  * flash-attn 2 and torch.compile of the small kernels: PyTorch SDPA does the dense attention instead.
+  * The official non-leaky augmentation pipeline (k_diffusion/augmentation.py): `aug_cond` is zeros unless
+    the batch carries an "aug_cond" (B, 9) tensor, exactly what the official code does with augment_prob 0.
+  * The DCT frequency loss scales (`loss_scales != 1`): no HDiT config uses them.
+  * The Brownian-tree noise of the official SDE samplers (torchsde): i.i.d. Gaussian noise per step, which
+    has the same law for a fixed step sequence.
+"""
+import functools
+import json
+import math
+import struct
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Small kernels (official: image_transformer_v2.py "Kernels"). All compute in at least float32.
+# ----------------------------------------------------------------------------------------------------------
+
+def _compute_dtype(*tensors):
+    """The dtype the official kernels compute in: promote(inputs..., float32) (float64 stays float64)."""
+    return functools.reduce(torch.promote_types, [t.dtype for t in tensors] + [torch.float32])
+
+
+def rms_norm(x, scale, eps):
+    """RMSNorm over the last dim: x * scale / sqrt(mean(x^2) + eps), computed in >= float32."""
+    dtype = _compute_dtype(x, scale)
+    mean_sq = torch.mean(x.to(dtype) ** 2, dim=-1, keepdim=True)
+    scale = scale.to(dtype) * torch.rsqrt(mean_sq + eps)
+    # The official multiplies in x's dtype (the scale is cast down, not x up).
+    return x * scale.to(x.dtype)
+
+
+def scale_for_cosine_sim(q, k, scale, eps):
+    """Sec. 3.2, cosine-similarity attention: q, k -> sqrt(scale) * q / |q| (eps on the SUM of squares).
+
+    q . k then equals scale * cos(q, k), which is why attention later runs with SDPA scale=1.0.
+    """
+    dtype = _compute_dtype(q, k, scale)
+    sum_sq_q = torch.sum(q.to(dtype) ** 2, dim=-1, keepdim=True)
+    sum_sq_k = torch.sum(k.to(dtype) ** 2, dim=-1, keepdim=True)
+    sqrt_scale = torch.sqrt(scale.to(dtype))
+    scale_q = sqrt_scale * torch.rsqrt(sum_sq_q + eps)
+    scale_k = sqrt_scale * torch.rsqrt(sum_sq_k + eps)
+    return q * scale_q.to(q.dtype), k * scale_k.to(k.dtype)
+
+
+class LinearGEGLU(nn.Linear):
+    """Sec. 3.2, GEGLU (Shazeer 2020): one bias-free Linear to 2*d_ff; first half = value, second = gate."""
+
+    def __init__(self, in_features, out_features, bias=False):
+        super().__init__(in_features, out_features * 2, bias=bias)
+        self.out_features = out_features
+
+    def forward(self, x):
+        x = F.linear(x, self.weight, self.bias)  # (..., in) -> (..., 2*d_ff)
+        x, gate = x.chunk(2, dim=-1)  # (..., 2*d_ff) -> 2 x (..., d_ff)
+        return x * F.gelu(gate)  # exact (erf) GELU, as the official
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learnable per-feature scale (init 1)."""
+
+    def __init__(self, shape, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(shape))
+
+    def forward(self, x):
+        return rms_norm(x, self.scale, self.eps)
+
+
+class AdaRMSNorm(nn.Module):
+    """Sec. 3.2: RMSNorm whose scale is 1 + Linear(cond); the Linear is zero-initialised (starts as RMSNorm)."""
+
+    def __init__(self, features, cond_features, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.linear = nn.Linear(cond_features, features, bias=False)
+        nn.init.zeros_(self.linear.weight)
+
+    def forward(self, x, cond):
+        # cond (B, mapping_width) -> (B, 1, 1, C): one scale per sample, broadcast over the token grid.
+        return rms_norm(x, self.linear(cond)[:, None, None, :] + 1, self.eps)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Axial rotary position embeddings (Sec. 3.2; official axial_rope.py + AxialRoPE in image_transformer_v2.py)
+# ----------------------------------------------------------------------------------------------------------
+
+def make_axial_pos(h, w, device=None):
+    """(h*w, 2) cell-centre positions (y, x), row-major; the longer side spans [-1, 1].
+
+    Always float32 (the official passes no dtype), also in a float64 model.
+    """
+    aspect = w / h
+    y_max, x_max = (1.0 / aspect, 1.0) if aspect > 1 else (1.0, aspect) if aspect < 1 else (1.0, 1.0)
+    y_edges = torch.linspace(-y_max, y_max, h + 1, device=device)  # (h + 1,) cell edges
+    x_edges = torch.linspace(-x_max, x_max, w + 1, device=device)  # (w + 1,)
+    y_pos = (y_edges[:-1] + y_edges[1:]) / 2  # (h,) cell centres
+    x_pos = (x_edges[:-1] + x_edges[1:]) / 2  # (w,)
+    grid = torch.stack(torch.meshgrid(y_pos, x_pos, indexing="ij"), dim=-1)  # (h, w, 2)
+    return grid.view(h * w, 2)  # (h, w, 2) -> (h*w, 2)
+
+
+def downscale_pos(pos):
+    """Positions of the merged grid: mean of each 2x2 block, averaged in (dy, dx) order like the official."""
+    *b, h, w, e = pos.shape
+    pos = pos.reshape(*b, h // 2, 2, w // 2, 2, e)  # (h, w, 2) -> (h/2, 2, w/2, 2, 2)
+    pos = pos.movedim(-4, -3).reshape(*b, h // 2, w // 2, 4, e)  # -> (h/2, w/2, (dy dx), 2)
+    return torch.mean(pos, dim=-2)  # (h/2, w/2, 2)
+
+
+class AxialRoPE(nn.Module):
+    """Sec. 3.2: axial RoPE on the first half of every head; y uses d_head/8 frequencies, x the next d_head/8.
+
+    Frequencies are log-spaced from pi to 10*pi (excluded) and interleaved across heads (each head gets its own
+    ladder), stored as a persistent buffer `freqs` (n_heads, d_head // 8) like the official checkpoint.
+    """
+
+    def __init__(self, dim, n_heads):
+        super().__init__()
+        n = n_heads * dim // 4
+        freqs = torch.linspace(math.log(math.pi), math.log(10.0 * math.pi), n + 1)[:-1].exp()  # (n,) float32
+        self.register_buffer("freqs", freqs.view(dim // 4, n_heads).T.contiguous())  # (n_heads, dim // 4)
+
+    def forward(self, pos):
+        """pos (..., 2) -> theta (..., n_heads, d_head // 4): [y * freqs[head], x * freqs[head]]."""
+        theta_h = pos[..., None, 0:1] * self.freqs.to(pos.dtype)  # (..., 1, 1) * (nh, f) -> (..., nh, f)
+        theta_w = pos[..., None, 1:2] * self.freqs.to(pos.dtype)  # (..., nh, f)
+        return torch.cat((theta_h, theta_w), dim=-1)  # (..., nh, 2f)
+
+
+def apply_rotary_emb(x, theta, conj=False):
+    """Rotate pairs (i, i + d) of x by theta, d = theta.shape[-1]; dims >= 2d pass through unchanged.
+
+    "Half-split" pairs, not interleaved neighbours; computed in >= float32, returned in x's dtype.
+    """
+    out_dtype = x.dtype
+    dtype = _compute_dtype(x, theta)
+    d = theta.shape[-1]
+    x1, x2, x3 = x[..., :d], x[..., d:2 * d], x[..., 2 * d:]  # rotated pair halves, untouched rest
+    x1, x2, theta = x1.to(dtype), x2.to(dtype), theta.to(dtype)
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    sin = -sin if conj else sin
+    y1 = x1 * cos - x2 * sin
+    y2 = x2 * cos + x1 * sin
+    return torch.cat((y1.to(out_dtype), y2.to(out_dtype), x3), dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Neighborhood attention (Sec. 3.3), NATTEN semantics, dilation 1, odd kernel K. Layout (B, heads, H, W, e).
+# Query (i, j) attends to the K x K keys starting at (clamp(i - K//2, 0, H - K), clamp(j - K//2, 0, W - K)):
+# the window is centred on the query but shifted INWARD at the borders (never padded, never truncated).
+# ----------------------------------------------------------------------------------------------------------
+
+def neighborhood_starts(n, kernel_size, device=None):
+    """(n,) first row (or column) of each query's window: clamp(i - K//2, 0, n - K)."""
+    i = torch.arange(n, device=device)
+    return (i - kernel_size // 2).clamp(0, n - kernel_size)
+
+
+def neighborhood_index(h, w, kernel_size, device=None):
+    """(h, w, K*K) flat key index r*w + c of every neighbour, neighbour a*K + b (row-major), like NATTEN."""
+    offsets = torch.arange(kernel_size, device=device)
+    rows = neighborhood_starts(h, kernel_size, device)[:, None] + offsets  # (h, K)
+    cols = neighborhood_starts(w, kernel_size, device)[:, None] + offsets  # (w, K)
+    flat = rows[:, None, :, None] * w + cols[None, :, None, :]  # (h, 1, K, 1) + (1, w, 1, K) -> (h, w, K, K)
+    return flat.reshape(h, w, kernel_size * kernel_size)  # (h, w, K, K) -> (h, w, K*K)
+
+
+def neighborhood_mask(h, w, kernel_size, device=None):
+    """(h*w, h*w) bool, True where key (column) lies in the query's (row) neighbourhood; K*K per row."""
+    index = neighborhood_index(h, w, kernel_size, device).view(h * w, -1)  # (h*w, K*K)
+    mask = torch.zeros(h * w, h * w, dtype=torch.bool, device=device)
+    return mask.scatter_(1, index, True)
+
+
+def _check_neighborhood(h, w, kernel_size):
+    if kernel_size % 2 != 1 or h < kernel_size or w < kernel_size:
+        raise ValueError(f"neighborhood attention needs an odd kernel no larger than the token grid; got kernel "
+                         f"{kernel_size} on a {h}x{w} grid")
+
+
+def neighborhood_attention_reference(q, k, v, kernel_size):
+    """Readable reference: gather each query's K*K keys and values, softmax over them. Logits are plain q . k
+    (cosine-sim scaling is already folded into q and k, so no 1/sqrt(d))."""
+    b, nh, h, w, e = q.shape
+    _check_neighborhood(h, w, kernel_size)
+    index = neighborhood_index(h, w, kernel_size, q.device).view(-1)  # (h*w*K*K,)
+    k_n = k.reshape(b, nh, h * w, e)[:, :, index]  # (B, nh, H, W, e) -> (B, nh, h*w*K*K, e)
+    v_n = v.reshape(b, nh, h * w, e)[:, :, index]  # same gather for the values
+    k_n = k_n.view(b, nh, h, w, kernel_size * kernel_size, e)  # -> (B, nh, H, W, K*K, e)
+    v_n = v_n.view(b, nh, h, w, kernel_size * kernel_size, e)
+    logits = torch.einsum("bnhwe,bnhwke->bnhwk", q, k_n)  # (B, nh, H, W, K*K), what NATTEN's na2d_qk returns
+    attn = torch.softmax(logits, dim=-1).to(v.dtype)
+    return torch.einsum("bnhwk,bnhwke->bnhwe", attn, v_n)  # (B, nh, H, W, e)
+
+
+def neighborhood_attention_dense(q, k, v, kernel_size):
+    """Brute force: dense SDPA over all H*W keys with the boolean neighbourhood mask (tests only)."""
+    b, nh, h, w, e = q.shape
+    _check_neighborhood(h, w, kernel_size)
+    mask = neighborhood_mask(h, w, kernel_size, q.device)  # (h*w, h*w)
+    flat = [t.reshape(b, nh, h * w, e) for t in (q, k, v)]  # (B, nh, H, W, e) -> (B, nh, H*W, e)
+    out = F.scaled_dot_product_attention(*flat, attn_mask=mask, scale=1.0)  # (B, nh, H*W, e)
+    return out.view(b, nh, h, w, e)  # (B, nh, H*W, e) -> (B, nh, H, W, e)
+
+
+@functools.lru_cache(maxsize=64)
+def neighborhood_block_mask(h, w, kernel_size, device, block_size=128):
+    """flex_attention BlockMask of the neighbourhood rule over row-major tokens (cached per grid and device).
+
+    Same rule written as NATTEN's own flex backend does: centre = clamp(i, K//2, H-1-K//2), key row r allowed
+    iff |centre - r| <= K//2 (and the same for columns). Blocks of `block_size` tokens with no allowed pair
+    are skipped entirely, which is what makes this faster than dense attention.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+    r = kernel_size // 2
+
+    def mask_mod(b, head, q_idx, kv_idx):
+        q_row, q_col = q_idx // w, q_idx % w
+        k_row, k_col = kv_idx // w, kv_idx % w
+        c_row = q_row.clamp(r, h - 1 - r)
+        c_col = q_col.clamp(r, w - 1 - r)
+        return ((c_row - k_row).abs() <= r) & ((c_col - k_col).abs() <= r)
+
+    return create_block_mask(mask_mod, None, None, h * w, h * w, device=device, BLOCK_SIZE=block_size)
+
+
+_FLEX_COMPILED = None
+
+
+def neighborhood_attention_flex(q, k, v, kernel_size, compiled=None):
+    """Fast path: torch.nn.attention.flex_attention with the block mask above (compiled on CUDA).
+
+    On CPU flex_attention runs eagerly (forward only; it materialises scores) - used there only by the tests.
+    """
+    from torch.nn.attention.flex_attention import flex_attention
+    global _FLEX_COMPILED
+    b, nh, h, w, e = q.shape
+    _check_neighborhood(h, w, kernel_size)
+    compiled = q.is_cuda if compiled is None else compiled
+    if compiled and _FLEX_COMPILED is None:
+        _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False)
+    attend = _FLEX_COMPILED if compiled else flex_attention
+    block_mask = neighborhood_block_mask(h, w, kernel_size, str(q.device))
+    flat = [t.reshape(b, nh, h * w, e) for t in (q, k, v)]  # (B, nh, H, W, e) -> (B, nh, H*W, e)
+    out = attend(*flat, block_mask=block_mask, scale=1.0)  # (B, nh, H*W, e)
+    return out.view(b, nh, h, w, e)  # -> (B, nh, H, W, e)
+
+
+def neighborhood_attention(q, k, v, kernel_size):
+    """Dispatch: the flex fast path on CUDA, the gather reference elsewhere."""
+    if q.is_cuda:
+        return neighborhood_attention_flex(q, k, v, kernel_size)
+    return neighborhood_attention_reference(q, k, v, kernel_size)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shifted-window attention (Swin; the official supports it, the paper ablates it against NA in Table 2).
+# Note the official rolls by +shift (Swin rolls by -shift); the masks below follow the official.
+# ----------------------------------------------------------------------------------------------------------
+
+def make_shifted_window_masks(n_h_w, n_w_w, w_h, w_w, shift, device=None):
+    """(n_h_w, n_w_w, w_h, w_w, w_h, w_w) bool, True = may attend. Tokens rolled in from the far edge sit at
+    in-window coordinates < shift of the first window row / column and must not mix with the others."""
+    ph, pw, qh, qw, kh, kw = torch.meshgrid(
+        *[torch.arange(n, device=device) for n in (n_h_w, n_w_w, w_h, w_w, w_h, w_w)], indexing="ij")
+    top, left = ph == 0, pw == 0
+    same_rows = (qh < shift) == (kh < shift)
+    same_cols = (qw < shift) == (kw < shift)
+    m_corner = left & top & same_cols & same_rows
+    m_left = left & ~top & same_cols
+    m_top = ~left & top & same_rows
+    m_rest = ~left & ~top
+    return m_corner | m_left | m_top | m_rest
+
+
+def apply_window_attention(window_size, window_shift, q, k, v):
+    """q, k, v (B, heads, H, W, e) -> (B, heads, H, W, e); attention inside ws x ws windows after a roll."""
+    b, nh, h, w, e = q.shape
+    if h % window_size or w % window_size:
+        raise ValueError(f"shifted-window attention needs the token grid ({h}x{w}) divisible by the window "
+                         f"size {window_size}")
+    n_h, n_w, ws = h // window_size, w // window_size, window_size
+
+    def to_windows(x):
+        x = torch.roll(x, shifts=(window_shift, window_shift), dims=(-3, -2))  # element (i, j) -> (i+s, j+s)
+        x = x.reshape(b, nh, n_h, ws, n_w, ws, e)  # (B, nh, H, W, e) -> (B, nh, nH, ws, nW, ws, e)
+        x = x.permute(0, 1, 2, 4, 3, 5, 6)  # -> (B, nh, nH, nW, ws, ws, e)
+        return x.reshape(b, nh, n_h, n_w, ws * ws, e)  # -> (B, nh, nH, nW, ws*ws, e)
+
+    mask = make_shifted_window_masks(n_h, n_w, ws, ws, window_shift, device=q.device)
+    mask = mask.reshape(n_h, n_w, ws * ws, ws * ws)  # (nH, nW, ws, ws, ws, ws) -> (nH, nW, ws*ws, ws*ws)
+    out = F.scaled_dot_product_attention(to_windows(q), to_windows(k), to_windows(v), mask, scale=1.0)
+    out = out.reshape(b, nh, n_h, n_w, ws, ws, e)  # (B, nh, nH, nW, ws*ws, e) -> (B, nh, nH, nW, ws, ws, e)
+    out = out.permute(0, 1, 2, 4, 3, 5, 6).reshape(b, nh, h, w, e)  # -> (B, nh, H, W, e)
+    return torch.roll(out, shifts=(-window_shift, -window_shift), dims=(-3, -2))  # undo the roll
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Transformer blocks (Sec. 3.2)
+# ----------------------------------------------------------------------------------------------------------
+
+class SelfAttentionBlock(nn.Module):
+    """Pre-norm attention block: AdaRMSNorm -> qkv -> cosine-sim scale -> axial RoPE -> attention -> out_proj.
+
+    `kind` is "global", "neighborhood" (kernel_size) or "shifted-window" (window_size, window_shift); the
+    official has three classes with identical parameters, merged here because only step 5 differs.
+    """
+
+    def __init__(self, d_model, d_head, cond_features, kind="global", kernel_size=7, window_size=8,
+                 window_shift=0, dropout=0.0):
+        super().__init__()
+        self.d_head, self.n_heads, self.kind = d_head, d_model // d_head, kind
+        self.kernel_size, self.window_size, self.window_shift = kernel_size, window_size, window_shift
+        self.norm = AdaRMSNorm(d_model, cond_features)
+        self.qkv_proj = nn.Linear(d_model, d_model * 3, bias=False)
+        self.scale = nn.Parameter(torch.full([self.n_heads], 10.0))  # learnable per-head logit scale, init 10
+        self.pos_emb = AxialRoPE(d_head // 2, self.n_heads)
+        self.dropout = nn.Dropout(dropout)
+        self.out_proj = nn.Linear(d_model, d_model, bias=False)
+        nn.init.zeros_(self.out_proj.weight)  # zero-init residual branch (no adaLN-Zero gate, Sec. 3.2)
+
+    def extra_repr(self):
+        return f"kind={self.kind}, d_head={self.d_head}"
+
+    def forward(self, x, pos, cond):
+        skip = x
+        b, h, w, c = x.shape
+        x = self.norm(x, cond)
+        qkv = self.qkv_proj(x)  # (B, H, W, C) -> (B, H, W, 3C), features ordered (t, head, e)
+        qkv = qkv.view(b, h, w, 3, self.n_heads, self.d_head)  # -> (B, H, W, 3, nh, e)
+        q, k, v = qkv.permute(3, 0, 4, 1, 2, 5)  # -> 3 x (B, nh, H, W, e)
+        q, k = scale_for_cosine_sim(q, k, self.scale[:, None, None, None], 1e-6)
+        if self.kind == "global":
+            # Official quirk: the global block casts pos to qkv's dtype before the RoPE product (bf16 under
+            # autocast); the local blocks keep float32 positions.
+            pos = pos.to(qkv.dtype)
+        theta = self.pos_emb(pos).movedim(-2, -4)  # (H, W, nh, e/4) -> (nh, H, W, e/4)
+        q, k = apply_rotary_emb(q, theta), apply_rotary_emb(k, theta)
+        if self.kind == "global":
+            flat = [t.reshape(b, self.n_heads, h * w, self.d_head) for t in (q, k, v)]  # -> (B, nh, H*W, e)
+            x = F.scaled_dot_product_attention(*flat, scale=1.0)  # cosine-sim logits: no 1/sqrt(d)
+            x = x.view(b, self.n_heads, h, w, self.d_head)  # (B, nh, H*W, e) -> (B, nh, H, W, e)
+        elif self.kind == "neighborhood":
+            x = neighborhood_attention(q, k, v, self.kernel_size)  # (B, nh, H, W, e)
+        else:
+            x = apply_window_attention(self.window_size, self.window_shift, q, k, v)  # (B, nh, H, W, e)
+        x = x.permute(0, 2, 3, 1, 4).reshape(b, h, w, c)  # (B, nh, H, W, e) -> (B, H, W, nh*e)
+        x = self.dropout(x)
+        return self.out_proj(x) + skip
+
+
+class FeedForwardBlock(nn.Module):
+    """Pre-norm GEGLU feed-forward: AdaRMSNorm -> LinearGEGLU -> dropout -> zero-init down_proj -> + skip."""
+
+    def __init__(self, d_model, d_ff, cond_features, dropout=0.0):
+        super().__init__()
+        self.norm = AdaRMSNorm(d_model, cond_features)
+        self.up_proj = LinearGEGLU(d_model, d_ff, bias=False)
+        self.dropout = nn.Dropout(dropout)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+        nn.init.zeros_(self.down_proj.weight)
+
+    def forward(self, x, cond):
+        skip = x
+        x = self.up_proj(self.norm(x, cond))  # (B, H, W, C) -> (B, H, W, d_ff)
+        return self.down_proj(self.dropout(x)) + skip  # -> (B, H, W, C)
+
+
+class TransformerLayer(nn.Module):
+    """One layer = attention block (absent for attention type "none") then feed-forward block."""
+
+    def __init__(self, width, d_ff, cond_features, attn, index, dropout=0.0):
+        super().__init__()
+        kind = attn["type"]
+        if kind != "none":
+            # Shifted window: odd layer indices shift by half a window (up levels count on from depth).
+            shift = attn.get("window_size", 8) // 2 if index % 2 == 1 else 0
+            self.self_attn = SelfAttentionBlock(width, attn.get("d_head", 64), cond_features, kind,
+                                                kernel_size=attn.get("kernel_size", 7),
+                                                window_size=attn.get("window_size", 8), window_shift=shift,
+                                                dropout=dropout)
+        self.ff = FeedForwardBlock(width, d_ff, cond_features, dropout=dropout)
+        self.grad_checkpointing = False
+
+    def _forward(self, x, pos, cond):
+        if hasattr(self, "self_attn"):
+            x = self.self_attn(x, pos, cond)
+        return self.ff(x, cond)
+
+    def forward(self, x, pos, cond):
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._forward, x, pos, cond, use_reentrant=False)
+        return self._forward(x, pos, cond)
+
+
+class Level(nn.ModuleList):
+    """A run of layers at one token resolution."""
+
+    def forward(self, x, pos, cond):
+        for layer in self:
+            x = layer(x, pos, cond)
+        return x
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Conditioning: Fourier features of the noise level + class embedding + augmentation -> mapping network
+# ----------------------------------------------------------------------------------------------------------
+
+class FourierFeatures(nn.Module):
+    """Random Fourier features (official layers.FourierFeatures): cat(cos 2*pi*x W^T, sin 2*pi*x W^T).
+
+    W ~ N(0, std^2) is a persistent buffer (NOT learned, but in the checkpoint: load it, never redraw it).
+    """
+
+    def __init__(self, in_features, out_features, std=1.0):
+        super().__init__()
+        self.register_buffer("weight", torch.randn([out_features // 2, in_features]) * std)
+
+    def forward(self, x):
+        f = 2 * math.pi * x @ self.weight.T  # (B, in) -> (B, out/2)
+        return torch.cat([f.cos(), f.sin()], dim=-1)  # cos first -> (B, out)
+
+
+class MappingFeedForwardBlock(nn.Module):
+    """Mapping-network residual block: RMSNorm -> GEGLU -> dropout -> zero-init Linear -> + skip."""
+
+    def __init__(self, d_model, d_ff, dropout=0.0):
+        super().__init__()
+        self.norm = RMSNorm(d_model)
+        self.up_proj = LinearGEGLU(d_model, d_ff, bias=False)
+        self.dropout = nn.Dropout(dropout)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+        nn.init.zeros_(self.down_proj.weight)
+
+    def forward(self, x):
+        return self.down_proj(self.dropout(self.up_proj(self.norm(x)))) + x
+
+
+class MappingNetwork(nn.Module):
+    """Sec. 3.2: the shared conditioning MLP; its output `cond` drives every AdaRMSNorm of the network."""
+
+    def __init__(self, n_layers, d_model, d_ff, dropout=0.0):
+        super().__init__()
+        self.in_norm = RMSNorm(d_model)
+        self.blocks = nn.ModuleList([MappingFeedForwardBlock(d_model, d_ff, dropout) for _ in range(n_layers)])
+        self.out_norm = RMSNorm(d_model)
+
+    def forward(self, x):
+        x = self.in_norm(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.out_norm(x)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Token merge / split (Sec. 3.1). Packing order (dy, dx, c): feature (dy*pw + dx)*C + c.
+# NOTE: this is NOT F.pixel_unshuffle's order (c*ph*pw + dy*pw + dx), so official weights need this order.
+# ----------------------------------------------------------------------------------------------------------
+
+def _merge_tokens(x, ph, pw):
+    """(..., H, W, C) -> (..., H/ph, W/pw, ph*pw*C), (dy, dx, c) order."""
+    *b, h, w, c = x.shape
+    x = x.reshape(*b, h // ph, ph, w // pw, pw, c)  # -> (..., h, ph, w, pw, C)
+    x = x.movedim(-4, -3)  # -> (..., h, w, ph, pw, C)
+    return x.reshape(*b, h // ph, w // pw, ph * pw * c)  # -> (..., h, w, ph*pw*C)
+
+
+def _split_tokens(x, ph, pw):
+    """(..., h, w, ph*pw*C) -> (..., h*ph, w*pw, C), inverse of _merge_tokens."""
+    *b, h, w, f = x.shape
+    c = f // (ph * pw)
+    x = x.reshape(*b, h, w, ph, pw, c)  # -> (..., h, w, ph, pw, C)
+    x = x.movedim(-3, -4)  # -> (..., h, ph, w, pw, C)
+    return x.reshape(*b, h * ph, w * pw, c)  # -> (..., h*ph, w*pw, C)
+
+
+class TokenMerge(nn.Module):
+    """Patching / downsampling: pack each ph x pw block of tokens into one, then a bias-free Linear."""
+
+    def __init__(self, in_features, out_features, patch_size=(2, 2)):
+        super().__init__()
+        self.h, self.w = patch_size
+        self.proj = nn.Linear(in_features * self.h * self.w, out_features, bias=False)
+
+    def forward(self, x):
+        return self.proj(_merge_tokens(x, self.h, self.w))  # (B, H, W, C) -> (B, H/ph, W/pw, out)
+
+
+class TokenSplitWithoutSkip(nn.Module):
+    """Unpatching: bias-free Linear to ph*pw*out features, unpacked in (dy, dx, c) order."""
+
+    def __init__(self, in_features, out_features, patch_size=(2, 2)):
+        super().__init__()
+        self.h, self.w = patch_size
+        self.proj = nn.Linear(in_features, out_features * self.h * self.w, bias=False)
+
+    def forward(self, x):
+        return _split_tokens(self.proj(x), self.h, self.w)  # (B, h, w, in) -> (B, h*ph, w*pw, out)
+
+
+class TokenSplit(nn.Module):
+    """Upsampling + skip merge, Sec. 3.1 Eq. (1): lerp(skip, upsampled, fac) = (1 - fac) skip + fac up.
+
+    (The paper writes f * skip + (1 - f) * upsampled; the code's learnable `fac` (init 0.5) weights the
+    upsampled branch. We follow the code.)
+    """
+
+    def __init__(self, in_features, out_features, patch_size=(2, 2)):
+        super().__init__()
+        self.h, self.w = patch_size
+        self.proj = nn.Linear(in_features, out_features * self.h * self.w, bias=False)
+        self.fac = nn.Parameter(torch.ones(1) * 0.5)
+
+    def forward(self, x, skip):
+        x = _split_tokens(self.proj(x), self.h, self.w)  # (B, h, w, in) -> (B, 2h, 2w, out)
+        return torch.lerp(skip, x, self.fac.to(x.dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training noise levels (official utils.rand_cosine_interpolated, config.make_sample_density)
+# ----------------------------------------------------------------------------------------------------------
+
+def cosine_interpolated_sigma(u, image_d, noise_d_low, noise_d_high, sigma_data, min_value=1e-3,
+                              max_value=1e3):
+    """u in [0, 1) -> sigma. The cosine log-SNR schedule shifted for the resolution (Hoogeboom et al. 2023,
+    simple diffusion) at noise_d_low and noise_d_high, interpolated with weight u. u=0 -> max_value."""
+    lo = -2 * math.log(min_value / sigma_data)  # log-SNR at the smallest sigma (large)
+    hi = -2 * math.log(max_value / sigma_data)  # log-SNR at the largest sigma (negative)
+
+    def logsnr_shifted(noise_d):
+        shift = 2 * math.log(noise_d / image_d)
+        a = math.atan(math.exp(-(hi - shift) / 2))
+        b = math.atan(math.exp(-(lo - shift) / 2))
+        return -2 * torch.log(torch.tan(a + u * (b - a))) + shift
+
+    logsnr = torch.lerp(logsnr_shifted(noise_d_low), logsnr_shifted(noise_d_high), u)
+    return sigma_data * torch.exp(-logsnr / 2)
+
+
+def stratified_uniform(n, device=None, generator=None):
+    """Official train.py stratifies the batch's uniforms: u_i = (i + rand_i) / n (one process, no accumulation)."""
+    return (torch.arange(n, device=device) + torch.rand(n, device=device, generator=generator)) / n
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Samplers (official sampling.py). `denoiser(x, sigma_vector)` returns the denoised estimate D(x, sigma).
+# sigmas are a float32 schedule ending in 0; the step arithmetic runs on Python floats (float64), no host syncs.
+# ----------------------------------------------------------------------------------------------------------
+
+def get_sigmas_karras(n, sigma_min, sigma_max, rho=7.0, device="cpu"):
+    """Karras et al. 2022 Eq. (5): n levels from sigma_max to sigma_min, plus a final 0 (float32)."""
+    ramp = torch.linspace(0, 1, n)
+    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    sigmas = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+    return torch.cat([sigmas, sigmas.new_zeros([1])]).to(device)
+
+
+def _sigma_list(sigmas):
+    return [float(s) for s in sigmas.cpu()] if torch.is_tensor(sigmas) else [float(s) for s in sigmas]
+
+
+def sample_euler(denoiser, x, sigmas):
+    """Karras Alg. 2 with s_churn = 0: the probability-flow ODE with Euler steps."""
+    s = _sigma_list(sigmas)
+    for i in range(len(s) - 1):
+        denoised = denoiser(x, x.new_full([x.shape[0]], s[i]))
+        d = (x - denoised) / s[i]  # ODE derivative dx/dsigma
+        x = x + d * (s[i + 1] - s[i])
+    return x
+
+
+def sample_dpmpp_2m(denoiser, x, sigmas):
+    """DPM-Solver++(2M) (Lu et al. 2022) in t = -log sigma; first and last steps are first order."""
+    s = _sigma_list(sigmas)
+    old_denoised = None
+    for i in range(len(s) - 1):
+        denoised = denoiser(x, x.new_full([x.shape[0]], s[i]))
+        if s[i + 1] == 0:
+            x = denoised  # final step to sigma 0
+        else:
+            h = math.log(s[i]) - math.log(s[i + 1])  # t_next - t
+            if old_denoised is None:
+                d = denoised
+            else:
+                r = (math.log(s[i - 1]) - math.log(s[i])) / h  # h_last / h
+                d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+            x = (s[i + 1] / s[i]) * x - math.expm1(-h) * d
+        old_denoised = denoised
+    return x
+
+
+def sample_dpmpp_2m_sde(denoiser, x, sigmas, eta=0.0, noise_sampler=None, solver_type="heun"):
+    """DPM-Solver++(2M) SDE; eta = 0 is deterministic (what the official train.py uses for demo grids/FID)."""
+    s = _sigma_list(sigmas)
+    old_denoised, h_last = None, None
+    for i in range(len(s) - 1):
+        denoised = denoiser(x, x.new_full([x.shape[0]], s[i]))
+        if s[i + 1] == 0:
+            x = denoised
+        else:
+            h = math.log(s[i]) - math.log(s[i + 1])
+            eta_h = eta * h
+            x = s[i + 1] / s[i] * math.exp(-eta_h) * x + (-math.expm1(-h - eta_h)) * denoised
+            if old_denoised is not None:
+                r = h_last / h
+                if solver_type == "heun":
+                    x = x + ((-math.expm1(-h - eta_h)) / (-h - eta_h) + 1) * (1 / r) * (denoised - old_denoised)
+                else:  # midpoint
+                    x = x + 0.5 * (-math.expm1(-h - eta_h)) * (1 / r) * (denoised - old_denoised)
+            if eta:
+                x = x + noise_sampler(s[i], s[i + 1]) * s[i + 1] * math.sqrt(-math.expm1(-2 * eta_h))
+            h_last = h
+        old_denoised = denoised
+    return x
+
+
+def sample_dpmpp_3m_sde(denoiser, x, sigmas, eta=1.0, s_noise=1.0, noise_sampler=None):
+    """DPM-Solver++(3M) SDE (k-diffusion): third-order multistep in the denoised space plus SDE noise."""
+    s = _sigma_list(sigmas)
+    denoised_1 = denoised_2 = None
+    h = h_1 = h_2 = None
+    for i in range(len(s) - 1):
+        denoised = denoiser(x, x.new_full([x.shape[0]], s[i]))
+        if s[i + 1] == 0:
+            x = denoised
+        else:
+            h = math.log(s[i]) - math.log(s[i + 1])
+            h_eta = h * (eta + 1)
+            x = math.exp(-h_eta) * x + (-math.expm1(-h_eta)) * denoised
+            phi_2 = math.expm1(-h_eta) / h_eta + 1
+            if h_2 is not None:
+                r0, r1 = h_1 / h, h_2 / h
+                d1_0 = (denoised - denoised_1) / r0
+                d1_1 = (denoised_1 - denoised_2) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                phi_3 = phi_2 / h_eta - 0.5
+                x = x + phi_2 * d1 - phi_3 * d2
+            elif h_1 is not None:
+                x = x + phi_2 * (denoised - denoised_1) / (h_1 / h)
+            if eta:
+                x = x + noise_sampler(s[i], s[i + 1]) * s[i + 1] * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise
+        denoised_1, denoised_2 = denoised, denoised_1
+        h_1, h_2 = h, h_1
+    return x
+
+
+SAMPLERS = {"euler": sample_euler, "dpmpp_2m": sample_dpmpp_2m, "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+            "dpmpp_3m_sde": sample_dpmpp_3m_sde}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model: network (official ImageTransformerDenoiserModelV2) + Denoiser + loss + sampling
+# ----------------------------------------------------------------------------------------------------------
+
+LOSS_WEIGHTINGS = ("karras", "snr", "soft-min-snr")
+
+
+def loss_weighting(sigma, sigma_data, weighting):
+    """Per-sample weight of the F-space MSE (official layers.Denoiser), Sec. 4 / Eq. (4).
+
+    soft-min-snr: (sigma*sd)^2 / (sigma^2 + sd^2)^2 = SNR / (1 + SNR)^2, SNR = sd^2 / sigma^2; in denoised
+    space this is ||D - x0||^2 / (sigma^2 + sd^2), the paper's 1 / (sigma^2 + gamma^-1) with gamma = sd^-2.
+    """
+    if weighting == "karras":
+        return torch.ones_like(sigma)
+    if weighting == "snr":
+        return sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2)
+    if weighting == "soft-min-snr":
+        return (sigma * sigma_data) ** 2 / (sigma ** 2 + sigma_data ** 2) ** 2
+    raise ValueError(f"unknown loss_weighting {weighting!r}; expected one of {LOSS_WEIGHTINGS}")
+
+
+class HDiT(nn.Module):
+    """Hourglass Diffusion Transformer with EDM preconditioning (official ImageTransformerDenoiserModelV2
+    wrapped in layers.Denoiser). `forward` is the raw network F(c_in x, sigma); `denoise` is D(x, sigma)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        widths, depths, d_ffs, attns = cfg["widths"], cfg["depths"], cfg["d_ffs"], cfg["self_attns"]
+        drops, mw = cfg["dropout_rate"], cfg["mapping_width"]
+        self.num_classes = cfg["num_classes"]  # labels in the data; 0 = unconditional
+        self.sigma_data = cfg["sigma_data"]
+        self.hparams = dict(cfg["hparams"])
+        self.image_size = tuple(cfg["input_size"])
+        self.in_channels = cfg["in_channels"]
+
+        self.patch_in = TokenMerge(cfg["in_channels"], widths[0], cfg["patch_size"])
+        self.time_emb = FourierFeatures(1, mw)  # Fourier features of c_noise = log(sigma) / 4
+        self.time_in_proj = nn.Linear(mw, mw, bias=False)
+        self.aug_emb = FourierFeatures(9, mw)  # the 9 augmentation parameters (zeros when not augmenting)
+        self.aug_in_proj = nn.Linear(mw, mw, bias=False)
+        # Row `num_classes` is the dropped / unconditional class used for classifier-free guidance.
+        self.class_emb = nn.Embedding(self.num_classes + 1, mw) if self.num_classes else None
+        self.mapping_cond_in_proj = (nn.Linear(cfg["mapping_cond_dim"], mw, bias=False)
+                                     if cfg["mapping_cond_dim"] else None)
+        self.mapping = MappingNetwork(cfg["mapping_depth"], mw, cfg["mapping_d_ff"], cfg["mapping_dropout_rate"])
+
+        self.down_levels, self.up_levels = nn.ModuleList(), nn.ModuleList()
+        for i, (width, depth, d_ff, attn, drop) in enumerate(zip(widths, depths, d_ffs, attns, drops)):
+            layer = functools.partial(TransformerLayer, width, d_ff, mw, attn, dropout=drop)
+            if i < len(widths) - 1:
+                self.down_levels.append(Level([layer(j) for j in range(depth)]))
+                self.up_levels.append(Level([layer(j + depth) for j in range(depth)]))  # indices depth..2*depth-1
+            else:
+                self.mid_level = Level([layer(j) for j in range(depth)])
+        self.merges = nn.ModuleList([TokenMerge(a, b) for a, b in zip(widths[:-1], widths[1:])])
+        self.splits = nn.ModuleList([TokenSplit(b, a) for a, b in zip(widths[:-1], widths[1:])])
+        self.out_norm = RMSNorm(widths[0])
+        self.patch_out = TokenSplitWithoutSkip(widths[0], cfg["out_channels"], cfg["patch_size"])
+        nn.init.zeros_(self.patch_out.proj.weight)  # the network starts at exactly 0: D = c_skip * x
+
+    # --- the network --------------------------------------------------------------------------------------
+
+    def forward(self, x, sigma, aug_cond=None, class_cond=None, mapping_cond=None):
+        """Raw network F: x (B, C, H, W) already scaled by c_in, sigma (B,) the RAW noise level."""
+        x = x.movedim(-3, -1)  # (B, C, H, W) -> (B, H, W, C)
+        x = self.patch_in(x)  # -> (B, H/p, W/p, width_0)
+        pos = make_axial_pos(x.shape[-3], x.shape[-2], device=x.device).view(x.shape[-3], x.shape[-2], 2)
+
+        # Mapping network input: noise level + augmentation + class (+ optional extra conditioning).
+        if class_cond is None and self.class_emb is not None:
+            raise ValueError("class_cond must be given for a class-conditional HDiT (num_classes > 0)")
+        if mapping_cond is None and self.mapping_cond_in_proj is not None:
+            raise ValueError("mapping_cond must be given when mapping_cond_dim > 0")
+        c_noise = torch.log(sigma) / 4  # EDM c_noise (computed inside the network, as the official)
+        cond = self.time_in_proj(self.time_emb(c_noise[..., None]))  # (B,) -> (B, 1) -> (B, mw)
+        aug_cond = x.new_zeros([x.shape[0], 9]) if aug_cond is None else aug_cond
+        cond = cond + self.aug_in_proj(self.aug_emb(aug_cond))  # (B, 9) -> (B, mw)
+        if self.class_emb is not None:
+            cond = cond + self.class_emb(class_cond)  # (B,) -> (B, mw)
+        if self.mapping_cond_in_proj is not None:
+            cond = cond + self.mapping_cond_in_proj(mapping_cond)
+        cond = self.mapping(cond)  # (B, mw)
+
+        # Hourglass (Sec. 3.1): down levels with merges, the middle level, up levels with lerp skips.
+        skips, poses = [], []
+        for down_level, merge in zip(self.down_levels, self.merges):
+            x = down_level(x, pos, cond)
+            skips.append(x)
+            poses.append(pos)
+            x = merge(x)  # (B, h, w, C_i) -> (B, h/2, w/2, C_{i+1})
+            pos = downscale_pos(pos)  # (h, w, 2) -> (h/2, w/2, 2)
+        x = self.mid_level(x, pos, cond)
+        for up_level, split, skip, pos in reversed(list(zip(self.up_levels, self.splits, skips, poses))):
+            x = split(x, skip)  # (B, h/2, w/2, C_{i+1}) -> (B, h, w, C_i)
+            x = up_level(x, pos, cond)
+
+        x = self.patch_out(self.out_norm(x))  # (B, h, w, width_0) -> (B, H, W, C)
+        return x.movedim(-1, -3)  # (B, H, W, C) -> (B, C, H, W)
+
+    # --- EDM preconditioning (Karras et al. 2022, Table 1; official layers.Denoiser) -----------------------
+
+    def get_scalings(self, sigma):
+        """c_skip, c_out, c_in for (B,) sigma, in float32 or better."""
+        sigma = sigma.to(torch.promote_types(sigma.dtype, torch.float32))
+        sd2 = self.sigma_data ** 2
+        c_skip = sd2 / (sigma ** 2 + sd2)
+        c_out = sigma * self.sigma_data / (sigma ** 2 + sd2) ** 0.5
+        c_in = 1 / (sigma ** 2 + sd2) ** 0.5
+        return c_skip, c_out, c_in
+
+    def denoise(self, x, sigma, **cond):
+        """D(x, sigma) = c_skip x + c_out F(c_in x, sigma)."""
+        c_skip, c_out, c_in = [c[:, None, None, None] for c in self.get_scalings(sigma)]  # (B,) -> (B,1,1,1)
+        out = self(x * c_in, sigma, **cond)
+        return out.to(c_out.dtype) * c_out + x * c_skip
+
+    def loss_per_sample(self, x0, noise, sigma, weighting=None, **cond):
+        """Official Denoiser.loss: weighted MSE between F and its target (B,) in float32."""
+        c_skip, c_out, c_in = [c[:, None, None, None] for c in self.get_scalings(sigma)]  # each (B, 1, 1, 1)
+        x_noisy = x0 + noise * sigma[:, None, None, None].to(x0.dtype)
+        model_output = self(x_noisy * c_in, sigma, **cond).to(c_out.dtype)
+        target = (x0 - c_skip * x_noisy) / c_out  # the F that makes D(x_noisy) = x0
+        mse = ((model_output - target) ** 2).flatten(1).mean(1)  # (B, C, H, W) -> (B,)
+        return mse * loss_weighting(sigma.to(mse.dtype), self.sigma_data, weighting or self.cfg["loss_weighting"])
+
+    def sample_sigma(self, n, device):
+        """Training noise levels from the global RNG: the config's sigma_sample_density."""
+        density = self.cfg["sigma_sample_density"]
+        if density["type"] == "cosine-interpolated":
+            image_d = max(self.image_size)
+            u = stratified_uniform(n, device=device)
+            return cosine_interpolated_sigma(u, image_d, density.get("noise_d_low", 32),
+                                             density.get("noise_d_high", image_d), self.sigma_data,
+                                             min(self.cfg["sigma_min"], 1e-3), max(self.cfg["sigma_max"], 1e3))
+        if density["type"] == "lognormal":  # EDM's log-normal (Karras et al. 2022, Table 1)
+            return torch.exp(torch.randn(n, device=device) * density["std"] + density["mean"])
+        raise ValueError(f"unknown sigma_sample_density type {density['type']!r}")
+
+    # --- the contract ---------------------------------------------------------------------------------------
+
+    def optimizer_groups(self, phase=None):
+        """One AdamW ("model") with the official 4 parameter groups (official param_groups): the mapping
+        network and every AdaRMSNorm linear train at lr / 3; only `.weight`s of linears decay.
+        Each dict carries `lr_scale` (lr = base lr * lr_scale) and `weight_decay` only where it is 0."""
+        groups = {name: [] for name in ("wd", "no_wd", "mapping_wd", "mapping_no_wd")}
+        for name, p in self.named_parameters():
+            groups[official_param_group(name)].append(p)
+        scale = self.cfg["mapping_lr_scale"]
+        return {"model": [{"params": groups["wd"], "lr_scale": 1.0},
+                          {"params": groups["no_wd"], "lr_scale": 1.0, "weight_decay": 0.0},
+                          {"params": groups["mapping_wd"], "lr_scale": scale},
+                          {"params": groups["mapping_no_wd"], "lr_scale": scale, "weight_decay": 0.0}]}
+
+    def loss(self, group, batch, step):
+        """Diffusion loss for one batch: sigma from the cosine-interpolated density, label dropout for CFG."""
+        if group != "model":
+            raise ValueError(f"HDiT has one optimizer group 'model', got {group!r}")
+        x0 = batch["x"]
+        if x0.dim() != 4 or tuple(x0.shape[1:]) != (self.in_channels, *self.image_size):
+            raise ValueError(f"batch['x'] must be (B, {self.in_channels}, {self.image_size[0]}, "
+                             f"{self.image_size[1]}), got {tuple(x0.shape)}")
+        b = x0.shape[0]
+        cond = {"aug_cond": batch.get("aug_cond")}
+        if self.class_emb is not None:
+            y = batch["y"]
+            drop = torch.rand(b, device=x0.device) < self.cfg["cond_dropout_rate"]
+            cond["class_cond"] = torch.where(drop, torch.full_like(y, self.num_classes), y)
+        noise = torch.randn_like(x0)
+        sigma = self.sample_sigma(b, x0.device)
+        losses = self.loss_per_sample(x0.float(), noise.float(), sigma, **cond)  # (B,) float32
+        loss = losses.mean()
+        return loss, {"sigma_mean": sigma.mean().detach()}
+
+    @torch.no_grad()
+    def sample(self, n, labels=None, steps=None, cfg=1.0, sampler=None, generator=None, sigma_min=None,
+               sigma_max=None, eta=None):
+        """n images (n, C, H, W) in [-1, 1]. Karras schedule between the config's sigma_min and sigma_max.
+
+        labels: (n,) int64 or None (random classes for a class-conditional model). cfg: guidance scale,
+        1 = none, ignored by unconditional models. sampler: "euler", "dpmpp_2m", "dpmpp_2m_sde" (eta 0,
+        heun: the official train.py's demo/FID sampler, the default), "dpmpp_3m_sde" (eta 1).
+        """
+        sampler = sampler or self.cfg["sampler"]
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; expected one of {sorted(SAMPLERS)}")
+        steps = steps or self.cfg["sample_steps"]
+        device = next(self.parameters()).device
+        gen_device = generator.device if generator is not None else device
+        sigmas = get_sigmas_karras(steps, sigma_min or self.cfg["sigma_min"], sigma_max or self.cfg["sigma_max"])
+        shape = (n, self.in_channels, *self.image_size)
+        x = torch.randn(shape, generator=generator, device=gen_device).to(device) * float(sigmas[0])
+        extra = {}
+        if self.class_emb is not None:
+            if labels is None:
+                labels = torch.randint(0, self.num_classes, (n,), generator=generator, device=gen_device)
+            labels = labels.to(device)
+            if labels.shape != (n,) or labels.min() < 0 or labels.max() >= self.num_classes:
+                raise ValueError(f"labels must be (n,) in [0, {self.num_classes}), got {tuple(labels.shape)}")
+            extra["class_cond"] = labels
+        denoiser = self._cfg_denoiser(extra, cfg)
+        kwargs = {}
+        if sampler in ("dpmpp_2m_sde", "dpmpp_3m_sde"):
+            kwargs["eta"] = (0.0 if sampler == "dpmpp_2m_sde" else 1.0) if eta is None else eta
+            kwargs["noise_sampler"] = lambda s, s_next: torch.randn(
+                shape, generator=generator, device=gen_device).to(device)
+        x = SAMPLERS[sampler](denoiser, x, sigmas, **kwargs)
+        return x.clamp(-1, 1)
+
+    def _cfg_denoiser(self, extra, cfg):
+        """D(x, sigma) with classifier-free guidance as the official train.py: one batched call on
+        [uncond; cond], then uncond + (cond - uncond) * cfg."""
+        if "class_cond" not in extra or cfg == 1.0:
+            return lambda x, sigma: self.denoise(x, sigma, **extra).float()
+        labels = extra["class_cond"]
+        null = torch.full_like(labels, self.num_classes)
+
+        def denoiser(x, sigma):
+            out = self.denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), class_cond=torch.cat([null, labels]))
+            uncond, cond = out.float().chunk(2)  # (2n, ...) -> 2 x (n, ...)
+            return uncond + (cond - uncond) * cfg
+
+        return denoiser
+
+    def set_grad_checkpointing(self, enabled=True):
+        """Recompute each layer in backward (train.py --grad-checkpoint)."""
+        for m in self.modules():
+            if isinstance(m, TransformerLayer):
+                m.grad_checkpointing = enabled
+
+
+def official_param_group(name):
+    """Which of the official 4 AdamW groups a parameter belongs to (official tag_param/apply_wd rules):
+    'mapping' = inside `mapping` or an AdaRMSNorm linear; 'wd' = `.weight` of a Linear (not embeddings)."""
+    mapping = name.startswith("mapping.") or name.endswith("norm.linear.weight")
+    no_wd = (name.endswith("scale") or name.endswith("fac") or name.startswith("time_in_proj")
+             or name.startswith("aug_in_proj") or name.startswith("class_emb")
+             or name.startswith("mapping_cond_in_proj"))
+    return ("mapping_" if mapping else "") + ("no_wd" if no_wd else "wd")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Presets. Keys follow the official k-diffusion JSON "model" section; `num_classes` = labels in the DATA
+# (the embedding gets num_classes + 1 rows), 0 = unconditional.
+# ----------------------------------------------------------------------------------------------------------
+
+def _na(k=7, d_head=64):
+    return {"type": "neighborhood", "d_head": d_head, "kernel_size": k}
+
+
+def _glob(d_head=64):
+    return {"type": "global", "d_head": d_head}
+
+
+def _swin(ws=8, d_head=64):
+    return {"type": "shifted-window", "d_head": d_head, "window_size": ws}
+
+
+# Official train.py / configs: AdamW lr 5e-4, betas (0.9, 0.95), eps 1e-8, constant lr, no grad clipping,
+# EMA with the "inverse" warmup decay min(0.9999, 1 - (1 + step) ** -ema_power).
+_HP = dict(lr=5e-4, betas=(0.9, 0.95), weight_decay=1e-4, ema_decay=0.9999, ema_power=0.6667, grad_clip=0.0,
+           warmup_steps=0)
+
+DEFAULTS = dict(
+    in_channels=3, out_channels=None, input_size=(256, 256), patch_size=(4, 4), num_classes=0,
+    mapping_width=256, mapping_depth=2, mapping_d_ff=None, mapping_cond_dim=0, mapping_dropout_rate=0.0,
+    d_ffs=None, self_attns=None, dropout_rate=0.0, mapping_lr_scale=1 / 3,
+    sigma_data=0.5, sigma_min=1e-2, sigma_max=160.0, loss_weighting="soft-min-snr",
+    sigma_sample_density={"type": "cosine-interpolated"}, cond_dropout_rate=0.1,
+    sampler="dpmpp_2m_sde", sample_steps=50, hparams=_HP,
+)
+
+CONFIGS = {
+    # Paper, ImageNet-256 class-conditional (keys/hdit_imagenet256.txt): 557,416,522 params,
+    # 395 GFLOPs forward (198 G multiply-adds, the paper's convention).
+    "hdit_imagenet256": dict(widths=[384, 768, 1536], depths=[2, 2, 16], self_attns=[_na(), _na(), _glob()],
+                             num_classes=1000, sigma_min=1e-3, sigma_max=1e3,
+                             hparams={**_HP, "weight_decay": 1e-2, "batch_size": 256}),
+    # Paper, FFHQ-1024 unconditional (keys/hdit_ffhq1024.txt): 85,079,300 params,
+    # 412 GFLOPs forward (206 G multiply-adds: the paper's 206 GFLOP for HDiT-85M).
+    "hdit_ffhq1024": dict(input_size=(1024, 1024), widths=[128, 256, 384, 768, 1024], depths=[2] * 5,
+                          self_attns=[_na(), _na(), _na(), _glob(), _glob()], dropout_rate=[0, 0, 0, 0, 0.1],
+                          sigma_min=1e-3, sigma_max=1e3, hparams={**_HP, "weight_decay": 1e-2, "batch_size": 256}),
+    # FFHQ-1024 without its two outermost levels: the same widths / attention per token grid at 256x256
+    # (64x64 NA, 32x32 global, 16x16 global), Sec. 3.3's recipe of adding / removing levels: 79,009,258 params,
+    # 163 GFLOPs forward.
+    "hdit_ffhq256": dict(input_size=(256, 256), widths=[384, 768, 1024], depths=[2, 2, 2],
+                         self_attns=[_na(), _glob(), _glob()], dropout_rate=[0, 0, 0.1], sigma_min=1e-3,
+                         sigma_max=1e3, hparams={**_HP, "weight_decay": 1e-2, "batch_size": 256}),
+    # Official configs/config_oxford_flowers.json: 22,361,274 params, 23.3 GFLOPs forward.
+    "oxford_flowers": dict(widths=[128, 256, 512], depths=[2, 2, 4], self_attns=[_na(), _na(), _glob()],
+                           dropout_rate=[0.0, 0.0, 0.1], hparams={**_HP, "weight_decay": 1e-3, "batch_size": 32}),
+    # Official configs/config_oxford_flowers_shifted_window.json: 22,361,274 params, 23.5 GFLOPs.
+    "oxford_flowers_shifted_window": dict(widths=[128, 256, 512], depths=[2, 2, 4],
+                                          self_attns=[_swin(), _swin(), _glob()], dropout_rate=[0.0, 0.0, 0.1],
+                                          hparams={**_HP, "weight_decay": 1e-3, "batch_size": 32}),
+    # Official configs/config_cifar10_transformer.json: 20,981,809 params, 3.9 GFLOPs forward.
+    "cifar10_transformer": dict(input_size=(32, 32), patch_size=(2, 2), widths=[256, 512], depths=[2, 4],
+                                self_attns=[_glob(), _glob()], dropout_rate=0.05, num_classes=10, sigma_max=80.0,
+                                hparams={**_HP, "ema_power": 0.75, "batch_size": 256}),
+    # Official configs/config_mnist_transformer.json (one level: only mid_level): 9,187,360 params, 0.69 GFLOPs.
+    "mnist_transformer": dict(in_channels=1, input_size=(28, 28), widths=[256], depths=[8],
+                              self_attns=[_glob()], dropout_rate=0.05, num_classes=10, sigma_data=0.6162,
+                              sigma_max=80.0, hparams={**_HP, "ema_power": 0.75, "batch_size": 256}),
+    # Tests / CI smoke runs: 2 levels (NA k3 then global), patch 2 so 8x8 latents still give a 4x4 NA grid.
+    # 116,775 params at 3x32x32 with 4 classes, 0.02 GFLOPs forward.
+    "tiny": dict(input_size=(32, 32), patch_size=(2, 2), widths=[32, 64], depths=[1, 1],
+                 self_attns=[_na(3, 16), _glob(32)], mapping_width=32, mapping_depth=1, sigma_max=80.0,
+                 sample_steps=20, hparams={**_HP, "lr": 1e-3, "batch_size": 8}),
+    # CPU demo (`python train.py --model hdit --data shapes`): 32x32 pixels, patch 4 -> 8x8 tokens with NA k5,
+    # then 4x4 global. 1,844,089 params (4 classes), 0.1 GFLOPs forward. EMA 0.995 (not 0.9999): a run of a few
+    # thousand steps must not average in its first, blurry weights.
+    "demo": dict(input_size=(32, 32), patch_size=(4, 4), widths=[96, 192], depths=[2, 2],
+                 self_attns=[_na(5, 32), _glob(32)], mapping_width=96, mapping_depth=1, sigma_max=80.0,
+                 sample_steps=30, hparams={**_HP, "lr": 1e-3, "ema_decay": 0.995, "batch_size": 32}),
+}
+
+
+def _resolve(config, overrides):
+    """CONFIGS name / dict + overrides -> full constructor config (defaults filled the way load_config does)."""
+    if isinstance(config, str):
+        if config not in CONFIGS:
+            raise ValueError(f"unknown HDiT config {config!r}; choose from {sorted(CONFIGS)}")
+        config = CONFIGS[config]
+    elif isinstance(config, dict) and "levels" in config:
+        config = config_from_official(config)
+    cfg = {**DEFAULTS, **config}
+    # Contract names -> ours: image_size (H = W), in_channels, num_classes (1 = unlabelled folder -> uncond).
+    overrides = dict(overrides)
+    if "image_size" in overrides:
+        size = overrides.pop("image_size")
+        cfg["input_size"] = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    if "num_classes" in overrides:
+        overrides["num_classes"] = 0 if overrides["num_classes"] <= 1 else overrides["num_classes"]
+    unknown = set(overrides) - set(cfg) - {"widths", "depths"}
+    if unknown:
+        raise ValueError(f"unknown HDiT option(s) {sorted(unknown)}")
+    cfg.update(overrides)
+    cfg["hparams"] = dict(cfg["hparams"])
+    n = len(cfg["widths"])
+    cfg["out_channels"] = cfg.get("out_channels") or cfg["in_channels"]
+    cfg["patch_size"] = tuple(cfg["patch_size"]) if isinstance(cfg["patch_size"], (list, tuple)) \
+        else (cfg["patch_size"],) * 2
+    cfg["input_size"] = tuple(cfg["input_size"])
+    cfg["mapping_d_ff"] = cfg["mapping_d_ff"] or 3 * cfg["mapping_width"]
+    cfg["d_ffs"] = cfg["d_ffs"] or [3 * w for w in cfg["widths"]]
+    cfg["self_attns"] = cfg["self_attns"] or [_na()] * (n - 1) + [_glob()]
+    if not isinstance(cfg["dropout_rate"], (list, tuple)):
+        cfg["dropout_rate"] = [cfg["dropout_rate"]] * n
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg):
+    """One-line ValueErrors for shapes the network cannot take."""
+    n = len(cfg["widths"])
+    for key in ("depths", "d_ffs", "self_attns", "dropout_rate"):
+        if len(cfg[key]) != n:
+            raise ValueError(f"HDiT config: {key} has {len(cfg[key])} entries for {n} levels")
+    if cfg["loss_weighting"] not in LOSS_WEIGHTINGS:
+        raise ValueError(f"unknown loss_weighting {cfg['loss_weighting']!r}; expected one of {LOSS_WEIGHTINGS}")
+    (H, W), (ph, pw) = cfg["input_size"], cfg["patch_size"]
+    if H % ph or W % pw:
+        raise ValueError(f"image size {H}x{W} is not divisible by the patch size {ph}x{pw}")
+    h, w = H // ph, W // pw
+    for i, (width, attn) in enumerate(zip(cfg["widths"], cfg["self_attns"])):
+        if attn["type"] not in ("global", "neighborhood", "shifted-window", "none"):
+            raise ValueError(f"level {i}: unknown attention type {attn['type']!r}")
+        if attn["type"] != "none" and width % attn.get("d_head", 64):
+            raise ValueError(f"level {i}: width {width} is not divisible by d_head {attn.get('d_head', 64)}")
+        if attn["type"] == "neighborhood" and (h < attn.get("kernel_size", 7) or w < attn.get("kernel_size", 7)):
+            raise ValueError(f"level {i}: neighborhood kernel {attn.get('kernel_size', 7)} does not fit the {h}x{w} "
+                             f"token grid of a {H}x{W} input (use a larger image or a smaller kernel)")
+        if attn["type"] == "shifted-window" and (h % attn.get("window_size", 8) or w % attn.get("window_size", 8)):
+            raise ValueError(f"level {i}: window {attn.get('window_size', 8)} does not tile the {h}x{w} token grid")
+        if i < n - 1:
+            if h % 2 or w % 2:
+                raise ValueError(f"level {i}: token grid {h}x{w} of a {H}x{W} input cannot be merged 2x2")
+            h, w = h // 2, w // 2
+
+
+def create(config="tiny", **overrides):
+    """Build an HDiT. config: a CONFIGS name, a dict in CONFIGS' format, or the official constructor kwargs
+    (a keys file's first line). train.py's image_size / in_channels / num_classes map onto input_size,
+    in_channels and num_classes (num_classes <= 1 means unconditional: no class embedding)."""
+    return HDiT(_resolve(config, overrides))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Official checkpoints
+# ----------------------------------------------------------------------------------------------------------
+
+# Our module tree is the official one, so no key needs renaming. (Official checkpoints of train.py hold the
+# inner model's state dict under "model" / "model_ema"; convert_for_inference.py writes a safetensors file.)
+OFFICIAL_RENAMES = {}
+
+_ATTN_TYPES = {"GlobalAttentionSpec": "global", "NeighborhoodAttentionSpec": "neighborhood",
+               "ShiftedWindowAttentionSpec": "shifted-window", "NoAttentionSpec": "none"}
+
+
+def config_from_official(kwargs):
+    """Official ImageTransformerDenoiserModelV2 kwargs (keys-file first line or a golden file's `config`)
+    -> our config dict. The official num_classes is already data classes + 1."""
+    if isinstance(kwargs, str):
+        text = kwargs.strip()
+        if text.startswith("#"):  # "# ImageTransformerDenoiserModelV2 {json} params=N"
+            text = text[text.index("{"):text.rindex("}") + 1]
+        kwargs = json.loads(text)
+    levels, mapping = kwargs["levels"], kwargs["mapping"]
+    attns = []
+    for lv in levels:
+        spec = dict(lv["self_attn"])
+        attns.append({"type": _ATTN_TYPES[spec.pop("__class__")], **spec})
+    js = kwargs.get("_k_diffusion_model_json") or kwargs.get("json_config") or {}
+    den = kwargs.get("denoiser") or {}
+    cfg = dict(widths=[lv["width"] for lv in levels], depths=[lv["depth"] for lv in levels],
+               d_ffs=[lv["d_ff"] for lv in levels], self_attns=attns,
+               dropout_rate=[lv.get("dropout", 0.0) for lv in levels],
+               mapping_width=mapping["width"], mapping_depth=mapping["depth"], mapping_d_ff=mapping["d_ff"],
+               mapping_dropout_rate=mapping.get("dropout", 0.0), in_channels=kwargs["in_channels"],
+               out_channels=kwargs["out_channels"], patch_size=tuple(kwargs["patch_size"]),
+               num_classes=max(kwargs.get("num_classes", 0) - 1, 0), mapping_cond_dim=kwargs.get("mapping_cond_dim", 0))
+    for key in ("sigma_data", "sigma_min", "sigma_max", "loss_weighting", "sigma_sample_density"):
+        if key in js:
+            cfg[key] = js[key]
+    if "input_size" in js:
+        cfg["input_size"] = tuple(js["input_size"])
+    cfg["sigma_data"] = den.get("sigma_data", cfg.get("sigma_data", 1.0 if not js else 0.5))
+    cfg["loss_weighting"] = den.get("weighting", cfg.get("loss_weighting", "karras"))
+    return cfg
+
+
+def _read_safetensors(path):
+    """Minimal safetensors reader (8-byte header length, JSON header, raw little-endian data)."""
+    dtypes = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "BF16": None, "I64": np.int64}
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        data = f.read()
+    out = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        if info["dtype"] == "BF16":
+            raw = torch.frombuffer(bytearray(data[start:end]), dtype=torch.bfloat16)
+        else:
+            raw = torch.from_numpy(np.frombuffer(data[start:end], dtype=dtypes[info["dtype"]]).copy())
+        out[key] = raw.reshape(info["shape"]).float() if raw.is_floating_point() else raw.reshape(info["shape"])
+    return out
+
+
+def load_official(path_or_state_dict, config):
+    """Load an official k-diffusion HDiT state dict strictly. Accepts a state dict, a train.py `.pth`
+    checkpoint (uses "model_ema", else "model") or a convert_for_inference.py `.safetensors` file."""
+    sd = path_or_state_dict
+    if isinstance(sd, str):
+        sd = _read_safetensors(sd) if sd.endswith(".safetensors") else torch.load(sd, map_location="cpu",
+                                                                                  weights_only=True)
+    if "model_ema" in sd or "model" in sd and isinstance(sd["model"], dict):
+        sd = sd.get("model_ema") or sd["model"]
+    sd = {OFFICIAL_RENAMES.get(k, k): v for k, v in sd.items()}
+    model = create(config)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in own.items()
+             if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    if missing or unexpected or wrong:
+        raise ValueError(f"checkpoint does not match HDiT config: missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}, wrong shape {wrong[:5]}")
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, strict=True)
+    return model
