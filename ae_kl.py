@@ -1,0 +1,791 @@
+"""LDM KL autoencoder: the first stage of latent diffusion, regularized towards N(0, I) by a small KL term.
+
+Paper: Robin Rombach, Andreas Blattmann, Dominik Lorenz, Patrick Esser, Bjoern Ommer,
+"High-Resolution Image Synthesis with Latent Diffusion Models", CVPR 2022, arXiv 2112.10752.
+Sec. 3.1 ("Perceptual Image Compression") and App. G (Eq. 25, the autoencoder objective). The GAN part is
+VQGAN's (Esser et al., "Taming Transformers for High-Resolution Image Synthesis", arXiv 2012.09841, Sec. 3.1).
+
+Official code matched (tensor for tensor, see tests/test_ae_kl.py and ../shared/reference/ae_kl/README.md):
+    CompVis/latent-diffusion @ a506df5756472e2ebaf9078affdde2c4f1502cd4
+        ldm/modules/diffusionmodules/model.py   Normalize, nonlinearity, ResnetBlock, AttnBlock, make_attn,
+                                                Downsample, Upsample, Encoder, Decoder
+        ldm/modules/distributions/distributions.py   DiagonalGaussianDistribution
+        ldm/modules/losses/contperceptual.py    LPIPSWithDiscriminator
+        ldm/models/autoencoder.py               AutoencoderKL (encode, decode, forward, training_step,
+                                                configure_optimizers, get_last_layer)
+        ldm/models/diffusion/ddpm.py            get_first_stage_encoding / decode_first_stage (scale_factor)
+    CompVis/taming-transformers @ 3ba01b241669f5ade541ce990f7650a3b8f65318
+        taming/modules/discriminator/model.py   NLayerDiscriminator, weights_init
+        taming/modules/losses/vqperceptual.py   hinge_d_loss, vanilla_d_loss, adopt_weight
+
+Map from the paper to this file:
+    Sec. 3.1, encoder E and decoder D (downsampling factor f = 2^(len(ch_mult)-1))   Encoder, Decoder
+        their blocks                                                                  ResnetBlock, AttnBlock,
+                                                                                      Downsample, Upsample
+    Sec. 3.1 "KL-reg": q_E(z|x) = N(mu, sigma^2), small KL penalty to N(0, I)         DiagonalGaussianDistribution
+    App. G Eq. 25: L = L_rec(x, D(E(x))) - L_adv(D(E(x))) + log D_psi(x) + L_reg      LPIPSWithDiscriminator
+        L_rec = L1 + LPIPS (perceptual loss), weighted by a learned variance (logvar)
+        L_adv: PatchGAN D_psi (pix2pix), hinge loss, adaptive weight (VQGAN Eq. 7)     NLayerDiscriminator,
+                                                                                      calculate_adaptive_weight
+    Sec. 4.3.2 / App. D.1 "rescaling the latent by 1/std" (scale_factor)             AutoencoderKL.encode/decode
+    the whole autoencoder                                                             AutoencoderKL
+
+Contract (README "Model file contract"): CONFIGS, create, load_official, model.optimizer_groups(),
+model.loss(group, batch, step), model.hparams, model.encode(x) -> z * scale_factor, model.decode(z),
+model.scale_factor (buffer).
+
+Deliberately left out / changed (each is also noted where it happens):
+    * The official ResnetBlock's timestep embedding (temb_channels=0 everywhere in the autoencoder), the
+      3x3 `conv_shortcut` option (never used), the avg-pool Down/Upsample (resamp_with_conv=True always),
+      the "linear" attention (no config uses it), `give_pre_end`, `tanh_out`, dropout > 0 is kept.
+    * ActNorm and the conditional discriminator (no released config uses them): a ValueError if asked.
+    * `pixelloss_weight` is accepted and ignored, as in the official code (it is stored and never read).
+    * LPIPS comes from the `lpips` pip package (same network and weights as taming's copy, README sec. 1).
+      It is frozen, kept in eval mode (the official Lightning trainer puts it in train mode, which turns
+      its dropout on; we follow the project rule: frozen + eval), built lazily on the first loss call (so
+      encode/decode never need the VGG16 download), and kept OUT of state_dict(): its weights are the
+      public VGG16 + LPIPS files, not something training changes.
+    * The official Lightning loop toggles requires_grad so that the autoencoder step gives the
+      discriminator no gradient; we do the same inside `loss("ae", ...)`.
+    * Posterior noise is drawn on the latent's device (the official draws it on the CPU and copies it).
+    * The official keeps the learned `loss.logvar` out of the optimizer (so it never moves from
+      logvar_init although it has requires_grad=True). We give it requires_grad=False, which leaves every
+      number identical; `learn_logvar=True` adds it to the "ae" group (what the code comment intended).
+    * The submodule the official calls `loss` is `loss_fn` here, because `loss(...)` is the contract
+      method. `load_official` renames `loss.*` -> `loss_fn.*` (the only rename).
+    * Logs, image logging, validation, EMA (the official has none for the autoencoder) live in train.py.
+"""
+import math
+import warnings
+
+import lpips
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building blocks of the encoder and decoder (ldm/modules/diffusionmodules/model.py)
+# ----------------------------------------------------------------------------------------------------------
+
+def Normalize(in_channels):
+    """GroupNorm with 32 groups and eps 1e-6: every channel count must be a multiple of 32."""
+    return nn.GroupNorm(num_groups=32, num_channels=in_channels, eps=1e-6, affine=True)
+
+
+def nonlinearity(x):
+    """swish / SiLU, x * sigmoid(x) (the official writes it out; F.silu is the same function, fused)."""
+    return F.silu(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 conv (the official resamp_with_conv=True path)."""
+
+    def __init__(self, in_channels):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=1, padding=1)
+
+    def forward(self, x):
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (B, C, H, W) -> (B, C, 2H, 2W)
+        return self.conv(x)
+
+
+class Downsample(nn.Module):
+    """3x3 stride-2 conv after an ASYMMETRIC zero pad (right and bottom by 1), as the official code does.
+
+    This is not `Conv2d(padding=1)`: the taps sit one pixel further down-right. Output size floor(n / 2).
+    """
+
+    def __init__(self, in_channels):
+        super().__init__()
+        # no padding inside the conv: the pad is done by hand in forward
+        self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=2, padding=0)
+
+    def forward(self, x):
+        x = F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0)  # (B, C, H, W) -> (B, C, H+1, W+1)
+        return self.conv(x)  # (B, C, H+1, W+1) -> (B, C, H//2, W//2)
+
+
+class ResnetBlock(nn.Module):
+    """norm -> swish -> conv3x3 -> norm -> swish -> dropout -> conv3x3, plus a (1x1-projected) skip."""
+
+    def __init__(self, in_channels, out_channels=None, dropout=0.0):
+        super().__init__()
+        out_channels = in_channels if out_channels is None else out_channels
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.norm1 = Normalize(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.norm2 = Normalize(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        if in_channels != out_channels:
+            # the official default conv_shortcut=False: a 1x1 "network in network" projection of the skip
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
+
+    def forward(self, x):
+        h = self.conv1(nonlinearity(self.norm1(x)))
+        h = self.conv2(self.dropout(nonlinearity(self.norm2(h))))
+        if self.in_channels != self.out_channels:
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the H*W positions, 1x1 convs for q, k, v and the output projection.
+
+    The official computes softmax(q k^T * C^-0.5) v with bmm; F.scaled_dot_product_attention with one head
+    of dimension C and its default scale C^-0.5 is the same function (flash / memory-efficient kernels).
+    """
+
+    def __init__(self, in_channels):
+        super().__init__()
+        self.norm = Normalize(in_channels)
+        # 1x1 convs (not Linear) so that the state-dict keys and shapes are the official ones
+        self.q = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
+        self.k = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
+        self.v = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
+        self.proj_out = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
+
+    def forward(self, x):
+        h = self.norm(x)
+        q, k, v = self.q(h), self.k(h), self.v(h)
+        B, C, H, W = q.shape
+        # one head: (B, C, H, W) -> (B, 1, H*W, C) for each of q, k, v
+        q, k, v = (t.reshape(B, 1, C, H * W).transpose(2, 3) for t in (q, k, v))
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C), weights softmax(q k^T / sqrt(C))
+        h = h.transpose(2, 3).reshape(B, C, H, W)  # (B, 1, HW, C) -> (B, C, H, W)
+        return x + self.proj_out(h)
+
+
+def make_attn(in_channels, attn_type="vanilla"):
+    """"vanilla" -> AttnBlock; "none" -> Identity (no keys; VQ vq-f4-noattn). "linear" is not supported."""
+    if attn_type == "vanilla":
+        return AttnBlock(in_channels)
+    if attn_type == "none":
+        return nn.Identity()
+    raise ValueError(f"attn_type must be 'vanilla' or 'none', got {attn_type!r}")
+
+
+class Encoder(nn.Module):
+    """E in Sec. 3.1: x (B, in_channels, H, W) -> (B, 2*z_channels or z_channels, H/f, W/f), f = 2^(L-1).
+
+    Level i has num_res_blocks ResnetBlocks (each followed by an AttnBlock when the level's nominal
+    resolution `resolution // 2^i` is in attn_resolutions: the configured resolution decides, not the
+    input size), then a Downsample except at the last level. Then the mid block (res, attn, res).
+    """
+
+    def __init__(self, *, ch, ch_mult, num_res_blocks, attn_resolutions, in_channels, resolution,
+                 z_channels, double_z=True, dropout=0.0, attn_type="vanilla"):
+        super().__init__()
+        self.num_resolutions, self.num_res_blocks = len(ch_mult), num_res_blocks
+        self.conv_in = nn.Conv2d(in_channels, ch, kernel_size=3, stride=1, padding=1)
+        curr_res = resolution
+        in_ch_mult = (1,) + tuple(ch_mult)
+        self.down = nn.ModuleList()
+        for i_level in range(self.num_resolutions):
+            block, attn = nn.ModuleList(), nn.ModuleList()
+            block_in, block_out = ch * in_ch_mult[i_level], ch * ch_mult[i_level]
+            for _ in range(num_res_blocks):
+                block.append(ResnetBlock(block_in, block_out, dropout=dropout))
+                block_in = block_out
+                if curr_res in attn_resolutions:
+                    attn.append(make_attn(block_in, attn_type))
+            down = nn.Module()  # a plain container, so that keys read down.<i>.block.<j>...
+            down.block, down.attn = block, attn
+            if i_level != self.num_resolutions - 1:
+                down.downsample = Downsample(block_in)
+                curr_res = curr_res // 2
+            self.down.append(down)
+        # middle: resnet, attention (always, unless attn_type "none"), resnet
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout=dropout)
+        self.mid.attn_1 = make_attn(block_in, attn_type)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout=dropout)
+        self.norm_out = Normalize(block_in)
+        # double_z: mean and log-variance of the posterior (KL); z itself (VQ)
+        self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, 1, 1)
+
+    def forward(self, x):
+        h = self.conv_in(x)  # (B, in_channels, H, W) -> (B, ch, H, W)
+        for i_level, down in enumerate(self.down):
+            for i_block in range(self.num_res_blocks):
+                h = down.block[i_block](h)
+                if len(down.attn) > 0:
+                    h = down.attn[i_block](h)
+            if i_level != self.num_resolutions - 1:
+                h = down.downsample(h)  # (B, C, h, w) -> (B, C, h/2, w/2)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return self.conv_out(nonlinearity(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """D in Sec. 3.1: z (B, z_channels, h, w) -> (B, out_ch, h*f, w*f), the mirror image of the Encoder.
+
+    conv_in, mid block, then levels L-1 .. 0 with num_res_blocks + 1 ResnetBlocks (and AttnBlocks at the
+    resolutions in attn_resolutions) and an Upsample except at level 0. `up` is indexed like the official
+    (built with insert(0, ...)): up[0] is the HIGHEST resolution level, which runs last. No tanh at the end.
+    """
+
+    def __init__(self, *, ch, out_ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels,
+                 dropout=0.0, attn_type="vanilla"):
+        super().__init__()
+        self.num_resolutions, self.num_res_blocks = len(ch_mult), num_res_blocks
+        block_in = ch * ch_mult[-1]
+        curr_res = resolution // 2 ** (self.num_resolutions - 1)
+        self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout=dropout)
+        self.mid.attn_1 = make_attn(block_in, attn_type)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout=dropout)
+        self.up = nn.ModuleList()
+        for i_level in reversed(range(self.num_resolutions)):
+            block, attn = nn.ModuleList(), nn.ModuleList()
+            block_out = ch * ch_mult[i_level]
+            for _ in range(num_res_blocks + 1):
+                block.append(ResnetBlock(block_in, block_out, dropout=dropout))
+                block_in = block_out
+                if curr_res in attn_resolutions:
+                    attn.append(make_attn(block_in, attn_type))
+            up = nn.Module()
+            up.block, up.attn = block, attn
+            if i_level != 0:
+                up.upsample = Upsample(block_in)
+                curr_res = curr_res * 2
+            self.up.insert(0, up)  # prepend: keeps the official key numbering
+        self.norm_out = Normalize(block_in)
+        self.conv_out = nn.Conv2d(block_in, out_ch, kernel_size=3, stride=1, padding=1)
+
+    def forward(self, z):
+        h = self.conv_in(z)  # (B, z_channels, h, w) -> (B, ch*ch_mult[-1], h, w)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        for i_level in reversed(range(self.num_resolutions)):
+            up = self.up[i_level]
+            for i_block in range(self.num_res_blocks + 1):
+                h = up.block[i_block](h)
+                if len(up.attn) > 0:
+                    h = up.attn[i_block](h)
+            if i_level != 0:
+                h = up.upsample(h)  # (B, C, h, w) -> (B, C, 2h, 2w)
+        return self.conv_out(nonlinearity(self.norm_out(h)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sec. 3.1 KL-reg: the diagonal Gaussian posterior q_E(z | x) (ldm/modules/distributions/distributions.py)
+# ----------------------------------------------------------------------------------------------------------
+
+class DiagonalGaussianDistribution:
+    """N(mean, exp(logvar)) per latent element, from the 2*C channel "moments" (first half: the mean).
+
+    logvar is clamped to [-30, 20] and every method uses the clamped value. Computed in float32 (under
+    bf16 autocast the moments arrive in bf16; the KL of a sum over ~1e4 elements needs float32).
+    """
+
+    def __init__(self, parameters, deterministic=False):
+        low = parameters.dtype in (torch.float16, torch.bfloat16)
+        self.parameters = parameters.float() if low else parameters
+        self.mean, self.logvar = torch.chunk(self.parameters, 2, dim=1)  # (B, 2C, h, w) -> 2 x (B, C, h, w)
+        self.logvar = torch.clamp(self.logvar, -30.0, 20.0)
+        self.deterministic = deterministic
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
+        if deterministic:
+            self.var = self.std = torch.zeros_like(self.mean)
+
+    def sample(self, noise=None):
+        """mean + std * eps. eps from the global RNG on the latent's device (or given, for tests)."""
+        if noise is None:
+            noise = torch.randn(self.mean.shape, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * noise.to(self.mean)
+
+    def kl(self, other=None):
+        """KL(q || N(0, I)) (or KL(q || other)) summed over C, H, W: shape (B,). The L_reg of Sec. 3.1."""
+        if self.deterministic:
+            return torch.tensor([0.0])  # the official returns a CPU float32 (1,) tensor here
+        if other is None:
+            # 0.5 * sum(mu^2 + sigma^2 - 1 - log sigma^2), the closed form of KL(N(mu, sigma^2) || N(0, 1))
+            return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
+        return 0.5 * torch.sum((self.mean - other.mean).pow(2) / other.var + self.var / other.var - 1.0
+                               - self.logvar + other.logvar, dim=[1, 2, 3])
+
+    def nll(self, sample, dims=(1, 2, 3)):
+        """-log N(sample; mean, var) summed over `dims`."""
+        if self.deterministic:
+            return torch.tensor([0.0])
+        logtwopi = math.log(2.0 * math.pi)
+        return 0.5 * torch.sum(logtwopi + self.logvar + (sample - self.mean).pow(2) / self.var, dim=list(dims))
+
+    def mode(self):
+        return self.mean
+
+
+# ----------------------------------------------------------------------------------------------------------
+# App. G Eq. 25, the adversarial part: PatchGAN discriminator and GAN losses (taming-transformers)
+# ----------------------------------------------------------------------------------------------------------
+
+def weights_init(m):
+    """taming's init: conv weights ~ N(0, 0.02) (biases keep PyTorch's init); BatchNorm gamma ~ N(1, 0.02), beta 0."""
+    classname = m.__class__.__name__
+    if classname.find("Conv") != -1:
+        nn.init.normal_(m.weight.data, 0.0, 0.02)
+    elif classname.find("BatchNorm") != -1:
+        nn.init.normal_(m.weight.data, 1.0, 0.02)
+        nn.init.constant_(m.bias.data, 0)
+
+
+class NLayerDiscriminator(nn.Module):
+    """PatchGAN D_psi of pix2pix (Isola et al. 2017): one logit per overlapping patch.
+
+    main = [conv s2 (bias), lrelu] + (n_layers - 1) x [conv s2 (no bias), BN, lrelu]
+           + [conv s1 (no bias), BN, lrelu] + [conv s1 -> 1 channel (bias)], kernel 4, padding 1.
+    A 256 input gives 30x30 logits for n_layers 3.
+    """
+
+    def __init__(self, input_nc=3, ndf=64, n_layers=3):
+        super().__init__()
+        kw, padw = 4, 1
+        sequence = [nn.Conv2d(input_nc, ndf, kernel_size=kw, stride=2, padding=padw), nn.LeakyReLU(0.2, True)]
+        nf_mult = 1
+        for n in range(1, n_layers):  # gradually increase the number of filters, halve the size each time
+            nf_mult_prev, nf_mult = nf_mult, min(2 ** n, 8)
+            sequence += [nn.Conv2d(ndf * nf_mult_prev, ndf * nf_mult, kernel_size=kw, stride=2, padding=padw,
+                                   bias=False),
+                         nn.BatchNorm2d(ndf * nf_mult), nn.LeakyReLU(0.2, True)]
+        nf_mult_prev, nf_mult = nf_mult, min(2 ** n_layers, 8)
+        sequence += [nn.Conv2d(ndf * nf_mult_prev, ndf * nf_mult, kernel_size=kw, stride=1, padding=padw,
+                               bias=False),
+                     nn.BatchNorm2d(ndf * nf_mult), nn.LeakyReLU(0.2, True)]
+        sequence += [nn.Conv2d(ndf * nf_mult, 1, kernel_size=kw, stride=1, padding=padw)]  # patch logits
+        self.main = nn.Sequential(*sequence)
+
+    def forward(self, x):
+        return self.main(x)  # (B, C, H, W) -> (B, 1, H', W')
+
+
+def adopt_weight(weight, global_step, threshold=0, value=0.0):
+    """disc_start schedule: `value` (0) before step `threshold`, then `weight`. Python floats: no sync."""
+    return value if global_step < threshold else weight
+
+
+def hinge_d_loss(logits_real, logits_fake):
+    """0.5 * (E[relu(1 - D(x))] + E[relu(1 + D(x_rec))]) (the log D_psi(x) term of Eq. 25, hinge form)."""
+    return 0.5 * (torch.mean(F.relu(1.0 - logits_real)) + torch.mean(F.relu(1.0 + logits_fake)))
+
+
+def vanilla_d_loss(logits_real, logits_fake):
+    """0.5 * (E[softplus(-D(x))] + E[softplus(D(x_rec))]), the original non-saturating GAN loss."""
+    return 0.5 * (torch.mean(F.softplus(-logits_real)) + torch.mean(F.softplus(logits_fake)))
+
+
+def calculate_adaptive_weight(nll_loss, g_loss, last_layer, disc_weight):
+    """VQGAN Eq. 7: lambda = ||grad_W L_rec|| / (||grad_W L_GAN|| + 1e-4), W = the decoder's last layer.
+
+    Clamped to [0, 1e4], detached, times disc_weight. Both gradients come from torch.autograd.grad, which
+    touches no .grad field (so it is safe under DDP and autocast) and keeps the graph for the real backward.
+    Without a graph (no_grad, evaluation) the official falls into its except-branch and uses 0; so do we.
+    """
+    if not (torch.is_grad_enabled() and nll_loss.requires_grad and g_loss.requires_grad):
+        return torch.zeros((), device=nll_loss.device)
+    nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
+    g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    d_weight = torch.norm(nll_grads.float()) / (torch.norm(g_grads.float()) + 1e-4)
+    d_weight = torch.clamp(d_weight, 0.0, 1e4).detach()
+    return d_weight * disc_weight
+
+
+def build_lpips(pretrained=True):
+    """Frozen LPIPS-VGG (Zhang et al. 2018) from the lpips package, in eval mode.
+
+    pretrained=False: random VGG16 backbone (tests only: no download), drawn from a fixed seed without
+    touching the global RNG, so every process builds the same network. pretrained=True needs the
+    torchvision VGG16 file; when it cannot be downloaded this raises one clear error naming the file.
+    """
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision's "pretrained is deprecated" notices
+        torch.manual_seed(0)
+        try:
+            net = lpips.LPIPS(net="vgg", pnet_rand=not pretrained, verbose=False)
+        except Exception as e:  # any download failure (URLError, socket, HTTP, partial file...)
+            if not pretrained:
+                raise
+            folder = f"{torch.hub.get_dir()}/checkpoints"
+            raise RuntimeError(
+                f"LPIPS needs the ImageNet VGG16 weights 'vgg16-397923af.pth' and could not download them "
+                f"({type(e).__name__}: {e}). Put the file (https://download.pytorch.org/models/"
+                f"vgg16-397923af.pth) into {folder}/ ($TORCH_HOME/hub/checkpoints/, TORCH_HOME defaults to "
+                f"~/.cache/torch), or pass lpips_pretrained=False (random backbone: tests only).") from None
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# App. G Eq. 25 for KL-reg: LPIPSWithDiscriminator (ldm/modules/losses/contperceptual.py)
+# ----------------------------------------------------------------------------------------------------------
+
+class LPIPSWithDiscriminator(nn.Module):
+    """L1 + LPIPS reconstruction under a learned variance, KL, and the PatchGAN with an adaptive weight.
+
+    forward(..., optimizer_idx=0) is the autoencoder loss:
+        rec   = |x - x_rec| + perceptual_weight * LPIPS(x, x_rec)       (LPIPS (B,1,1,1) added to EVERY pixel)
+        nll   = rec / exp(logvar) + logvar,  summed over all elements / B  (NOT a per-pixel mean)
+        kl    = sum over latent elements / B
+        loss  = nll + kl_weight * kl + d_weight * disc_factor * (-mean D(x_rec))
+    forward(..., optimizer_idx=1) is the discriminator loss disc_factor * hinge(D(x), D(x_rec)).
+    disc_factor is 0 before step disc_start; d_weight is computed all the same (it is then multiplied by 0).
+    """
+
+    def __init__(self, disc_start, logvar_init=0.0, kl_weight=1.0, pixelloss_weight=1.0, disc_num_layers=3,
+                 disc_in_channels=3, disc_factor=1.0, disc_weight=1.0, perceptual_weight=1.0, disc_loss="hinge",
+                 disc_ndf=64, lpips_pretrained=True, learn_logvar=False):
+        super().__init__()
+        if disc_loss not in ("hinge", "vanilla"):
+            raise ValueError(f"disc_loss must be 'hinge' or 'vanilla', got {disc_loss!r}")
+        self.kl_weight = kl_weight
+        self.pixel_weight = pixelloss_weight  # stored and never used, as in the official code
+        self.perceptual_weight = perceptual_weight
+        self.lpips_pretrained = lpips_pretrained
+        self._lpips = []  # the frozen LPIPS, built on first use; a plain list keeps it out of state_dict()
+        # output log variance: the reconstruction is scored as a Laplace likelihood with a learned scale
+        self.logvar = nn.Parameter(torch.ones(size=()) * logvar_init, requires_grad=learn_logvar)
+        # the official LPIPSWithDiscriminator has no ndf argument (always 64); disc_ndf is our extension
+        self.discriminator = NLayerDiscriminator(disc_in_channels, ndf=disc_ndf, n_layers=disc_num_layers)
+        self.discriminator.apply(weights_init)
+        self.discriminator_iter_start = disc_start
+        self.disc_loss = hinge_d_loss if disc_loss == "hinge" else vanilla_d_loss
+        self.disc_factor = disc_factor
+        self.discriminator_weight = disc_weight
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .cuda() / .double() also move the unregistered LPIPS network
+        for net in self._lpips:
+            net._apply(fn, *args, **kwargs)
+        return super()._apply(fn, *args, **kwargs)
+
+    def perceptual_loss(self, x, x_rec):
+        """LPIPS(x, x_rec), shape (B, 1, 1, 1). Builds the network on first use, on x's device."""
+        if not self._lpips:
+            self._lpips.append(build_lpips(self.lpips_pretrained).to(x.device))
+        return self._lpips[0](x.contiguous(), x_rec.contiguous()).float()
+
+    def _discriminate_for_generator(self, x_rec):
+        """D(x_rec) with D's parameters frozen for this call (Lightning's toggle_optimizer): the
+        autoencoder step must not leave gradients in the discriminator. The input still gets gradients."""
+        flags = [p.requires_grad for p in self.discriminator.parameters()]
+        for p in self.discriminator.parameters():
+            p.requires_grad_(False)
+        try:
+            return self.discriminator(x_rec.contiguous()).float()
+        finally:
+            for p, f in zip(self.discriminator.parameters(), flags):
+                p.requires_grad_(f)
+
+    def forward(self, inputs, reconstructions, posteriors, optimizer_idx, global_step, last_layer=None,
+                weights=None):
+        """(loss, log) for optimizer_idx 0 (autoencoder) or 1 (discriminator); logs are detached."""
+        # losses in float32 whatever the autocast dtype of the network
+        inputs, reconstructions = inputs.float(), reconstructions.float()
+        disc_factor = adopt_weight(self.disc_factor, global_step, threshold=self.discriminator_iter_start)
+        if optimizer_idx == 0:
+            rec_loss = torch.abs(inputs - reconstructions)  # (B, C, H, W)
+            if self.perceptual_weight > 0:
+                p_loss = self.perceptual_loss(inputs, reconstructions)  # (B, 1, 1, 1), broadcast to every pixel
+                rec_loss = rec_loss + self.perceptual_weight * p_loss
+            nll_loss = rec_loss / torch.exp(self.logvar) + self.logvar
+            weighted_nll_loss = nll_loss if weights is None else weights * nll_loss
+            weighted_nll_loss = torch.sum(weighted_nll_loss) / weighted_nll_loss.shape[0]  # sum / B
+            nll_loss = torch.sum(nll_loss) / nll_loss.shape[0]
+            kl_loss = posteriors.kl()
+            kl_loss = torch.sum(kl_loss) / kl_loss.shape[0]
+            logits_fake = self._discriminate_for_generator(reconstructions)
+            g_loss = -torch.mean(logits_fake)  # -L_adv
+            if self.disc_factor > 0.0:
+                # on the UNweighted nll (as the official), even before disc_start
+                d_weight = calculate_adaptive_weight(nll_loss, g_loss, last_layer, self.discriminator_weight)
+            else:
+                d_weight = torch.zeros((), device=inputs.device)
+            loss = weighted_nll_loss + self.kl_weight * kl_loss + d_weight * disc_factor * g_loss
+            log = {"total_loss": loss.detach(), "logvar": self.logvar.detach(), "kl_loss": kl_loss.detach(),
+                   "nll_loss": nll_loss.detach(), "rec_loss": rec_loss.detach().mean(),
+                   "d_weight": d_weight.detach(), "disc_factor": torch.tensor(float(disc_factor)),
+                   "g_loss": g_loss.detach()}
+            return loss, log
+        if optimizer_idx == 1:
+            # two separate calls (matters for BatchNorm in train mode)
+            logits_real = self.discriminator(inputs.detach()).float()
+            logits_fake = self.discriminator(reconstructions.detach()).float()
+            d_loss = disc_factor * self.disc_loss(logits_real, logits_fake)
+            log = {"disc_loss": d_loss.detach(), "logits_real": logits_real.detach().mean(),
+                   "logits_fake": logits_fake.detach().mean()}
+            return d_loss, log
+        raise ValueError(f"optimizer_idx must be 0 or 1, got {optimizer_idx!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The autoencoder (ldm/models/autoencoder.py AutoencoderKL)
+# ----------------------------------------------------------------------------------------------------------
+
+def check_images(x, channels, factor, what="x"):
+    """One-line ValueError unless x is (B, channels, H, W) with H, W divisible by `factor`."""
+    if not torch.is_tensor(x) or x.ndim != 4 or x.shape[1] != channels:
+        shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+        raise ValueError(f"{what} must be (B, {channels}, H, W), got {shape}")
+    if x.shape[2] % factor or x.shape[3] % factor:
+        raise ValueError(f"{what} height and width must be multiples of {factor}, got {tuple(x.shape[2:])}")
+
+
+class AutoencoderKL(nn.Module):
+    """E, D and the KL posterior of Sec. 3.1, with the training loss as `loss_fn` (official: `loss`).
+
+    Latent: z ~ N(mean, var) with `embed_dim` channels at 1/f of the image size, f = 2^(len(ch_mult)-1).
+    quant_conv (2*z_channels -> 2*embed_dim) and post_quant_conv (embed_dim -> z_channels) are 1x1 convs.
+    """
+
+    def __init__(self, *, ch, ch_mult, num_res_blocks, attn_resolutions, z_channels, embed_dim,
+                 resolution=256, in_channels=3, out_ch=3, dropout=0.0, attn_type="vanilla", scale_factor=0.0,
+                 loss=None, hparams=None):
+        super().__init__()
+        body = dict(ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks, resolution=resolution,
+                    attn_resolutions=tuple(attn_resolutions), z_channels=z_channels, dropout=dropout,
+                    attn_type=attn_type)
+        self.encoder = Encoder(in_channels=in_channels, double_z=True, **body)
+        self.decoder = Decoder(out_ch=out_ch, **body)
+        self.loss_fn = LPIPSWithDiscriminator(**(loss or {"disc_start": 50001}))
+        self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1)  # moments: (mean, logvar) per channel
+        self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
+        self.in_channels, self.embed_dim = in_channels, embed_dim
+        self.downsample_factor = 2 ** (len(ch_mult) - 1)
+        # Sec. 4.3.2 / App. D.1: z is rescaled to unit variance before diffusion. 0 = "not measured yet":
+        # encode/decode then use 1 and train.py --ae measures 1/std and stores it here (in every checkpoint).
+        self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
+        self.hparams = dict(hparams or {})
+
+    # --- the official AutoencoderKL methods -------------------------------------------------------------
+    def encode_posterior(self, x):
+        """Official `AutoencoderKL.encode`: q_E(z | x) as a DiagonalGaussianDistribution (unscaled)."""
+        check_images(x, self.in_channels, self.downsample_factor)
+        moments = self.quant_conv(self.encoder(x))  # (B, C, H, W) -> (B, 2*embed_dim, H/f, W/f)
+        return DiagonalGaussianDistribution(moments)
+
+    def decode_latent(self, z):
+        """Official `AutoencoderKL.decode`: unscaled z (B, embed_dim, h, w) -> image (B, out_ch, h*f, w*f)."""
+        check_images(z, self.embed_dim, 1, what="z")
+        return self.decoder(self.post_quant_conv(z))
+
+    def forward(self, x, sample_posterior=True, noise=None):
+        """(reconstruction, posterior): decode a posterior sample (or its mode), as in training."""
+        posterior = self.encode_posterior(x)
+        z = posterior.sample(noise) if sample_posterior else posterior.mode()
+        return self.decode_latent(z), posterior
+
+    def get_last_layer(self):
+        """W of the adaptive weight (VQGAN Eq. 7): the decoder's last conv weight."""
+        return self.decoder.conv_out.weight
+
+    # --- the contract ------------------------------------------------------------------------------------
+    def _factor(self):
+        # 0 means "not measured": use 1 (a tensor op, no host sync)
+        return torch.where(self.scale_factor == 0, torch.ones_like(self.scale_factor), self.scale_factor)
+
+    def encode(self, x):
+        """x in [-1, 1] -> z * scale_factor. Like LDM's get_first_stage_encoding: a posterior SAMPLE."""
+        return self.encode_posterior(x).sample() * self._factor()
+
+    def decode(self, z):
+        """Scaled latent -> image in (about) [-1, 1]: LDM's decode_first_stage (divide, then decode)."""
+        return self.decode_latent(z / self._factor())
+
+    def optimizer_groups(self, phase=None):
+        """{"ae": E, D, quant_conv, post_quant_conv (+ logvar if learn_logvar), "disc": the PatchGAN}."""
+        ae = [p for name, p in self.named_parameters() if not name.startswith("loss_fn.")]
+        if self.loss_fn.logvar.requires_grad:
+            ae.append(self.loss_fn.logvar)
+        return {"ae": ae, "disc": list(self.loss_fn.discriminator.parameters())}
+
+    def loss(self, group, batch, step):
+        """One training step's loss for `group` ("ae" = optimizer_idx 0, "disc" = 1), as training_step."""
+        x = batch["x"]
+        if group == "ae":
+            x_rec, posterior = self(x)
+            return self.loss_fn(x, x_rec, posterior, 0, step, last_layer=self.get_last_layer())
+        if group == "disc":
+            with torch.no_grad():  # the official reruns the AE forward; only detached outputs are used
+                x_rec, posterior = self(x)
+            return self.loss_fn(x, x_rec, posterior, 1, step)
+        raise ValueError(f"unknown optimizer group {group!r}; expected 'ae' or 'disc'")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Presets. Parameter counts: E + D + quant convs (the official "model part") | + loss_fn (logvar + PatchGAN),
+# measured by tests/test_ae_kl.py::test_param_counts. LPIPS (14.7M, frozen) is not counted.
+# ----------------------------------------------------------------------------------------------------------
+
+# released configs (models/first_stage_models/kl-f*/config.yaml): disc_start 50001, kl_weight 1e-6,
+# disc_weight 0.5, everything else at the constructor defaults (hinge, n_layers 3, perceptual_weight 1)
+_RELEASED_LOSS = {"disc_start": 50001, "kl_weight": 1e-6, "disc_weight": 0.5}
+
+# Training defaults: Adam betas (0.5, 0.9) and lr = base_learning_rate 4.5e-6 x batch (x GPUs x accumulation:
+# LDM main.py --scale_lr, on by default) with the configs' batch_size 12 -> 5.4e-5 for one GPU. train.py
+# does not rescale lr with --batch-size: pass --lr 4.5e-6*global_batch to follow the official rule.
+# The official trains the autoencoder without EMA and without gradient clipping: ema_decay 0 makes the EMA
+# copy equal the raw weights; grad_clip inf makes clipping a no-op (the norm is still measured).
+_HPARAMS = {"lr": 4.5e-6 * 12, "betas": (0.5, 0.9), "weight_decay": 0.0, "ema_decay": 0.0,
+            "warmup_steps": 0, "grad_clip": float("inf"), "batch_size": 12}
+
+CONFIGS = {
+    # 55,312,063 | 58,077,697 params; 64x64x3 latents for 256^2
+    "kl-f4": dict(ch=128, ch_mult=(1, 2, 4), num_res_blocks=2, attn_resolutions=(), z_channels=3,
+                  embed_dim=3, resolution=256, scale_factor=0.0, **_RELEASED_LOSS),
+    # the Stable Diffusion VAE layout; 83,653,863 | 86,419,497 params; 32x32x4 latents for 256^2;
+    # scale 0.18215 as in txt2img-1p4B-eval.yaml / Stable Diffusion
+    "kl-f8": dict(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, attn_resolutions=(), z_channels=4,
+                  embed_dim=4, resolution=256, scale_factor=0.18215, **_RELEASED_LOSS),
+    # 69,610,963 | 72,376,597 params; 16x16x16; scale from retrieval-augmented-diffusion/768x768.yaml
+    "kl-f16": dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,), z_channels=16,
+                   embed_dim=16, resolution=256, scale_factor=0.22765929, **_RELEASED_LOSS),
+    # 103,880,131 | 106,645,765 params; 8x8x64
+    "kl-f32": dict(ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_resolutions=(16, 8),
+                   z_channels=64, embed_dim=64, resolution=256, scale_factor=0.0, **_RELEASED_LOSS),
+    # CPU-sized: f4, attention in the mid blocks only, a small PatchGAN; 954,567 | 997,529 params
+    "tiny": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), z_channels=4, embed_dim=4,
+                 resolution=32, scale_factor=0.0, disc_start=1000, kl_weight=1e-6, disc_weight=0.5,
+                 disc_num_layers=2, disc_ndf=16),
+}
+
+_BODY_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "embed_dim", "resolution",
+              "in_channels", "out_ch", "dropout", "attn_type", "scale_factor")
+_LOSS_KEYS = ("disc_start", "logvar_init", "kl_weight", "pixelloss_weight", "disc_num_layers",
+              "disc_in_channels", "disc_factor", "disc_weight", "perceptual_weight", "disc_loss", "disc_ndf",
+              "lpips_pretrained", "learn_logvar")
+
+
+def _from_official(kwargs):
+    """The official constructor kwargs ({"ddconfig", "lossconfig", "embed_dim", ...}) -> our flat config."""
+    dd = dict(kwargs["ddconfig"])
+    if not dd.pop("double_z", True):
+        raise ValueError("AutoencoderKL needs ddconfig.double_z = True (mean and logvar)")
+    if dd.pop("tanh_out", False) or dd.pop("give_pre_end", False) or dd.pop("resamp_with_conv", True) is False:
+        raise ValueError("tanh_out / give_pre_end / resamp_with_conv=False are not supported")
+    dd.pop("use_linear_attn", None)
+    cfg = {**dd, "embed_dim": kwargs["embed_dim"]}
+    lossconfig = kwargs.get("lossconfig") or {}
+    if lossconfig.get("target", "torch.nn.Identity") != "torch.nn.Identity":  # Identity: no loss (LDM stage)
+        params = dict(lossconfig.get("params", {}))
+        if params.pop("use_actnorm", False) or params.pop("disc_conditional", False):
+            raise ValueError("use_actnorm / disc_conditional discriminators are not supported")
+        cfg.update(params)
+    else:
+        cfg.update(_RELEASED_LOSS)
+    return cfg
+
+
+def create(config="tiny", **overrides):
+    """Build an AutoencoderKL from a CONFIGS name, a flat dict, or the official constructor kwargs.
+
+    Generic overrides from train.py: `in_channels` (also sets out_ch and the discriminator input),
+    `image_size` (ignored: the network is fully convolutional; attention placement follows the preset's
+    nominal `resolution`, as in the official code) and `num_classes` (ignored: unconditional).
+    """
+    if isinstance(config, str):
+        if config not in CONFIGS:
+            raise ValueError(f"unknown ae_kl preset {config!r}; choose from {sorted(CONFIGS)}")
+        cfg = dict(CONFIGS[config])
+    elif isinstance(config, dict):
+        cfg = _from_official(config) if "ddconfig" in config else dict(config)
+    else:
+        raise ValueError(f"config must be a preset name or a dict, got {type(config).__name__}")
+    overrides.pop("num_classes", None)
+    image_size = overrides.pop("image_size", None)
+    if "in_channels" in overrides:
+        c = overrides.pop("in_channels")
+        cfg.update(in_channels=c, out_ch=c, disc_in_channels=c)
+    cfg.update(overrides)
+    cfg.pop("monitor", None)
+    unknown = sorted(set(cfg) - set(_BODY_KEYS) - set(_LOSS_KEYS))
+    if unknown:
+        raise ValueError(f"unknown ae_kl config keys {unknown}")
+    widths = [cfg["ch"] * m for m in cfg["ch_mult"]]
+    if cfg["ch"] % 32 or any(w % 32 for w in widths):
+        raise ValueError(f"channel widths {widths} must be multiples of 32 (GroupNorm with 32 groups)")
+    f = 2 ** (len(cfg["ch_mult"]) - 1)
+    if image_size is not None and image_size % f:
+        raise ValueError(f"image_size {image_size} is not a multiple of the downsampling factor {f}")
+    loss = {k: cfg.pop(k) for k in _LOSS_KEYS if k in cfg}
+    loss.setdefault("disc_start", 50001)
+    loss.setdefault("disc_in_channels", cfg.get("in_channels", 3))
+    hparams = dict(_HPARAMS)
+    return AutoencoderKL(**cfg, loss=loss, hparams=hparams)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Official checkpoints. Rename table (official -> ours): "loss." -> "loss_fn." (the only one).
+# ----------------------------------------------------------------------------------------------------------
+
+def _read_state_dict(path_or_state_dict):
+    """A path or a dict -> a flat {key: tensor} (Lightning checkpoints keep it under "state_dict")."""
+    obj = path_or_state_dict
+    if not isinstance(obj, dict):
+        try:
+            obj = torch.load(obj, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"cannot read checkpoint {path_or_state_dict!r}: {type(e).__name__}: {e}") from None
+    if "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    return {k: v for k, v in obj.items() if torch.is_tensor(v)}
+
+
+def _load_official_into(model, sd, name):
+    """Shared by ae_kl and ae_vq. Strict on the network; loss.* into loss_fn or skipped with a note."""
+    sd = dict(sd)
+    scale = sd.pop("scale_factor", None)
+    if any(k.startswith("first_stage_model.") for k in sd):  # a LatentDiffusion checkpoint
+        n_other = sum(not k.startswith("first_stage_model.") for k in sd)
+        sd = {k[len("first_stage_model."):]: v for k, v in sd.items() if k.startswith("first_stage_model.")}
+        print(f"{name}: LatentDiffusion checkpoint: loading first_stage_model.* and ignoring {n_other} other keys")
+    own = model.state_dict()
+    net_own = {k for k in own if not k.startswith("loss_fn.") and k != "scale_factor"}
+    net_ckpt = {k for k in sd if not k.startswith("loss.")}
+    missing, unexpected = sorted(net_own - net_ckpt), sorted(net_ckpt - net_own)
+    if missing or unexpected:
+        raise ValueError(f"{name}: checkpoint does not match the config: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    bad = [f"{k} {tuple(sd[k].shape)} != {tuple(own[k].shape)}" for k in sorted(net_own)
+           if sd[k].shape != own[k].shape]
+    if bad:
+        raise ValueError(f"{name}: checkpoint shapes do not match the config: {bad[:5]}")
+    new = {k: sd[k] for k in net_own}
+    # loss.* (present in standalone first-stage training checkpoints, absent inside LDM checkpoints)
+    loss_sd = {k[len("loss."):]: v for k, v in sd.items() if k.startswith("loss.")}
+    skipped = sorted(k for k in loss_sd if k.startswith("perceptual_loss."))
+    if skipped:
+        print(f"{name}: skipped {len(skipped)} loss.perceptual_loss.* entries (LPIPS-VGG; the loss builds its "
+              f"own frozen lpips.LPIPS with the same weights)")
+    loss_sd = {k: v for k, v in loss_sd.items() if not k.startswith("perceptual_loss.")}
+    loss_own = {k[len("loss_fn."):]: v for k, v in own.items() if k.startswith("loss_fn.")}
+    if loss_sd:
+        missing, unexpected = sorted(set(loss_own) - set(loss_sd)), sorted(set(loss_sd) - set(loss_own))
+        bad = [f"loss.{k} {tuple(v.shape)} != {tuple(loss_own[k].shape)}" for k, v in loss_sd.items()
+               if k in loss_own and v.shape != loss_own[k].shape]
+        if missing or unexpected or bad:
+            raise ValueError(f"{name}: checkpoint loss.* entries do not match the config (discriminator "
+                             f"layers?): missing {['loss.' + k for k in missing[:5]]}, unexpected "
+                             f"{['loss.' + k for k in unexpected[:5]]}, shapes {bad[:5]}")
+        new.update({"loss_fn." + k: v for k, v in loss_sd.items()})
+    else:
+        print(f"{name}: no loss.* entries in the checkpoint: the discriminator (and logvar) keep a fresh init")
+        new.update({k: v for k, v in own.items() if k.startswith("loss_fn.")})
+    new["scale_factor"] = own["scale_factor"] if scale is None else scale.reshape(())
+    model.load_state_dict(new, strict=True)
+    return model
+
+
+def load_official(path_or_state_dict, config):
+    """Load an official AutoencoderKL checkpoint (first-stage model.ckpt, or a LatentDiffusion checkpoint,
+    whose first_stage_model.* and scale_factor are taken), strict on the network.
+
+    `config`: a CONFIGS name or the official constructor kwargs (first line of a reference keys file).
+    loss.logvar and loss.discriminator.* load into loss_fn (strict); loss.perceptual_loss.* is skipped
+    with a printed note. Checkpoints hold no LPIPS download: the model is built with lpips_pretrained as
+    the config says and LPIPS is only built when the loss first runs.
+    """
+    model = create(config)
+    return _load_official_into(model, _read_state_dict(path_or_state_dict), "ae_kl.load_official")
