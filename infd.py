@@ -1,0 +1,838 @@
+"""INFD: Image Neural Field Diffusion Models.
+
+Yinbo Chen, Oliver Wang, Richard Zhang, Eli Shechtman, Xiaolong Wang, Michael Gharbi.
+"Image Neural Field Diffusion Models", CVPR 2024, arXiv:2406.07480.
+
+Official code matched: github.com/yinboc/infd @ b79aafe6f597c2e4b74cb87fc0ef5d2719d01906
+  models/infd.py, models/infd_base.py        -> INFD (encode_z / decode_z / loss / disc loss)
+  models/vqgan/model.py, quantizer.py        -> Encoder, Decoder(give_pre_end), ResnetBlock, AttnBlock,
+                                                 VectorQuantizer, SimpleRendererNet, FixresOriginalTail
+  models/renderers/wrappers.py               -> CLIFRenderer (ConcatWrapper), FixresRenderer (FixresWrapper)
+  models/vqgan/discriminator.py              -> NLayerDiscriminator (PatchGAN)
+  utils/geometry.py                          -> make_coord_grid, make_coord_cell_grid, convert_posenc,
+                                                 convert_liif_feat_coord_cell
+  datasets/wrapper_cae.py                    -> sample_patch (the multi-scale random-crop sampler)
+  gen_samples.py:render_output_patchwise     -> INFD.render (tiled any-resolution rendering)
+  trainers/infd_trainer.py + cfgs/*.yaml     -> hparams, disc_start, loss weights
+
+Paper -> code map
+  Sec. 3.1 "Image neural field autoencoder": E (Encoder + 1x1 conv) maps the image, resampled to the FIXED encoder
+      resolution, to the latent z; the VQ layer (VectorQuantizer) and D (1x1 conv + Decoder without its RGB tail)
+      map z to the feature map phi; the renderer R maps (phi, query coordinates, cell) to RGB.
+  Sec. 3.1 "Convolutional local image function" (CLIF, Fig. 3): each query pixel takes the nearest feature of phi
+      (q_feat), its relative coordinate and its pixel size (cell), both in units of phi's half pixel
+      (liif_query); the concatenation over the whole query GRID is processed by a small CNN (RendererNet), so
+      neighbouring queries share information (unlike LIIF's per-point MLP).
+  Sec. 3.2 "Training": the ground truth is the image LANCZOS-downsampled to a random size r in
+      [P, min(size, 4P)], randomly cropped to P x P (sample_patch); loss = L1 + LPIPS + adaptive-weight hinge GAN
+      (+ VQ loss) on the rendered patch (INFD.loss).
+  Sec. 3.3 "Latent diffusion": a diffusion model on z (pre-quantisation) -- NOT in this file: train any diffusion
+      file of the repository on our latents with `train.py --ae` (the official one is an openai UNet).
+  Sec. 4 / gen_samples.py: any-resolution generation renders the query grid in tiles with a padding
+      (INFD.render), because a 1024^2 grid does not fit in memory at once.
+
+Deliberately left out: the diffusion UNet `z_dm` / `z_dm_ema` of the official dm checkpoints (load_official drops
+them, see there), the unused options of the official code (z_gaussian KL latents, conditional dm, hrft loader,
+downsampled L1/LPIPS, scale-conditioned discriminator, SimpleRendererNetLarger, LinearAttention).
+
+Conventions (official): images in [-1, 1]; coordinates in [-1, 1] are pixel CENTRES, last dim (y, x) = (row, col);
+`cell` is the full pixel size (2/H, 2/W). decode(z) renders at the encoder resolution; render(z, size) at any size.
+"""
+import math
+import os
+import random
+
+import lpips
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+
+# =============================================================================================================
+# Sec. 3.1 -- building blocks of the encoder / decoder (the VQGAN / LDM autoencoder body)
+# =============================================================================================================
+# Copied from ae_kl.Normalize
+def Normalize(in_channels):
+    """GroupNorm with 32 groups and eps 1e-6: every channel count must be a multiple of 32."""
+    return nn.GroupNorm(num_groups=32, num_channels=in_channels, eps=1e-6, affine=True)
+
+
+# Copied from ae_kl.nonlinearity
+def nonlinearity(x):
+    """swish / SiLU, x * sigmoid(x) (the official writes it out; F.silu is the same function, fused)."""
+    return F.silu(x)
+
+
+# Copied from ae_kl.Upsample
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 conv (the official resamp_with_conv=True path)."""
+
+    def __init__(self, in_channels):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=1, padding=1)
+
+    def forward(self, x):
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (B, C, H, W) -> (B, C, 2H, 2W)
+        return self.conv(x)
+
+
+# Copied from ae_kl.Downsample
+class Downsample(nn.Module):
+    """3x3 stride-2 conv after an ASYMMETRIC zero pad (right and bottom by 1), as the official code does.
+
+    This is not `Conv2d(padding=1)`: the taps sit one pixel further down-right. Output size floor(n / 2).
+    """
+
+    def __init__(self, in_channels):
+        super().__init__()
+        # no padding inside the conv: the pad is done by hand in forward
+        self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=2, padding=0)
+
+    def forward(self, x):
+        x = F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0)  # (B, C, H, W) -> (B, C, H+1, W+1)
+        return self.conv(x)  # (B, C, H+1, W+1) -> (B, C, H//2, W//2)
+
+
+# Copied from ae_kl.ResnetBlock
+class ResnetBlock(nn.Module):
+    """norm -> swish -> conv3x3 -> norm -> swish -> dropout -> conv3x3, plus a (1x1-projected) skip."""
+
+    def __init__(self, in_channels, out_channels=None, dropout=0.0):
+        super().__init__()
+        out_channels = in_channels if out_channels is None else out_channels
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.norm1 = Normalize(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.norm2 = Normalize(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        if in_channels != out_channels:
+            # the official default conv_shortcut=False: a 1x1 "network in network" projection of the skip
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
+
+    def forward(self, x):
+        h = self.conv1(nonlinearity(self.norm1(x)))
+        h = self.conv2(self.dropout(nonlinearity(self.norm2(h))))
+        if self.in_channels != self.out_channels:
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+# Copied from ae_kl.AttnBlock
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the H*W positions, 1x1 convs for q, k, v and the output projection.
+
+    The official computes softmax(q k^T * C^-0.5) v with bmm; F.scaled_dot_product_attention with one head
+    of dimension C and its default scale C^-0.5 is the same function (flash / memory-efficient kernels).
+    """
+
+    def __init__(self, in_channels):
+        super().__init__()
+        self.norm = Normalize(in_channels)
+        # 1x1 convs (not Linear) so that the state-dict keys and shapes are the official ones
+        self.q = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
+        self.k = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
+        self.v = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
+        self.proj_out = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
+
+    def forward(self, x):
+        h = self.norm(x)
+        q, k, v = self.q(h), self.k(h), self.v(h)
+        B, C, H, W = q.shape
+        # one head: (B, C, H, W) -> (B, 1, H*W, C) for each of q, k, v
+        q, k, v = (t.reshape(B, 1, C, H * W).transpose(2, 3) for t in (q, k, v))
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C), weights softmax(q k^T / sqrt(C))
+        h = h.transpose(2, 3).reshape(B, C, H, W)  # (B, 1, HW, C) -> (B, C, H, W)
+        return x + self.proj_out(h)
+
+
+# Copied from ae_kl.make_attn
+def make_attn(in_channels, attn_type="vanilla"):
+    """"vanilla" -> AttnBlock; "none" -> Identity (no keys; VQ vq-f4-noattn). "linear" is not supported."""
+    if attn_type == "vanilla":
+        return AttnBlock(in_channels)
+    if attn_type == "none":
+        return nn.Identity()
+    raise ValueError(f"attn_type must be 'vanilla' or 'none', got {attn_type!r}")
+
+
+# Copied from ae_kl.Encoder
+class Encoder(nn.Module):
+    """E in Sec. 3.1: x (B, in_channels, H, W) -> (B, 2*z_channels or z_channels, H/f, W/f), f = 2^(L-1).
+
+    Level i has num_res_blocks ResnetBlocks (each followed by an AttnBlock when the level's nominal
+    resolution `resolution // 2^i` is in attn_resolutions: the configured resolution decides, not the
+    input size), then a Downsample except at the last level. Then the mid block (res, attn, res).
+    """
+
+    def __init__(self, *, ch, ch_mult, num_res_blocks, attn_resolutions, in_channels, resolution,
+                 z_channels, double_z=True, dropout=0.0, attn_type="vanilla"):
+        super().__init__()
+        self.num_resolutions, self.num_res_blocks = len(ch_mult), num_res_blocks
+        self.conv_in = nn.Conv2d(in_channels, ch, kernel_size=3, stride=1, padding=1)
+        curr_res = resolution
+        in_ch_mult = (1,) + tuple(ch_mult)
+        self.down = nn.ModuleList()
+        for i_level in range(self.num_resolutions):
+            block, attn = nn.ModuleList(), nn.ModuleList()
+            block_in, block_out = ch * in_ch_mult[i_level], ch * ch_mult[i_level]
+            for _ in range(num_res_blocks):
+                block.append(ResnetBlock(block_in, block_out, dropout=dropout))
+                block_in = block_out
+                if curr_res in attn_resolutions:
+                    attn.append(make_attn(block_in, attn_type))
+            down = nn.Module()  # a plain container, so that keys read down.<i>.block.<j>...
+            down.block, down.attn = block, attn
+            if i_level != self.num_resolutions - 1:
+                down.downsample = Downsample(block_in)
+                curr_res = curr_res // 2
+            self.down.append(down)
+        # middle: resnet, attention (always, unless attn_type "none"), resnet
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout=dropout)
+        self.mid.attn_1 = make_attn(block_in, attn_type)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout=dropout)
+        self.norm_out = Normalize(block_in)
+        # double_z: mean and log-variance of the posterior (KL); z itself (VQ)
+        self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, 1, 1)
+
+    def forward(self, x):
+        h = self.conv_in(x)  # (B, in_channels, H, W) -> (B, ch, H, W)
+        for i_level, down in enumerate(self.down):
+            for i_block in range(self.num_res_blocks):
+                h = down.block[i_block](h)
+                if len(down.attn) > 0:
+                    h = down.attn[i_block](h)
+            if i_level != self.num_resolutions - 1:
+                h = down.downsample(h)  # (B, C, h, w) -> (B, C, h/2, w/2)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return self.conv_out(nonlinearity(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """VQGAN decoder with give_pre_end=True: conv_in -> mid -> levels from the lowest resolution up, each with
+    num_res_blocks+1 ResnetBlocks (+ Upsample except at level 0). It stops BEFORE the RGB tail: the output is the
+    feature map phi (B, ch*ch_mult[0], 4h, 4w) that the renderer reads (Sec. 3.1). `up[i]` is level i (0 = highest
+    resolution, run last), as in the official state dict."""
+
+    def __init__(self, ch, ch_mult, num_res_blocks, z_channels):
+        super().__init__()
+        block_in = ch * ch_mult[-1]
+        self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(block_in, block_in)
+        self.mid.attn_1 = AttnBlock(block_in)
+        self.mid.block_2 = ResnetBlock(block_in, block_in)
+        self.up = nn.ModuleList()
+        for i_level in reversed(range(len(ch_mult))):
+            level = nn.Module()
+            level.block = nn.ModuleList()
+            for _ in range(num_res_blocks + 1):
+                level.block.append(ResnetBlock(block_in, ch * ch_mult[i_level]))
+                block_in = ch * ch_mult[i_level]
+            level.attn = nn.ModuleList()
+            if i_level != 0:
+                level.upsample = Upsample(block_in)
+            self.up.insert(0, level)  # prepend: up[i] is level i
+
+    def forward(self, z):
+        h = self.conv_in(z)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        for level in reversed(self.up):
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return h  # phi: no norm_out / conv_out (give_pre_end)
+
+
+class VectorQuantizer(nn.Module):
+    """VQ layer before the decoder (taming `VectorQuantizer`, legacy=True): nearest codebook vector per position.
+    loss = mean((sg(z_q) - z)^2) + beta * mean((z_q - sg(z))^2) -- the legacy version puts beta on the CODEBOOK term
+    (a known taming bug, kept by the official code); straight-through z_q = z + sg(z_q - z)."""
+
+    def __init__(self, n_embed, e_dim, beta=0.25):
+        super().__init__()
+        self.beta = beta
+        self.embedding = nn.Embedding(n_embed, e_dim)
+        self.embedding.weight.data.uniform_(-1.0 / n_embed, 1.0 / n_embed)
+
+    def forward(self, z):
+        B, C, H, W = z.shape
+        z = z.permute(0, 2, 3, 1).contiguous()  # (B, C, H, W) -> (B, H, W, C)
+        z_flat = z.view(-1, C)  # (B, H, W, C) -> (B*H*W, C), order (b, y, x)
+        e = self.embedding.weight
+        # |z - e|^2 = |z|^2 + |e|^2 - 2 z.e, written as the official code (same argmin ties)
+        d = z_flat.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * z_flat @ e.t()  # (B*H*W, n_embed)
+        indices = d.argmin(1)  # (B*H*W,)
+        z_q = self.embedding(indices).view(z.shape)  # (B*H*W, C) -> (B, H, W, C)
+        loss = torch.mean((z_q.detach() - z) ** 2) + self.beta * torch.mean((z_q - z.detach()) ** 2)
+        z_q = z + (z_q - z).detach()  # straight-through estimator
+        return z_q.permute(0, 3, 1, 2).contiguous(), loss, indices  # (B, H, W, C) -> (B, C, H, W)
+
+
+# =============================================================================================================
+# Sec. 3.1 -- coordinates and the CLIF renderer
+# =============================================================================================================
+def make_coord_grid(shape, range=(-1, 1), device="cpu"):
+    """Pixel-centre coordinates of a grid: (s_1, ..., s_k) -> (s_1, ..., s_k, k); coordinate i runs along tensor
+    axis i (so [..., 0] is y / rows, [..., 1] is x / columns). `range` = (min, max) or one pair per axis."""
+    axes = []
+    for i, s in enumerate(shape):
+        lo, hi = range[i] if isinstance(range[0], (list, tuple)) else range
+        axes.append(lo + (hi - lo) * ((0.5 + torch.arange(s, device=device)) / s))  # centres of s equal cells
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+
+
+def make_coord_cell_grid(shape, range=(-1, 1), device="cpu", bs=None):
+    """make_coord_grid plus `cell` = the full pixel size per axis ((max - min) / s_i); with `bs`, both are
+    expanded to (bs, *shape, k)."""
+    coord = make_coord_grid(shape, range, device)
+    cell = torch.ones_like(coord)
+    for i, s in enumerate(shape):
+        lo, hi = range[i] if isinstance(range[0], (list, tuple)) else range
+        cell[..., i] *= (hi - lo) / s
+    if bs is not None:
+        coord = coord.unsqueeze(0).expand(bs, *coord.shape)  # (*shape, k) -> (bs, *shape, k)
+        cell = cell.unsqueeze(0).expand(bs, *cell.shape)
+    return coord, cell
+
+
+def convert_posenc(x, dim, w_max):
+    """Fourier features (unused by the released configs; kept for the renderer's co_pe_dim / ce_pe_dim options):
+    (..., d) -> (..., d*dim) = cat(cos(pi x_j w_k), sin(pi x_j w_k)), w_k = exp(linspace(0, log w_max, dim/2))."""
+    if dim % 2:
+        raise ValueError(f"positional-encoding dim must be even, got {dim}")
+    w = torch.exp(torch.linspace(0, np.log(w_max), dim // 2, device=x.device))
+    x = torch.matmul(x.unsqueeze(-1), w.unsqueeze(0)).view(*x.shape[:-1], -1)  # (..., d, 1)@(1, dim/2) -> (..., d*dim/2)
+    return torch.cat([torch.cos(np.pi * x), torch.sin(np.pi * x)], dim=-1)
+
+
+def liif_query(phi, coord, cell):
+    """The CLIF inputs of each query point (official `convert_liif_feat_coord_cell`), Sec. 3.1:
+      q_feat    the NEAREST feature of phi (grid_sample 'nearest': rounds half to even at exact ties; a query
+                outside [-1, 1] gets zeros);
+      rel_coord (query - centre of that feature pixel) * (H, W): in units of HALF a feature pixel, in [-1, 1];
+      rel_cell  cell * (H, W): 2 at native resolution, 1 at 2x, 0.5 at 4x.
+    phi (B, C, H, W), coord / cell (B, ..., 2) -> (B, ..., C), (B, ..., 2), (B, ..., 2)."""
+    B, _, H, W = phi.shape
+    query_shape = coord.shape[1:-1]
+    coord = coord.reshape(B, 1, -1, 2)  # (B, ..., 2) -> (B, 1, N, 2): a 1 x N "image" of sample points
+    cell = cell.reshape(B, 1, -1, 2)
+    # grid_sample wants (x, y) order, ours is (y, x): flip the last dim.
+    q_feat = F.grid_sample(phi, coord.flip(-1), mode="nearest", align_corners=False)  # (B, C, 1, N)
+    feat_coord = make_coord_grid((H, W), device=phi.device).to(phi.dtype)  # (H, W, 2) pixel centres of phi
+    feat_coord = feat_coord.permute(2, 0, 1).unsqueeze(0).expand(B, -1, -1, -1)  # (H, W, 2) -> (B, 2, H, W)
+    q_coord = F.grid_sample(feat_coord, coord.flip(-1), mode="nearest", align_corners=False)  # (B, 2, 1, N)
+    scale = torch.tensor([H, W], dtype=coord.dtype, device=coord.device)
+    rel_coord = (coord - q_coord.permute(0, 2, 3, 1)) * scale  # (B, 1, N, 2), q_coord (B, 2, 1, N) -> (B, 1, N, 2)
+    rel_cell = cell * scale
+    q_feat = q_feat.permute(0, 2, 3, 1).reshape(B, *query_shape, -1)  # (B, C, 1, N) -> (B, ..., C)
+    return q_feat, rel_coord.reshape(B, *query_shape, 2), rel_cell.reshape(B, *query_shape, 2)
+
+
+class RendererNet(nn.Module):
+    """The CLIF CNN (official `simple_renderer_net`, kernel_size 3): conv -> 2 ResnetBlocks -> GroupNorm, swish -> conv
+    to RGB, on the query grid. No tanh / clamp. Receptive field: 6 stacked 3x3 convs = 13 x 13 queries (radius 6), plus
+    the GroupNorm statistics, which are taken over the WHOLE rendered grid (see INFD.render)."""
+
+    def __init__(self, in_channels, hidden_channels, normalize=True, out_channels=3):
+        super().__init__()
+        self.model = nn.ModuleList([nn.Conv2d(in_channels, hidden_channels, 3, padding=1),
+                                    ResnetBlock(hidden_channels, hidden_channels),
+                                    ResnetBlock(hidden_channels, hidden_channels)])
+        self.norm_out = Normalize(hidden_channels)
+        self.conv_out = nn.Conv2d(hidden_channels, out_channels, 3, padding=1)
+        if not normalize:  # official option normalize=False: every GroupNorm is an identity (no state-dict keys)
+            for block in self.model[1:]:
+                block.norm1, block.norm2 = nn.Identity(), nn.Identity()
+            self.norm_out = nn.Identity()
+
+    def forward(self, x):
+        for layer in self.model:
+            x = layer(x)
+        return self.conv_out(nonlinearity(self.norm_out(x)))
+
+
+class CLIFRenderer(nn.Module):
+    """Convolutional local image function (official `renderer_concat_wrapper`), Sec. 3.1, Fig. 3:
+    rgb = CNN(cat[q_feat, rel_coord, rel_cell]) on the (B, h, w) query grid. Queries must form a 2-D grid."""
+
+    def __init__(self, z_dec_channels, hidden_channels, normalize=True, co_pe_dim=None,
+                 co_pe_w_max=None, ce_pe_dim=None, ce_pe_w_max=None):
+        super().__init__()
+        self.co_pe, self.ce_pe = (co_pe_dim, co_pe_w_max), (ce_pe_dim, ce_pe_w_max)
+        coord_dim = (2 if co_pe_dim is None else 2 * co_pe_dim) + (2 if ce_pe_dim is None else 2 * ce_pe_dim)
+        self.net = RendererNet(z_dec_channels + coord_dim, hidden_channels, normalize)
+
+    def forward(self, phi, coord, cell):
+        if coord.dim() != 4 or coord.shape[-1] != 2 or cell.shape != coord.shape:
+            raise ValueError(f"coord and cell must be query grids (B, h, w, 2), got {tuple(coord.shape)} and "
+                             f"{tuple(cell.shape)}")
+        q_feat, rel_coord, rel_cell = liif_query(phi, coord, cell)
+        if self.co_pe[0] is not None:
+            rel_coord = convert_posenc(rel_coord, *self.co_pe)
+        if self.ce_pe[0] is not None:
+            rel_cell = convert_posenc(rel_cell, *self.ce_pe)
+        # (B, h, w, C + 2 + 2) -> (B, C + 4, h, w): channel order q_feat, rel_coord (dy, dx), rel_cell (cy, cx)
+        layout = torch.cat([q_feat, rel_coord.to(q_feat.dtype), rel_cell.to(q_feat.dtype)], dim=-1).permute(0, 3, 1, 2)
+        return self.net(layout)
+
+    def last_layer_weight(self):
+        return self.net.conv_out.weight
+
+
+class OriginalTail(nn.Module):
+    """Ablation `fixres_original_tail` (Table 3, "fixed-resolution renderer"): the original VQGAN decoder tail."""
+
+    def __init__(self, in_channels, out_channels=3):
+        super().__init__()
+        self.norm_out = Normalize(in_channels)
+        self.conv_out = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv_out(nonlinearity(self.norm_out(x)))
+
+
+class FixresRenderer(nn.Module):
+    """Official `renderer_fixres_wrapper`: ignores coord and cell, renders phi's own grid (phi resolution only)."""
+
+    def __init__(self, z_dec_channels):
+        super().__init__()
+        self.net = OriginalTail(z_dec_channels)
+
+    def forward(self, phi, coord=None, cell=None):
+        return self.net(phi)
+
+    def last_layer_weight(self):
+        return self.net.conv_out.weight
+
+
+# =============================================================================================================
+# Sec. 3.2 -- training data: random-scale ground truth, fixed P x P crop, its coordinates and cell
+# =============================================================================================================
+def to_tensor(img):
+    """PIL RGB -> (3, H, W) in [-1, 1], computed as torchvision ToTensor + Normalize(0.5, 0.5) (same bits)."""
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)  # (H, W, 3) -> (3, H, W)
+    return (x - 0.5) / 0.5
+
+
+def sample_patch(img, rng, resize_inp, resize_gt_lb, resize_gt_ub, final_crop_gt, p_whole=0.0, p_max=0.0):
+    """Official BaseWrapperCAE.process on a square PIL image, with `rng` (random.Random) in place of the global
+    `random` (same call sequence, so random.Random(s) reproduces random.seed(s)). Returns
+      inp      the whole image LANCZOS-resized to resize_inp (the encoder input),
+      gt       a final_crop_gt^2 crop of the image LANCZOS-resized to a random r x r (Sec. 3.2 multi-scale GT),
+      gt_coord its pixel centres in the [-1, 1] frame of the whole image, (P, P, 2),
+      gt_cell  (2/r, 2/r) per query, (P, P, 2)."""
+    if img.size[0] != img.size[1]:
+        raise ValueError(f"sample_patch needs a square image, got {img.size[0]}x{img.size[1]}")
+    size = img.size[0]
+    inp = to_tensor(img.resize((resize_inp, resize_inp), Image.LANCZOS))
+    if rng.random() < p_whole:  # the whole image at the crop size (official draws this first)
+        r = final_crop_gt
+    elif rng.random() < p_max:  # the largest scale available
+        r = min(size, resize_gt_ub)
+    else:  # uniform integer scale, inclusive
+        r = rng.randint(resize_gt_lb, min(size, resize_gt_ub))
+    gt = to_tensor(img.resize((r, r), Image.LANCZOS))  # (3, r, r)
+    p = final_crop_gt
+    ii, jj = rng.randint(0, r - p), rng.randint(0, r - p)  # top-left corner (row, column)
+    gt = gt[:, ii: ii + p, jj: jj + p]  # (3, r, r) -> (3, P, P)
+    coord = 2 * make_coord_grid((p, p), range=[[ii / r, (ii + p) / r], [jj / r, (jj + p) / r]]) - 1  # [0,1] -> [-1,1]
+    cell = torch.tensor([2 / r, 2 / r], dtype=torch.float32).view(1, 1, 2).expand(p, p, -1)
+    return {"inp": inp, "gt": gt, "gt_coord": coord, "gt_cell": cell}
+
+
+# =============================================================================================================
+# Sec. 3.2 -- the adversarial part of the loss: PatchGAN discriminator, LPIPS
+# =============================================================================================================
+# Copied from ae_kl.weights_init
+def weights_init(m):
+    """taming's init: conv weights ~ N(0, 0.02) (biases keep PyTorch's init); BatchNorm gamma ~ N(1, 0.02), beta 0."""
+    classname = m.__class__.__name__
+    if classname.find("Conv") != -1:
+        nn.init.normal_(m.weight.data, 0.0, 0.02)
+    elif classname.find("BatchNorm") != -1:
+        nn.init.normal_(m.weight.data, 1.0, 0.02)
+        nn.init.constant_(m.bias.data, 0)
+
+
+# Copied from ae_kl.NLayerDiscriminator
+class NLayerDiscriminator(nn.Module):
+    """PatchGAN D_psi of pix2pix (Isola et al. 2017): one logit per overlapping patch.
+
+    main = [conv s2 (bias), lrelu] + (n_layers - 1) x [conv s2 (no bias), BN, lrelu]
+           + [conv s1 (no bias), BN, lrelu] + [conv s1 -> 1 channel (bias)], kernel 4, padding 1.
+    A 256 input gives 30x30 logits for n_layers 3.
+    """
+
+    def __init__(self, input_nc=3, ndf=64, n_layers=3):
+        super().__init__()
+        kw, padw = 4, 1
+        sequence = [nn.Conv2d(input_nc, ndf, kernel_size=kw, stride=2, padding=padw), nn.LeakyReLU(0.2, True)]
+        nf_mult = 1
+        for n in range(1, n_layers):  # gradually increase the number of filters, halve the size each time
+            nf_mult_prev, nf_mult = nf_mult, min(2 ** n, 8)
+            sequence += [nn.Conv2d(ndf * nf_mult_prev, ndf * nf_mult, kernel_size=kw, stride=2, padding=padw,
+                                   bias=False),
+                         nn.BatchNorm2d(ndf * nf_mult), nn.LeakyReLU(0.2, True)]
+        nf_mult_prev, nf_mult = nf_mult, min(2 ** n_layers, 8)
+        sequence += [nn.Conv2d(ndf * nf_mult_prev, ndf * nf_mult, kernel_size=kw, stride=1, padding=padw,
+                               bias=False),
+                     nn.BatchNorm2d(ndf * nf_mult), nn.LeakyReLU(0.2, True)]
+        sequence += [nn.Conv2d(ndf * nf_mult, 1, kernel_size=kw, stride=1, padding=padw)]  # patch logits
+        self.main = nn.Sequential(*sequence)
+
+    def forward(self, x):
+        return self.main(x)  # (B, C, H, W) -> (B, 1, H', W')
+
+
+VGG_FILE = "vgg16-397923af.pth"
+
+
+def build_lpips(pretrained=True):
+    """Frozen VGG16 LPIPS (same weights as the official `load/vgg_lpips.pth`), eval mode. pretrained=False: random
+    VGG backbone (tests; no download). A failed download of the torchvision VGG16 weights becomes one clear error."""
+    try:
+        net = lpips.LPIPS(net="vgg", pnet_rand=not pretrained, verbose=False)
+    except Exception as e:  # noqa: BLE001 (urllib / OSError / hash errors: all mean "the weights are not there")
+        if not pretrained:
+            raise
+        folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+        raise RuntimeError(f"LPIPS needs the torchvision VGG16 weights {VGG_FILE}, which could not be downloaded "
+                           f"({type(e).__name__}); put the file in {folder} ($TORCH_HOME/hub/checkpoints, TORCH_HOME "
+                           f"defaults to ~/.cache/torch), or pass lpips_pretrained=False (tests only)") from None
+    # Eval mode: the official LPIPS is built with .eval() but the trainer's model.train() re-enables the dropout of
+    # its linear heads; this project keeps LPIPS in eval mode (deterministic perceptual loss).
+    return net.eval().requires_grad_(False)
+
+
+# =============================================================================================================
+# The INFD autoencoder
+# =============================================================================================================
+class INFD(nn.Module):
+    """Image neural field autoencoder. Submodule names = the official state-dict names (encoder.0 / encoder.1,
+    quantizer, decoder.0 / decoder.1, renderer.net, disc.main), so load_official needs no renames.
+
+    encode(x) -> z * scale_factor   (z = pre-quantisation latent, the diffusion space, Sec. 3.3)
+    decode(z) -> image at the encoder resolution; render(z, size) -> image at any size (tiled, official defaults)
+    decode_z(z) -> phi (quantiser + decoder, official name); render_phi(phi, coord, cell) -> RGB at given queries."""
+
+    def __init__(self, resolution=256, in_channels=3, ch=128, ch_mult=(1, 2, 4), num_res_blocks=2, z_channels=3,
+                 n_embed=8192, vq_beta=0.25, renderer="clif", renderer_hidden=256, renderer_normalize=True,
+                 disc_ndf=64, disc_layers=3, l1_weight=1.0, perc_weight=1.0,
+                 quant_weight=1.0, gan_weight=0.75, adaptive_gan_weight=True, disc_start=0, max_scale=4,
+                 p_whole=0.0, p_max=0.0, patch_size=256, patch_padding=8, scale_factor=0.0, lpips_pretrained=True,
+                 hparams=None):
+        super().__init__()
+        if in_channels != 3:
+            raise ValueError(f"INFD renders RGB images: in_channels must be 3, got {in_channels}")
+        f = 2 ** (len(ch_mult) - 1)
+        if resolution % f:
+            raise ValueError(f"image_size {resolution} is not divisible by the encoder's downsampling factor {f}")
+        self.resolution, self.f, self.z_channels = resolution, f, z_channels
+        self.loss_cfg = dict(l1=l1_weight, perc=perc_weight, quant=quant_weight, gan=gan_weight,
+                             adaptive=adaptive_gan_weight, disc_start=disc_start)
+        self.sampler_cfg = dict(max_scale=max_scale, p_whole=p_whole, p_max=p_max)
+        self.patch_size, self.patch_padding = patch_size, patch_padding
+        self.hparams = dict(hparams or {})
+        # E: image at the fixed encoder resolution -> z (B, z_channels, R/f, R/f); then an extra 1x1 conv (encoder.1)
+        # (no attention inside the levels, only in the mid block; double_z=False: a plain VQ latent)
+        self.encoder = nn.Sequential(Encoder(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, attn_resolutions=(),
+                                             in_channels=in_channels, resolution=resolution, z_channels=z_channels,
+                                             double_z=False),
+                                     nn.Conv2d(z_channels, z_channels, 1))
+        self.quantizer = VectorQuantizer(n_embed, z_channels, vq_beta)
+        # D: 1x1 conv (decoder.0), then the VQGAN decoder without its tail -> phi (B, ch*ch_mult[0], R, R)
+        self.decoder = nn.Sequential(nn.Conv2d(z_channels, z_channels, 1),
+                                     Decoder(ch, ch_mult, num_res_blocks, z_channels))
+        phi_channels = ch * ch_mult[0]
+        if renderer == "clif":
+            self.renderer = CLIFRenderer(phi_channels, renderer_hidden, renderer_normalize)
+        elif renderer == "fixres":
+            self.renderer = FixresRenderer(phi_channels)
+        else:
+            raise ValueError(f"unknown renderer {renderer!r} (choose 'clif' or 'fixres')")
+        self.disc = NLayerDiscriminator(in_channels, disc_ndf, disc_layers).apply(weights_init)
+        # Latent scale for diffusion (contract): 0 = not measured yet (treated as 1 by encode / decode).
+        self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
+        # LPIPS is frozen, in eval mode and NOT a registered submodule: it stays out of parameters() / state_dict()
+        # (the official state dict has it as perc_loss.*, which load_official drops; the weights are the same
+        # published VGG-LPIPS ones). _apply below moves it with .to() / .cuda(). The pretrained one is built here,
+        # so a missing VGG16 download fails at once; the random-backbone one (tests) on the first loss() call.
+        self.lpips_pretrained = lpips_pretrained
+        meta = torch.empty(0).device.type == "meta"
+        self._lpips = [build_lpips(True)] if lpips_pretrained and not meta else []
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for net in self._lpips:
+            net._apply(fn)
+        return self
+
+    # ---------------------------------------------------------------- autoencoder (Sec. 3.1)
+    def encode_z(self, x):
+        """Image in [-1, 1] at the encoder resolution -> z (pre-quantisation), official `encode_z`."""
+        return self.encoder(x)
+
+    def decode_z(self, z):
+        """z -> phi through the VQ layer and the decoder (official `decode_z`: the quantiser IS applied, also to
+        diffusion samples, as gen_samples.py does)."""
+        z_q, _, _ = self.quantizer(z)
+        return self.decoder(z_q)
+
+    def render_phi(self, phi, coord, cell):
+        """Renderer R on explicit queries: phi (B, C, H, W), coord / cell (B, h, w, 2) -> (B, 3, h, w)."""
+        return self.renderer(phi, coord, cell)
+
+    def _scale(self):
+        return torch.where(self.scale_factor == 0, torch.ones_like(self.scale_factor), self.scale_factor)
+
+    def encode(self, x):
+        """Contract: x (B, 3, H, W) in [-1, 1] -> z * scale_factor, z (B, z_channels, R/f, R/f). The encoder works
+        at its fixed resolution R: other sizes are resampled first (bicubic, antialiased; the official data
+        pipeline uses PIL LANCZOS)."""
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"encode expects images (B, 3, H, W), got {tuple(x.shape)}")
+        if tuple(x.shape[-2:]) != (self.resolution, self.resolution):
+            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bicubic", align_corners=False,
+                              antialias=True)
+        return self.encode_z(x) * self._scale()
+
+    def decode(self, z):
+        """Contract: z * scale_factor -> image (B, 3, R, R) at the encoder resolution (render(z, R))."""
+        return self.render(z, self.resolution)
+
+    @torch.no_grad()
+    def render(self, z, size, patch_size=None, patch_padding=None):
+        """Any-resolution rendering, exactly as the official gen_samples.render_output_patchwise (Sec. 4):
+        phi = decode_z(z / scale_factor); the size x size query grid (pixel centres over [-1, 1], cell 2/size)
+        is cut into patch_size tiles (row-major; the last ones may be smaller), each rendered with up to
+        `patch_padding` extra queries on every side (clamped at the image border), and only its centre is kept.
+        Defaults = official CLI (256, 8). patch_size None -> one tile (whole image).
+        Padding 8 > the CNN's receptive-field radius 6, so WITHOUT normalisation tiles would equal a whole render;
+        the renderer's GroupNorm, however, takes its statistics over each rendered window, so tiles differ
+        from a whole render (tests/test_infd.py): max 1.46 for the tiny golden model at tile 32 / pad 8 (1 channel
+        per group); max 0.014, mean 0.0023 for the ae-d4vq-width renderer (random weights) at 512^2, tile 256 / pad 8."""
+        if z.dim() != 4 or z.shape[1] != self.z_channels:
+            raise ValueError(f"render expects latents (B, {self.z_channels}, h, w), got {tuple(z.shape)}")
+        H, W = (size, size) if isinstance(size, int) else tuple(size)
+        p = self.patch_size if patch_size is None else patch_size
+        pad = self.patch_padding if patch_padding is None else patch_padding
+        phi = self.decode_z(z / self._scale())
+        B = phi.shape[0]
+        coord, cell = make_coord_cell_grid((H, W), device=phi.device, bs=B)  # (B, H, W, 2) each
+        coord, cell = coord.to(phi.dtype), cell.to(phi.dtype)
+        if not p or p <= 0:  # patch_size 0 / None from the caller: one whole tile
+            return self.render_phi(phi, coord, cell)
+        out = None
+        for y0 in range(0, H, p):  # official outer loop: rows ("x0" there)
+            yl = min(p, H - y0)
+            pt, pb = min(pad, y0), min(pad, H - (y0 + yl))  # padding clamped at the image border
+            for x0 in range(0, W, p):
+                xl = min(p, W - x0)
+                pl, pr = min(pad, x0), min(pad, W - (x0 + xl))
+                win = (slice(None), slice(y0 - pt, y0 + yl + pb), slice(x0 - pl, x0 + xl + pr))
+                tile = self.render_phi(phi, coord[win].contiguous(), cell[win].contiguous())  # (B, 3, h+pads, w+pads)
+                if out is None:
+                    out = tile.new_zeros(B, tile.shape[1], H, W)
+                out[:, :, y0: y0 + yl, x0: x0 + xl] = tile[:, :, pt: pt + yl, pl: pl + xl]  # keep the centre
+        return out
+
+    # ---------------------------------------------------------------- training (Sec. 3.2)
+    def data_transform(self, image_size):
+        """Contract hook for train.py: f(PIL image, random.Random) -> {"x", "gt", "gt_coord", "gt_cell"}.
+        Official ae_ffhq settings with P = image_size: x = the whole image LANCZOS-resized to P (the encoder input),
+        gt = a P x P crop of the image resized to r ~ U{P .. min(size, max_scale * P)} (1024/256 = 4 officially).
+        Non-square images are centre-cropped to a square first (official image_folder), never resized to one size:
+        a folder may mix sizes, and larger images give larger scales."""
+        cfg = self.sampler_cfg
+
+        def transform(img, rng):
+            w, h = img.size
+            s = min(w, h)
+            if w != h:
+                img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+            if s < image_size:  # a small image: upsample to P (the scale range is then just r = P)
+                img, s = img.resize((image_size, image_size), Image.LANCZOS), image_size
+            d = sample_patch(img, rng, image_size, image_size, cfg["max_scale"] * image_size, image_size,
+                             cfg["p_whole"], cfg["p_max"])
+            return {"x": d["inp"], "gt": d["gt"], "gt_coord": d["gt_coord"], "gt_cell": d["gt_cell"]}
+        return transform
+
+    def optimizer_groups(self, phase=None):
+        """{"ae": encoder + quantizer + decoder + renderer, "disc": discriminator} (official: one Adam each for
+        encoder, decoder(+quantizer), renderer -- the same as one Adam -- and disc)."""
+        ae = [p for m in (self.encoder, self.quantizer, self.decoder, self.renderer) for p in m.parameters()]
+        return {"ae": ae, "disc": list(self.disc.parameters())}
+
+    def _targets(self, batch):
+        """The ground-truth patch and its queries; without them (a batch from the default transform) the whole
+        image x at its own resolution (official vis_ae_whole)."""
+        x = batch["x"]
+        if "gt" in batch:
+            return batch["gt"], batch["gt_coord"], batch["gt_cell"]
+        coord, cell = make_coord_cell_grid(x.shape[-2:], device=x.device, bs=x.shape[0])
+        return x, coord, cell
+
+    def _adaptive_weight(self, nll, g_loss):
+        """Taming / official: ||d nll/dW|| / (||d g/dW|| + 1e-4), clamped to [0, 1e4], W = renderer's last conv.
+        (Official DDP averages both gradients over ranks first; here each rank uses its own.)"""
+        w = self.renderer.last_layer_weight()
+        nll_grad = torch.autograd.grad(nll, w, retain_graph=True)[0].float()
+        g_grad = torch.autograd.grad(g_loss, w, retain_graph=True)[0].float()
+        return torch.clamp(nll_grad.norm() / (g_grad.norm() + 1e-4), 0.0, 1e4).detach()
+
+    def loss(self, group, batch, step):
+        """One call per group per step (contract). "ae": quant + L1 + LPIPS + gan_weight * w_adapt * (-D(pred));
+        "disc": hinge loss on gt vs a no-grad re-render (official INFD.forward modes 'loss' / 'disc_loss').
+        The GAN terms start at step >= disc_start (official gan_start_after_iters = 0: from the first step)."""
+        x = batch["x"]
+        gt, coord, cell = self._targets(batch)
+        lc = self.loss_cfg
+        use_gan = step >= lc["disc_start"]
+        if group == "ae":
+            z = self.encode_z(x)
+            z_q, quant_loss, _ = self.quantizer(z)
+            pred = self.render_phi(self.decoder(z_q), coord, cell)  # (B, 3, P, P)
+            pred32, gt32 = pred.float(), gt.float()
+            l1 = (pred32 - gt32).abs().mean()
+            if not self._lpips:
+                self._lpips.append(build_lpips(self.lpips_pretrained).to(x.device))
+            perc = self._lpips[0](pred32, gt32).float().mean()
+            nll = lc["l1"] * l1 + lc["perc"] * perc
+            loss = lc["quant"] * quant_loss.float() + nll
+            mse = ((gt32 - pred32.detach()) / 2).pow(2).mean(dim=(1, 2, 3))
+            logs = {"l1": l1.detach(), "lpips": perc.detach(), "quant": quant_loss.detach().float(),
+                    "psnr": (-10 * torch.log10(mse)).mean()}
+            if use_gan:
+                g_loss = -self.disc(pred).float().mean()
+                weight = torch.tensor(lc["gan"], device=x.device)
+                if lc["adaptive"] and self.training and torch.is_grad_enabled():
+                    weight = weight * self._adaptive_weight(nll, g_loss)
+                loss = loss + weight * g_loss
+                logs.update(gan_g=g_loss.detach(), gan_weight=weight.detach())
+            return loss, logs
+        if group == "disc":
+            if not use_gan:  # before disc_start: no discriminator forward (no BatchNorm update), zero gradients
+                zero = sum(p.sum() for p in self.disc.parameters()) * 0.0
+                return zero.float(), {"disc": zero.detach().float()}
+            with torch.no_grad():
+                pred = self.render_phi(self.decode_z(self.encode_z(x)), coord, cell)
+            logits_real, logits_fake = self.disc(gt).float(), self.disc(pred).float()
+            loss = (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean()) / 2  # hinge
+            return loss, {"disc": loss.detach(), "logits_real": logits_real.detach().mean(),
+                          "logits_fake": logits_fake.detach().mean()}
+        raise ValueError(f"unknown loss group {group!r} (INFD has 'ae' and 'disc')")
+
+
+# =============================================================================================================
+# Presets, create, load_official
+# =============================================================================================================
+# Official training settings (cfgs/trainers/ae.yaml, ae_ffhq.yaml): Adam lr 3.6e-5, betas (0.5, 0.9), no weight
+# decay, no gradient clipping, total batch 8, 1M iterations; no EMA for the autoencoder (decay 0 -> ema == weights).
+AE_HPARAMS = dict(lr=3.6e-5, betas=(0.5, 0.9), weight_decay=0.0, grad_clip=0.0, batch_size=8, ema_decay=0.0)
+
+CONFIGS = {
+    # cfgs/models/ae-d4vq.yaml: 60.76M params without LPIPS (official count 75.48M incl. 14.72M LPIPS);
+    # encoder 22.34M, decoder 32.96M, renderer 2.67M, disc 2.77M. scale_factor 1: the official diffusion model
+    # is trained on the raw pre-quantisation z.
+    "ae-d4vq": dict(resolution=256, ch=128, ch_mult=(1, 2, 4), num_res_blocks=2, z_channels=3, n_embed=8192,
+                    renderer="clif", renderer_hidden=256, gan_weight=0.75, adaptive_gan_weight=True, scale_factor=1.0,
+                    hparams=AE_HPARAMS),
+    # cfgs/models/ae-d4vq-oritail.yaml (ablation: fixed-resolution VQGAN tail instead of CLIF): 58.09M params.
+    "ae-d4vq-oritail": dict(resolution=256, ch=128, ch_mult=(1, 2, 4), num_res_blocks=2, z_channels=3, n_embed=8192,
+                            renderer="fixres", gan_weight=0.75, adaptive_gan_weight=True, scale_factor=1.0,
+                            hparams=AE_HPARAMS),
+    # The golden-file architecture (ch 32, ch_mult (2, 1, 1), 1 res block, 32 codes, renderer width 32) with a
+    # smaller discriminator: 0.56M params (0.52M AE + 0.04M disc). Fast on CPU at 32x32.
+    "tiny": dict(resolution=32, ch=32, ch_mult=(2, 1, 1), num_res_blocks=1, z_channels=3, n_embed=32,
+                 renderer="clif", renderer_hidden=32, disc_ndf=16, disc_layers=2, gan_weight=0.75,
+                 adaptive_gan_weight=True, scale_factor=0.0, hparams=dict(AE_HPARAMS, lr=2e-4, batch_size=8)),
+}
+CONFIGS["dm_ffhq"] = dict(CONFIGS["ae-d4vq"])  # the AE inside cfgs/dm_ffhq.yaml (its UNet is not part of this file)
+
+
+def create(config="tiny", **overrides):
+    """Contract: a CONFIGS name (or a dict of INFD arguments) + overrides. image_size -> the encoder resolution,
+    in_channels must be 3, num_classes is ignored (unconditional autoencoder)."""
+    if isinstance(config, str):
+        if config not in CONFIGS:
+            raise ValueError(f"unknown INFD preset {config!r}; presets: {', '.join(CONFIGS)}")
+        config = CONFIGS[config]
+    kw = dict(config)
+    overrides = dict(overrides)
+    overrides.pop("num_classes", None)
+    if "image_size" in overrides:
+        overrides["resolution"] = overrides.pop("image_size")
+    hp = dict(kw.get("hparams") or {}, **overrides.pop("hparams", {}))
+    for key in list(overrides):  # train.py --set lr=... etc. land in hparams, not in the constructor
+        if key in ("lr", "betas", "weight_decay", "ema_decay", "warmup_steps", "grad_clip", "batch_size"):
+            hp[key] = overrides.pop(key)
+    kw.update(overrides, hparams=hp)
+    return INFD(**kw)
+
+
+# Official model arguments that are not architecture (ignored when building from an official spec).
+VQF4 = dict(ch=128, ch_mult=[1, 2, 4], num_res_blocks=2, z_channels=3, resolution=256)  # encoder/decoder_vqf4 defaults
+DROPPED = ("perc_loss.", "z_dm.", "z_dm_ema.")  # official prefixes load_official drops (see there)
+
+
+def official_to_create(spec):
+    """Official INFD constructor kwargs (first line of reference/infd/keys/*.txt, or `{'name', 'args'}`) -> our
+    INFD arguments."""
+    spec = spec.get("args", spec) if "encoder" not in spec else spec
+    enc = dict(VQF4, **(spec["encoder"].get("args") or {}))
+    dec = dict(VQF4, **(spec["decoder"].get("args") or {}))
+    if {k: enc[k] for k in VQF4 if k != "resolution"} != {k: dec[k] for k in VQF4 if k != "resolution"}:
+        raise ValueError("encoder and decoder specs differ; this file builds symmetric autoencoders only")
+    if not spec.get("quantizer", False) or spec.get("z_gaussian", False):
+        raise ValueError("only the VQ autoencoder (quantizer: true, z_gaussian: false) is implemented")
+    r = spec["renderer"]
+    kw = dict(resolution=enc["resolution"], ch=enc["ch"], ch_mult=tuple(enc["ch_mult"]),
+              num_res_blocks=enc["num_res_blocks"], z_channels=enc["z_channels"], n_embed=spec["n_embed"],
+              vq_beta=spec.get("vq_beta", 0.25), gan_weight=(spec.get("loss_cfg") or {}).get("gan_g_loss", 1.0),
+              adaptive_gan_weight=spec.get("adaptive_gan_weight", False), scale_factor=1.0, hparams=AE_HPARAMS)
+    if r["name"] == "renderer_concat_wrapper":
+        net = r["args"]["net"].get("args", {})
+        if net.get("kernel_size", 3) != 3:
+            raise ValueError(f"only kernel_size 3 renderers are implemented, got {net['kernel_size']}")
+        kw.update(renderer="clif", renderer_hidden=net["hidden_channels"], renderer_normalize=net.get("normalize", True))
+    elif r["name"] == "renderer_fixres_wrapper":
+        kw.update(renderer="fixres")
+    else:
+        raise ValueError(f"unsupported official renderer {r['name']!r}")
+    return kw
+
+
+def load_official(path_or_state_dict, config="ae-d4vq", **overrides):
+    """Official checkpoint (`{'model': {'sd': ...}}` as BaseTrainer saves it, or a bare state dict) -> INFD, strict.
+    Rename table: none (our module names are the official ones), except
+      perc_loss.*        dropped: LPIPS is rebuilt from the lpips package (same VGG-LPIPS weights), kept out of
+                         our state dict;
+      z_dm.*, z_dm_ema.* dropped: the diffusion UNet of dm checkpoints is not part of this file (train or load a
+                         diffusion model separately; it runs on encode()'s latents with scale_factor 1);
+      scale_factor       added (ours): 1.0, the official diffusion model works on the raw z.
+    `config`: a CONFIGS name or the official constructor kwargs (keys/*.txt first line)."""
+    if isinstance(path_or_state_dict, (str, os.PathLike)):
+        ck = torch.load(path_or_state_dict, map_location="cpu", weights_only=False)
+    else:
+        ck = path_or_state_dict
+    sd = ck["model"]["sd"] if isinstance(ck.get("model"), dict) and "sd" in ck["model"] else ck
+    kw = official_to_create(config) if isinstance(config, dict) else dict(CONFIGS[config])
+    kw.update(overrides)
+    model = create(kw)
+    sd = {k: v for k, v in sd.items() if not k.startswith(DROPPED)}
+    sd.setdefault("scale_factor", torch.tensor(1.0))
+    mine = model.state_dict()
+    missing, unexpected = sorted(set(mine) - set(sd)), sorted(set(sd) - set(mine))
+    if missing or unexpected:
+        raise ValueError(f"official checkpoint does not fit INFD config: missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}")
+    bad = [k for k in mine if tuple(mine[k].shape) != tuple(sd[k].shape)]
+    if bad:
+        raise ValueError(f"official checkpoint shapes differ from the config: {[(k, tuple(sd[k].shape)) for k in bad[:5]]}")
+    model.load_state_dict(sd, strict=True)
+    return model
