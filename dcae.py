@@ -624,7 +624,7 @@ def build_lpips(pretrained=True):
             if not pretrained:
                 raise
             folder = f"{torch.hub.get_dir()}/checkpoints"
-            raise RuntimeError(
+            raise FileNotFoundError(
                 f"LPIPS needs the ImageNet VGG16 weights 'vgg16-397923af.pth' and could not download them "
                 f"({type(e).__name__}: {e}). Put the file (https://download.pytorch.org/models/"
                 f"vgg16-397923af.pth) into {folder}/ ($TORCH_HOME/hub/checkpoints/, TORCH_HOME defaults to "

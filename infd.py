@@ -38,9 +38,8 @@ downsampled L1/LPIPS, scale-conditioned discriminator, SimpleRendererNetLarger, 
 Conventions (official): images in [-1, 1]; coordinates in [-1, 1] are pixel CENTRES, last dim (y, x) = (row, col);
 `cell` is the full pixel size (2/H, 2/W). decode(z) renders at the encoder resolution; render(z, size) at any size.
 """
-import math
 import os
-import random
+import warnings
 
 import lpips
 import numpy as np
@@ -489,24 +488,31 @@ class NLayerDiscriminator(nn.Module):
         return self.main(x)  # (B, C, H, W) -> (B, 1, H', W')
 
 
-VGG_FILE = "vgg16-397923af.pth"
-
-
+# Copied from ae_kl.build_lpips
 def build_lpips(pretrained=True):
-    """Frozen VGG16 LPIPS (same weights as the official `load/vgg_lpips.pth`), eval mode. pretrained=False: random
-    VGG backbone (tests; no download). A failed download of the torchvision VGG16 weights becomes one clear error."""
-    try:
-        net = lpips.LPIPS(net="vgg", pnet_rand=not pretrained, verbose=False)
-    except Exception as e:  # noqa: BLE001 (urllib / OSError / hash errors: all mean "the weights are not there")
-        if not pretrained:
-            raise
-        folder = os.path.join(torch.hub.get_dir(), "checkpoints")
-        raise RuntimeError(f"LPIPS needs the torchvision VGG16 weights {VGG_FILE}, which could not be downloaded "
-                           f"({type(e).__name__}); put the file in {folder} ($TORCH_HOME/hub/checkpoints, TORCH_HOME "
-                           f"defaults to ~/.cache/torch), or pass lpips_pretrained=False (tests only)") from None
-    # Eval mode: the official LPIPS is built with .eval() but the trainer's model.train() re-enables the dropout of
-    # its linear heads; this project keeps LPIPS in eval mode (deterministic perceptual loss).
-    return net.eval().requires_grad_(False)
+    """Frozen LPIPS-VGG (Zhang et al. 2018) from the lpips package, in eval mode.
+
+    pretrained=False: random VGG16 backbone (tests only: no download), drawn from a fixed seed without
+    touching the global RNG, so every process builds the same network. pretrained=True needs the
+    torchvision VGG16 file; when it cannot be downloaded this raises one clear error naming the file.
+    """
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision's "pretrained is deprecated" notices
+        torch.manual_seed(0)
+        try:
+            net = lpips.LPIPS(net="vgg", pnet_rand=not pretrained, verbose=False)
+        except Exception as e:  # any download failure (URLError, socket, HTTP, partial file...)
+            if not pretrained:
+                raise
+            folder = f"{torch.hub.get_dir()}/checkpoints"
+            raise FileNotFoundError(
+                f"LPIPS needs the ImageNet VGG16 weights 'vgg16-397923af.pth' and could not download them "
+                f"({type(e).__name__}: {e}). Put the file (https://download.pytorch.org/models/"
+                f"vgg16-397923af.pth) into {folder}/ ($TORCH_HOME/hub/checkpoints/, TORCH_HOME defaults to "
+                f"~/.cache/torch), or pass lpips_pretrained=False (random backbone: tests only).") from None
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net.eval()
 
 
 # =============================================================================================================
@@ -560,11 +566,10 @@ class INFD(nn.Module):
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
         # LPIPS is frozen, in eval mode and NOT a registered submodule: it stays out of parameters() / state_dict()
         # (the official state dict has it as perc_loss.*, which load_official drops; the weights are the same
-        # published VGG-LPIPS ones). _apply below moves it with .to() / .cuda(). The pretrained one is built here,
-        # so a missing VGG16 download fails at once; the random-backbone one (tests) on the first loss() call.
+        # published VGG-LPIPS ones). _apply below moves it with .to() / .cuda(). It is built on the first loss()
+        # call, so sampling and rendering never need the VGG16 download.
         self.lpips_pretrained = lpips_pretrained
-        meta = torch.empty(0).device.type == "meta"
-        self._lpips = [build_lpips(True)] if lpips_pretrained and not meta else []
+        self._lpips = []
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)

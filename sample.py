@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
@@ -80,6 +81,18 @@ def load_autoencoder(spec, device):
     if not all(hasattr(ae, f) for f in ("encode", "decode", "scale_factor")):
         fail(f"--ae {spec} is not an autoencoder (no encode/decode/scale_factor)")
     return ae.to(device).eval().requires_grad_(False), scale
+
+
+@torch.no_grad()
+def fit_scale_factor(ae, x):
+    """train.py --ae with no stored factor: LDM's scale_by_std, 1 / std of the first batch's latents (averaged
+    over ranks), so the diffusion model sees latents of unit variance."""
+    ae.scale_factor.fill_(1.0)
+    var = ae.encode(x).float().var()
+    if dist.is_initialized():
+        dist.all_reduce(var)  # a sum over ranks (gloo has no AVG)
+        var /= dist.get_world_size()
+    ae.scale_factor.fill_(float(var.rsqrt()))
 
 
 def to_uint8(x):

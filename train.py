@@ -21,7 +21,8 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from sample import IMAGE_EXTS, build_model, fail, load_autoencoder, load_checkpoint, load_weights, save_grid
+from sample import (IMAGE_EXTS, build_model, fail, fit_scale_factor, load_autoencoder, load_checkpoint, load_weights,
+                    save_grid)
 
 DEFAULTS = dict(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, ema_decay=0.9999, warmup_steps=0, grad_clip=1.0, batch_size=64)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
@@ -42,8 +43,7 @@ class Shapes:
     def __init__(self, size, n=60_000, seed=0):
         self.size, self.n, self.seed = size, n, seed
 
-    def __len__(self):
-        return self.n
+    def __len__(self): return self.n  # noqa: E704
 
     def image(self, i):
         rng, s = random.Random(seed_for("shapes", self.seed, i)), 4 * self.size
@@ -82,11 +82,9 @@ class Folder:
         labelled = labelled and subdirs and not any(p.parent == root for p in files)
         self.classes = subdirs if labelled else ["all"]
         index = {c: k for k, c in enumerate(self.classes)}
-        self.files = files
-        self.labels = [index[p.relative_to(root).parts[0]] if labelled else 0 for p in files]
+        self.files, self.labels = files, [index[p.relative_to(root).parts[0]] if labelled else 0 for p in files]
 
-    def __len__(self):
-        return len(self.files)
+    def __len__(self): return len(self.files)  # noqa: E704
 
     def image(self, i):
         with Image.open(self.files[i]) as img:
@@ -113,8 +111,7 @@ def center_crop_transform(image_size):
         img = img.resize(tuple(max(image_size, round(x * scale)) for x in img.size), Image.BICUBIC)
         left, top = (img.size[0] - image_size) // 2, (img.size[1] - image_size) // 2
         img = img.crop((left, top, left + image_size, top + image_size))
-        if rng.random() < 0.5:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        img = img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
         return {"x": torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)}  # (3, H, W)
     return transform
 
@@ -126,8 +123,7 @@ class Examples(torch.utils.data.Dataset):
     def __init__(self, source, transform):
         self.source, self.transform, self.warned = source, transform, False
 
-    def __len__(self):
-        return len(self.source)
+    def __len__(self): return len(self.source)  # noqa: E704
 
     def __getitem__(self, item):
         i, aug_seed = item
@@ -149,13 +145,13 @@ class Examples(torch.utils.data.Dataset):
 class ShardSampler(torch.utils.data.Sampler):
     """Yields (index, augmentation seed) for this process's shards of every global batch, from start_step on.
     Used instead of DistributedSampler (which deals rank r the samples r::world) so that the samples of a
-    shard do not depend on how many processes share the batch (see the module docstring)."""
+    shard do not depend on how many processes share the batch (see the module docstring). mb: samples per shard."""
 
     def __init__(self, n, global_batch, shards, total_shards, seed, start_step):
         if global_batch > n:
             fail(f"--batch-size {global_batch} is larger than the data set ({n} images)")
-        self.n, self.g, self.shards, self.seed, self.start = n, global_batch, shards, seed, start_step
-        self.mb = global_batch // total_shards  # samples per shard (= per micro-batch)
+        g, self.shards, self.seed, self.start = global_batch, shards, seed, start_step
+        self.n, self.g, self.mb = n, g, g // total_shards
 
     def __iter__(self):
         per_epoch, mb, step, perm, epoch = self.n // self.g, self.mb, self.start, None, -1
@@ -170,32 +166,38 @@ class ShardSampler(torch.utils.data.Sampler):
             step += 1
 
 
-@torch.no_grad()
-def fit_scale_factor(ae, x):
-    """LDM's scale_by_std: 1 / std of the first batch's latents (averaged over ranks), so z has unit variance."""
-    ae.scale_factor.fill_(1.0)
-    var = ae.encode(x).float().var()
-    if dist.is_initialized():
-        dist.all_reduce(var, op=dist.ReduceOp.AVG)
-    ae.scale_factor.fill_(float(var.rsqrt()))
-
-
 # ------------------------------------------------------------------------------------ helpers
 @torch.no_grad()
 def ema_update(ema_params, params, decay):
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)  # ema += (1 - decay) * (p - ema)
 
 
-def count_flops(model, batch, groups, step):
+class LossCall(torch.nn.Module):
+    """model.loss as forward(): DDP syncs gradients only through forward(). A weights file the loss needs and
+    cannot download (LPIPS's VGG16) is the model's FileNotFoundError, which names the file and folder: one line."""
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, group, batch, step):
+        try:
+            return self.m.loss(group, batch, step)
+        except FileNotFoundError as e:
+            fail(str(e))
+
+
+def count_flops(call, batch, groups, step):
     """FLOPs of one training step for one sample: every group's loss forward + backward (FlopCounterMode)."""
     from torch.utils.flop_counter import FlopCounterMode
     n = min(2, len(batch["x"]))
     few = {k: v[:n] for k, v in batch.items()}
+    buffers = [b.clone() for b in call.buffers()]  # e.g. BatchNorm statistics: this extra step must not move them
     with FlopCounterMode(display=False) as counter:
         for g in groups:
-            loss, _ = model.loss(g, few, step)
+            loss, _ = call(g, few, step)
             loss.backward()
-    model.zero_grad(set_to_none=True)
+    call.zero_grad(set_to_none=True)
+    torch._foreach_copy_(list(call.buffers()), buffers)
     return counter.get_total_flops() / n
 
 
@@ -203,10 +205,9 @@ def count_flops(model, batch, groups, step):
 def preview(ema, ae, fixed, args, num_classes, device):
     """Grid of EMA samples (diffusion models, decoded through --ae) or of input|reconstruction pairs (AEs)."""
     if hasattr(ema, "sample"):
-        n = 16
-        labels = torch.arange(n, device=device) % num_classes
+        labels = torch.arange(16, device=device) % num_classes  # 16 samples, cycling through the classes
         gen = torch.Generator(device).manual_seed(args.seed)
-        x = ema.sample(n, labels=labels, steps=args.sample_steps, cfg=args.sample_cfg, generator=gen)
+        x = ema.sample(16, labels=labels, steps=args.sample_steps, cfg=args.sample_cfg, generator=gen)
         return ae.decode(x) if ae is not None else x
     x = fixed["x"][:8]
     pairs = torch.stack([x, ema.decode(ema.encode(x))], 1)  # (8, 2, C, H, W): input next to reconstruction
@@ -235,7 +236,7 @@ def parse_args(argv=None):
     p.add_argument("--init", default=None, help="start from this checkpoint's EMA weights (e.g. a DC-AE phase)")
     p.add_argument("--phase", type=int, default=None, help="passed to optimizer_groups (DC-AE phases 1-3)")
     p.add_argument("--ae", default=None, help="train on the latents of this autoencoder checkpoint (or MODEL:CONFIG:PATH)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra create() override")
+    p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="create() overrides")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="autocast dtype on CUDA")
     p.add_argument("--compile", action="store_true", help="torch.compile the loss")
     p.add_argument("--cpu", action="store_true", help="do not use CUDA even if present")
@@ -317,8 +318,9 @@ def main(argv=None):
     opts, params = {}, {}
     for name, group in groups.items():
         pgs = [dict(g) for g in group] if group and isinstance(group[0], dict) else [{"params": list(group)}]
-        for pg in pgs:
-            pg["initial_lr"] = pg.setdefault("lr", hp["lr"])
+        for pg in pgs:  # a dict may scale the base lr (HDiT's mapping network: lr_scale 1/3)
+            scale = pg.pop("lr_scale", 1.0)
+            pg["initial_lr"] = pg.setdefault("lr", hp["lr"] * scale)
         opts[name] = torch.optim.AdamW(pgs, lr=hp["lr"], betas=tuple(hp["betas"]), weight_decay=hp["weight_decay"],
                                        fused=cuda or None)
         params[name] = [p for pg in pgs for p in pg["params"]]
@@ -333,21 +335,6 @@ def main(argv=None):
             for pg, lr in zip(opt.param_groups, lrs):
                 pg["initial_lr"] = lr
         torch.set_rng_state(ck["rng"]["torch"])
-
-    class LossCall(torch.nn.Module):  # DDP syncs gradients only through forward(), so loss() becomes forward
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, group, batch, step):
-            return self.m.loss(group, batch, step)
-
-    call = LossCall(model)
-    if world > 1:
-        call = torch.nn.parallel.DistributedDataParallel(call, device_ids=[device.index] if cuda else None,
-                                                         find_unused_parameters=len(groups) > 1)
-    no_sync = call.no_sync if world > 1 else contextlib.nullcontext
-    call = torch.compile(call) if args.compile else call
 
     transform = default_tf if args.ae or not hasattr(model, "data_transform") else model.data_transform(args.image_size)
     sampler = ShardSampler(len(source), batch, range(rank * accum, (rank + 1) * accum), shards, args.seed, start)
@@ -364,9 +351,16 @@ def main(argv=None):
     first = torch.utils.data.default_collate([Examples(source, transform)[(j, j)] for j in (0, 1)])
     first = prepare({k: v for k, v in first.items() if k != "skipped"})
     try:
-        flops = count_flops(model, first, list(groups), start) if main_proc else None
+        flops = count_flops(LossCall(model), first, list(groups), start) if main_proc else None
     except Exception as e:  # noqa: BLE001 (an op FlopCounterMode does not know: report no MFU, train anyway)
         flops, _ = None, print(f"note: FLOP count failed ({type(e).__name__}); MFU not reported")
+    # Wrapped only now: DDP hooks every parameter's gradient, and the FLOP count's backward is not a DDP step.
+    call = LossCall(model)
+    if world > 1:
+        call = torch.nn.parallel.DistributedDataParallel(call, device_ids=[device.index] if cuda else None,
+                                                         find_unused_parameters=len(groups) > 1)
+    no_sync = call.no_sync if world > 1 else contextlib.nullcontext
+    call = torch.compile(call) if args.compile else call
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if cuda and k in torch.cuda.get_device_name()), None)
     if main_proc:
         out.mkdir(parents=True, exist_ok=True)
@@ -421,28 +415,29 @@ def main(argv=None):
                 norm = torch.nn.utils.clip_grad_norm_(params[name], hp["grad_clip"], foreach=True)
                 sums[f"grad_norm_{name}"] = sums.get(f"grad_norm_{name}", 0) + norm
             opt.step()
-        # EMA with LDM LitEma's warm-up: decay min(d, (1 + n) / (10 + n)) so short runs get a useful EMA.
-        ema_update(*zip(*ema_pairs), min(hp["ema_decay"], (1 + step) / (10 + step)))
+        # EMA warm-up so short runs get a useful EMA: k-diffusion's 1 - (1 + n)^-ema_power when the preset names a
+        # power (HDiT), else LDM LitEma's (1 + n) / (10 + n); both capped at the preset's decay.
+        power = hp.get("ema_power")
+        ema_update(*zip(*ema_pairs), min(hp["ema_decay"], 1 - (1 + step) ** -power if power else (1 + step) / (10 + step)))
         n_steps, done = n_steps + 1, step + 1
         pbar.update(1)
         if done % args.log_every == 0 or done == args.steps:
             keys = sorted(sums, key=lambda k: (not k.startswith("loss"), k))
             vals = torch.stack([torch.as_tensor(sums[k], device=device).float() for k in keys] + [skipped]) / n_steps
             if world > 1:
-                dist.all_reduce(vals)
-                vals /= world
-            vals = vals.tolist()
+                dist.all_reduce(vals)  # a sum (gloo has no AVG)
+            vals = (vals / world).tolist()
             check_finite(done)
             rate = n_steps * batch / (time.time() - t0)
-            mem = (torch.cuda.max_memory_allocated() if cuda else 0) / 2**30
             rec = {"step": done, **dict(zip(keys, vals)), "img_per_s": rate, "lr": hp["lr"] * warm,
                    "mfu": flops * rate / world / (peak * 1e12) if flops and peak else None,
-                   "peak_mem_gb": mem, "skipped_images": vals[-1] * n_steps * world}
+                   "peak_mem_gb": (torch.cuda.max_memory_allocated() if cuda else 0) / 2**30,
+                   "skipped_images": vals[-1] * n_steps * world}
             if main_proc:
                 with open(out / "log.jsonl", "a") as f:
                     f.write(json.dumps(rec) + "\n")
                 mfu = f"{100 * rec['mfu']:.1f}%" if rec["mfu"] is not None else "-"
-                pbar.set_postfix_str(f"loss {rec[keys[0]]:.4f} | {rate:.1f} img/s | MFU {mfu} | mem {mem:.1f}G")
+                pbar.set_postfix_str(f"loss {rec[keys[0]]:.4f} | {rate:.1f} img/s | MFU {mfu} | mem {rec['peak_mem_gb']:.1f}G")
             sums, n_steps, t0 = {}, 0, time.time()
         if main_proc and (done % args.sample_every == 0 or done == args.steps):
             with autocast:

@@ -10,7 +10,6 @@ and discriminator.pt (n_layers=3 / eval-mode BatchNorm; n_layers 1 and 2 are cov
 import functools
 import json
 import lzma
-import math
 import re
 from pathlib import Path
 
@@ -423,12 +422,12 @@ def test_offline_lpips_message(monkeypatch, tmp_path):
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    with pytest.raises(RuntimeError) as e:
+    with pytest.raises(FileNotFoundError) as e:
         ae_kl.build_lpips(pretrained=True)
     msg = str(e.value)
     assert "vgg16-397923af.pth" in msg and str(tmp_path / "hub" / "checkpoints") in msg and "\n" not in msg
     m = ae_kl.create("tiny")  # lpips_pretrained=True by default; built lazily at the first loss call
-    with pytest.raises(RuntimeError, match="vgg16-397923af.pth"):
+    with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth"):
         m.loss("ae", _batch(2), 0)
 
 

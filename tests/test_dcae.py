@@ -511,7 +511,7 @@ def test_lpips_offline_message(monkeypatch):
 
     monkeypatch.setattr(torchvision.models, "vgg16", offline)
     monkeypatch.setenv("TORCH_HOME", "/tmp/some_torch_home")
-    with pytest.raises(RuntimeError) as e:
+    with pytest.raises(FileNotFoundError) as e:
         dcae.build_lpips(pretrained=True)
     msg = str(e.value)
     assert "vgg16-397923af.pth" in msg and "/tmp/some_torch_home/hub/checkpoints" in msg
@@ -519,7 +519,7 @@ def test_lpips_offline_message(monkeypatch):
     # and through the model: the first loss call builds LPIPS
     model = dcae.create("tiny")
     model.optimizer_groups(1)
-    with pytest.raises(RuntimeError, match="vgg16-397923af.pth"):
+    with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth"):
         model.loss("ae", {"x": torch.zeros(1, 3, 32, 32)}, 0)
 
 

@@ -6,7 +6,6 @@ Max errors are printed (run with -s) so the notes can quote them.
 """
 import gzip
 import io
-import math
 
 import pytest
 import torch
