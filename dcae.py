@@ -42,6 +42,7 @@ Deliberately left out
 """
 import contextlib
 import copy
+import json
 import warnings
 
 import lpips
@@ -996,17 +997,43 @@ def official_to_ours(key):
     return key
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """The released DC-AE weights are `model.safetensors`; the format is simple enough to read without the
+    safetensors package: an 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape,
+    data_offsets: [begin, end]}} (offsets relative to the end of the header), then the raw little-endian bytes."""
+    data = bytearray(open(path, "rb").read())
+    if len(data) < 8:
+        raise ValueError(f"{path} is not a safetensors file (too short)")
+    n = int.from_bytes(data[:8], "little")
+    try:
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError(f"{path} is not a safetensors file (unreadable header)") from None
+    header.pop("__metadata__", None)
+    sd = {}
+    for name, info in header.items():
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        begin, end = (8 + n + o for o in info["data_offsets"])
+        flat = torch.frombuffer(data, dtype=_SAFETENSORS_DTYPES[info["dtype"]], offset=begin,
+                                count=(end - begin) // _SAFETENSORS_DTYPES[info["dtype"]].itemsize) if end > begin \
+            else torch.empty(0, dtype=_SAFETENSORS_DTYPES[info["dtype"]])
+        sd[name] = flat.reshape(info["shape"]).clone()
+    return sd
+
+
 def _read_state_dict(path_or_state_dict):
     """A state dict from a dict, a torch file (flat or under 'state_dict' as DCAE.load_model expects) or the
     HF repos' model.safetensors (flat DCAE_HF.state_dict())."""
     if isinstance(path_or_state_dict, dict):
         sd = path_or_state_dict
     elif str(path_or_state_dict).endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise ValueError("reading .safetensors needs the 'safetensors' package (pip install safetensors)") from None
-        sd = load_file(str(path_or_state_dict))
+        sd = read_safetensors(path_or_state_dict)
     else:
         sd = torch.load(path_or_state_dict, map_location="cpu", weights_only=True)
     for wrapper in ("state_dict", "model"):

@@ -18,7 +18,7 @@ import torch.nn as nn
 import dcae
 from conftest import GOLDEN, assert_close
 
-KEYS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "dcae" / "keys"
+KEYS = GOLDEN / "dcae" / "keys"  # copied from ../shared/reference/dcae/keys
 _spec = importlib.util.spec_from_file_location("dcae_golden_compact", GOLDEN / "dcae" / "compact.py")
 compact = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(compact)
@@ -228,10 +228,13 @@ def _key_file(path):
     return cfg, params, keys
 
 
-KEY_FILES = sorted(KEYS.glob("*.txt")) if KEYS.exists() else []
+KEY_FILES = sorted(KEYS.glob("*.txt"))
 
 
-@pytest.mark.skipif(not KEY_FILES, reason="../shared/reference/dcae/keys not present")
+def test_every_key_set_is_here():
+    assert len(KEY_FILES) == 7
+
+
 @pytest.mark.parametrize("path", KEY_FILES, ids=lambda p: p.stem)
 def test_official_keys(path):
     """Every official key set: same names (after RENAMES), shapes and order; the preset of that name resolves
@@ -555,3 +558,34 @@ def test_config_params_and_flops():
                 model.decoder(model.encoder(torch.zeros(1, 3, size, size)))
         assert sum(p.numel() for n, p in model.named_parameters() if not n.startswith("disc.")) == params
         assert abs(counter.get_total_flops() / 1e9 - gflops) / gflops < 0.01, counter.get_total_flops()
+
+
+def write_safetensors(path, tensors):
+    """The safetensors layout, written by hand (the package is not a dependency): u64 header size, JSON, bytes."""
+    names = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for k, v in tensors.items():
+        raw = v.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b""
+        header[k] = {"dtype": names[v.dtype], "shape": list(v.shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + b"".join(blobs))
+
+
+def test_load_official_reads_safetensors(tmp_path):
+    """The released weights are model.safetensors: read without the safetensors package, every dtype exact."""
+    odd = {"a": torch.randn(3, 4), "b": torch.arange(5), "c": torch.randn(2, 2).bfloat16(), "d": torch.zeros(0)}
+    write_safetensors(tmp_path / "odd.safetensors", odd)
+    back = dcae.read_safetensors(tmp_path / "odd.safetensors")
+    assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in odd.items())
+    g = golden("tiny_in")
+    write_safetensors(tmp_path / "model.safetensors", g["state_dict"])
+    a = dcae.load_official(tmp_path / "model.safetensors", g["config"])
+    b = dcae.load_official(g["state_dict"], g["config"])
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa if not k.startswith("disc."))  # disc.*: ours, freshly drawn
+    (tmp_path / "bad.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{oops")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        dcae.read_safetensors(tmp_path / "bad.safetensors")

@@ -17,7 +17,7 @@ from conftest import GOLDEN, assert_close
 
 import unet_ldm as U
 
-REF_KEYS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "unet_ldm" / "keys"
+REF_KEYS = GOLDEN / "unet_ldm" / "keys"  # copied from ../shared/reference/unet_ldm/keys
 ERRORS = {}  # max abs error per golden output, printed at the end (the numbers for the issue note)
 
 
