@@ -629,12 +629,19 @@ CONFIGS = {
     # not in the paper: a CPU-sized model for tests and demos (8x8x4 latents by default; the golden
     # files' config): 183,200 params, 0.0017 Gflops
     "tiny": dict(_COMMON, input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=10),
+    # not in the paper: the README's CPU demo, 32x32 RGB pixels of the built-in `shapes` data (64 tokens)
+    "demo": dict(_COMMON, input_size=32, in_channels=3, patch_size=4, hidden_size=128, depth=6, num_heads=4,
+                 num_classes=4),
 }
 
 # Official train.py: AdamW(lr=1e-4, weight_decay=0), global batch 256, EMA 0.9999, no warm-up and NO
 # gradient clipping; grad_clip = inf keeps clip_grad_norm_ a no-op (it scales by min(1, inf) = 1).
 HPARAMS = dict(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, ema_decay=0.9999, warmup_steps=0,
                grad_clip=float("inf"), batch_size=256)
+
+# Where a preset trains differently from the paper: a CPU demo of minutes needs a larger lr with warm-up, a short
+# EMA and a small batch (the paper's EMA 0.9999 would still be the initial weights after 2,000 steps).
+PRESET_HPARAMS = {"demo": dict(lr=6e-4, warmup_steps=100, ema_decay=0.999, grad_clip=1.0, batch_size=32)}
 
 _KWARGS = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio",
            "class_dropout_prob", "num_classes", "learn_sigma", "cfg_all_channels")
@@ -669,7 +676,9 @@ def _resolve_config(config, overrides):
 def create(config="tiny", **overrides):
     """A freshly initialised DiT: `config` a CONFIGS name or constructor kwargs; overrides may use the
     generic names image_size (-> input_size), in_channels, num_classes, or any constructor argument."""
-    return DiT(**_resolve_config(config, overrides))
+    model = DiT(**_resolve_config(config, overrides))
+    model.hparams.update(PRESET_HPARAMS.get(config, {}) if isinstance(config, str) else {})
+    return model
 
 
 def _unwrap_checkpoint(sd):
