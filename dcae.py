@@ -997,18 +997,14 @@ def official_to_ours(key):
     return key
 
 
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                       "U8": torch.uint8, "BOOL": torch.bool}
-
-
 def read_safetensors(path):
-    """The released DC-AE weights are `model.safetensors`; the format is simple enough to read without the
+    """The released weights are `.safetensors` files; the format is simple enough to read without the
     safetensors package: an 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape,
     data_offsets: [begin, end]}} (offsets relative to the end of the header), then the raw little-endian bytes."""
+    dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
     data = bytearray(open(path, "rb").read())
-    if len(data) < 8:
-        raise ValueError(f"{path} is not a safetensors file (too short)")
     n = int.from_bytes(data[:8], "little")
     try:
         header = json.loads(data[8:8 + n].decode("utf-8"))
@@ -1017,12 +1013,11 @@ def read_safetensors(path):
     header.pop("__metadata__", None)
     sd = {}
     for name, info in header.items():
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
+        if info["dtype"] not in dtypes:
             raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        begin, end = (8 + n + o for o in info["data_offsets"])
-        flat = torch.frombuffer(data, dtype=_SAFETENSORS_DTYPES[info["dtype"]], offset=begin,
-                                count=(end - begin) // _SAFETENSORS_DTYPES[info["dtype"]].itemsize) if end > begin \
-            else torch.empty(0, dtype=_SAFETENSORS_DTYPES[info["dtype"]])
+        dtype, (begin, end) = dtypes[info["dtype"]], (8 + n + o for o in info["data_offsets"])
+        flat = torch.frombuffer(data, dtype=dtype, offset=begin, count=(end - begin) // dtype.itemsize) \
+            if end > begin else torch.empty(0, dtype=dtype)
         sd[name] = flat.reshape(info["shape"]).clone()
     return sd
 

@@ -58,9 +58,7 @@ Deliberately left out
 import functools
 import json
 import math
-import struct
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -1139,24 +1137,30 @@ def config_from_official(kwargs):
     return cfg
 
 
-def _read_safetensors(path):
-    """Minimal safetensors reader (8-byte header length, JSON header, raw little-endian data)."""
-    dtypes = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "BF16": None, "I64": np.int64}
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-        data = f.read()
-    out = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        if info["dtype"] == "BF16":
-            raw = torch.frombuffer(bytearray(data[start:end]), dtype=torch.bfloat16)
-        else:
-            raw = torch.from_numpy(np.frombuffer(data[start:end], dtype=dtypes[info["dtype"]]).copy())
-        out[key] = raw.reshape(info["shape"]).float() if raw.is_floating_point() else raw.reshape(info["shape"])
-    return out
+# Copied from dcae.read_safetensors
+def read_safetensors(path):
+    """The released weights are `.safetensors` files; the format is simple enough to read without the
+    safetensors package: an 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape,
+    data_offsets: [begin, end]}} (offsets relative to the end of the header), then the raw little-endian bytes."""
+    dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+    data = bytearray(open(path, "rb").read())
+    n = int.from_bytes(data[:8], "little")
+    try:
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError(f"{path} is not a safetensors file (unreadable header)") from None
+    header.pop("__metadata__", None)
+    sd = {}
+    for name, info in header.items():
+        if info["dtype"] not in dtypes:
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        dtype, (begin, end) = dtypes[info["dtype"]], (8 + n + o for o in info["data_offsets"])
+        flat = torch.frombuffer(data, dtype=dtype, offset=begin, count=(end - begin) // dtype.itemsize) \
+            if end > begin else torch.empty(0, dtype=dtype)
+        sd[name] = flat.reshape(info["shape"]).clone()
+    return sd
 
 
 def load_official(path_or_state_dict, config):
@@ -1164,7 +1168,7 @@ def load_official(path_or_state_dict, config):
     checkpoint (uses "model_ema", else "model") or a convert_for_inference.py `.safetensors` file."""
     sd = path_or_state_dict
     if isinstance(sd, str):
-        sd = _read_safetensors(sd) if sd.endswith(".safetensors") else torch.load(sd, map_location="cpu",
+        sd = read_safetensors(sd) if sd.endswith(".safetensors") else torch.load(sd, map_location="cpu",
                                                                                   weights_only=True)
     if "model_ema" in sd or "model" in sd and isinstance(sd["model"], dict):
         sd = sd.get("model_ema") or sd["model"]
