@@ -641,7 +641,7 @@ HPARAMS = dict(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, ema_decay=0.9999, 
 
 # Where a preset trains differently from the paper: a CPU demo of minutes needs a larger lr with warm-up, a short
 # EMA and a small batch (the paper's EMA 0.9999 would still be the initial weights after 2,000 steps).
-PRESET_HPARAMS = {"demo": dict(lr=6e-4, warmup_steps=100, ema_decay=0.999, grad_clip=1.0, batch_size=32)}
+PRESET_HPARAMS = {"demo": dict(lr=1.5e-3, warmup_steps=200, ema_decay=0.995, grad_clip=1.0, batch_size=32)}
 
 _KWARGS = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio",
            "class_dropout_prob", "num_classes", "learn_sigma", "cfg_all_channels")

@@ -12,6 +12,7 @@ Like train.py it knows only the model-file contract (README.md): `sample`, `enco
 """
 import argparse
 import importlib
+import inspect
 import math
 from pathlib import Path
 
@@ -128,6 +129,8 @@ def parse_args(argv=None):
     p.add_argument("--sampler", default=None, help="model-specific name, e.g. ddpm, ddim, euler, dpmpp_2m")
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--class", dest="classes", type=int, nargs="+", default=None, help="class label(s), cycled")
+    p.add_argument("--context", help="text-conditioned models: .pt with precomputed text-encoder states, a tensor "
+                   "(L, D) or (N, L, D), or a dict {'context': ..., 'uc_context': ...} (uc: the empty prompt, for --cfg)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=16, help="images per forward pass")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
@@ -170,10 +173,28 @@ def to_image(x, ae, size):
     return ae.render(x, size) if size and hasattr(ae, "render") else ae.decode(x)
 
 
+def load_context(path, model, n, device):
+    """--context: no text encoder ships, so text conditioning comes as precomputed states (LDM: BERT / CLIP)."""
+    if "context" not in inspect.signature(model.sample).parameters:
+        fail("--context: this model takes no text context")
+    try:
+        obj = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        fail(f"--context {path} is not readable ({type(e).__name__})")
+    obj = obj if isinstance(obj, dict) else {"context": obj}
+    for k, v in obj.items():
+        if k not in ("context", "uc_context") or not torch.is_tensor(v) or v.dim() not in (2, 3) or \
+                (v.dim() == 3 and len(v) not in (1, n)):
+            fail(f"--context {path}: expected a tensor (L, D) or ({n}, L, D), or a dict of them under "
+                 "'context' and 'uc_context'")
+    return {k: (v if v.dim() == 3 else v[None]).float().expand(n, -1, -1) for k, v in obj.items()}
+
+
 @torch.no_grad()
 def generate(model, ae, args, device):
     if not hasattr(model, "sample"):
         fail("this is an autoencoder: use --reconstruct IMAGE_OR_FOLDER")
+    ctx = load_context(args.context, model, args.n, device) if args.context else {}
     gen = torch.Generator(device).manual_seed(args.seed)
     images = []
     for i in range(0, args.n, args.batch):
@@ -181,7 +202,8 @@ def generate(model, ae, args, device):
         labels = (torch.tensor([args.classes[(i + j) % len(args.classes)] for j in range(n)], device=device)
                   if args.classes else None)
         try:
-            x = model.sample(n, labels=labels, steps=args.steps, cfg=args.cfg, sampler=args.sampler, generator=gen)
+            x = model.sample(n, labels=labels, steps=args.steps, cfg=args.cfg, sampler=args.sampler, generator=gen,
+                             **{k: v[i:i + n] for k, v in ctx.items()})
         except ValueError as e:
             fail(str(e))
         images.append(to_image(x, ae, args.size).float().cpu())

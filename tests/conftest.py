@@ -32,6 +32,39 @@ def assert_close(mine, ref, atol, rtol=0.0, what=""):
     return err
 
 
+def blob_batch(n=4, seed=0, size=32):
+    """Smooth coloured discs on their negative: images an autoencoder can fit in a few CPU steps."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    c = torch.rand(n, 3, 1, 1, generator=g) * 2 - 1
+    r = torch.rand(n, 1, 1, 1, generator=g) * 0.5 + 0.3
+    x = torch.where((xx ** 2 + yy ** 2) < r ** 2, c, -c).clamp(-1, 1)
+    return {"x": x, "y": torch.zeros(n, dtype=torch.long)}
+
+
+def ddp_and_single(tmp_path, args, port):
+    """train.py under `torchrun --nproc_per_node 2` (gloo, CPU) and in one process with --grad-accum 2 on the
+    same global batch. Returns the final state dicts (rank 0, rank 1, single) and the two run folders."""
+    import subprocess
+    script = tmp_path / "ddp_run.py"
+    script.write_text(
+        "import os, sys, torch\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import train\n"
+        "model = train.main(sys.argv[1:])\n"
+        "torch.save(model.state_dict(), os.path.join(sys.argv[sys.argv.index('--out') + 1], "
+        "f\"rank{os.environ.get('RANK', 'single')}.pt\"))\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp, one = tmp_path / "ddp", tmp_path / "one"
+    for cmd in ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                 str(script), *args, "--out", str(ddp)],
+                [sys.executable, str(script), *args, "--grad-accum", "2", "--out", str(one)]):
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    states = [torch.load(ddp / "rank0.pt"), torch.load(ddp / "rank1.pt"), torch.load(one / "ranksingle.pt")]
+    return (*states, ddp, one)
+
+
 @pytest.fixture
 def tmp_run(tmp_path):
     return tmp_path / "run"

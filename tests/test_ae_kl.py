@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import ae_kl
-from conftest import GOLDEN, assert_close
+from conftest import GOLDEN, assert_close, blob_batch
 
 KEYS = Path(__file__).resolve().parent / "golden" / "ae_kl" / "keys"
 
@@ -317,16 +317,6 @@ def test_load_official_mismatch():
 # the contract, training behaviour, bad input
 # ----------------------------------------------------------------------------------------------------------
 
-def _batch(n=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    # smooth coloured blobs: something an autoencoder can fit quickly
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
-    c = torch.rand(n, 3, 1, 1, generator=g) * 2 - 1
-    r = torch.rand(n, 1, 1, 1, generator=g) * 0.5 + 0.3
-    x = torch.where((xx ** 2 + yy ** 2) < r ** 2, c, -c).clamp(-1, 1)
-    return {"x": x, "y": torch.zeros(n, dtype=torch.long)}
-
-
 def test_contract_tiny():
     """create -> optimizer_groups -> loss per group -> backward -> encode/decode, as train.py / sample.py do."""
     torch.manual_seed(0)
@@ -336,7 +326,7 @@ def test_contract_tiny():
     ae_ids, disc_ids = {id(p) for p in groups["ae"]}, {id(p) for p in groups["disc"]}
     assert not ae_ids & disc_ids and all(p.requires_grad for g in groups.values() for p in g)
     assert len(ae_ids) + len(disc_ids) == sum(p.requires_grad for p in m.parameters())
-    batch = _batch()
+    batch = blob_batch()
     for group in groups:
         m.zero_grad(set_to_none=True)
         loss, logs = m.loss(group, batch, step=2000)
@@ -369,7 +359,7 @@ def _overfit(disc_start, steps, perceptual_weight=0.0):
     m = ae_kl.create("tiny", disc_start=disc_start, perceptual_weight=perceptual_weight, lpips_pretrained=False)
     opts = {k: torch.optim.AdamW(v, lr=2e-3, betas=(0.5, 0.9), weight_decay=0.0)
             for k, v in m.optimizer_groups().items()}
-    batch, hist = _batch(), []
+    batch, hist = blob_batch(), []
     for step in range(steps):
         for group, opt in opts.items():
             opt.zero_grad(set_to_none=True)
@@ -406,7 +396,7 @@ def test_lpips_in_loss_is_frozen_and_outside_state_dict():
     torch.manual_seed(0)
     m = ae_kl.create("tiny", perceptual_weight=1.0, lpips_pretrained=False)
     n_keys = len(m.state_dict())
-    loss, _ = m.loss("ae", _batch(2), 0)
+    loss, _ = m.loss("ae", blob_batch(2), 0)
     loss.backward()
     (net,) = m.loss_fn._lpips
     assert not net.training and all(p.grad is None and not p.requires_grad for p in net.parameters())
@@ -428,7 +418,7 @@ def test_offline_lpips_message(monkeypatch, tmp_path):
     assert "vgg16-397923af.pth" in msg and str(tmp_path / "hub" / "checkpoints") in msg and "\n" not in msg
     m = ae_kl.create("tiny")  # lpips_pretrained=True by default; built lazily at the first loss call
     with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth"):
-        m.loss("ae", _batch(2), 0)
+        m.loss("ae", blob_batch(2), 0)
 
 
 def test_bad_input():
@@ -448,7 +438,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match=r"z must be \(B, 4, H, W\)"):
         m.decode(torch.zeros(2, 3, 8, 8))
     with pytest.raises(ValueError, match="unknown optimizer group"):
-        m.loss("gen", _batch(2), 0)
+        m.loss("gen", blob_batch(2), 0)
     with pytest.raises(ValueError, match="cannot read checkpoint"):
         ae_kl.load_official("/nonexistent/model.ckpt", "tiny")
 

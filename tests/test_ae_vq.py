@@ -18,7 +18,7 @@ import torch
 
 import ae_kl
 import ae_vq
-from conftest import GOLDEN, assert_close
+from conftest import GOLDEN, assert_close, blob_batch
 
 KEYS = Path(__file__).resolve().parent / "golden" / "ae_vq" / "keys"
 
@@ -251,15 +251,6 @@ def test_load_official(capsys):
     assert ae_vq.CONFIGS["vq-f8"]["scale_factor"] == 1.0  # the official VQ LDMs diffuse unscaled h
 
 
-def _batch(n=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
-    c = torch.rand(n, 3, 1, 1, generator=g) * 2 - 1
-    r = torch.rand(n, 1, 1, 1, generator=g) * 0.5 + 0.3
-    x = torch.where((xx ** 2 + yy ** 2) < r ** 2, c, -c).clamp(-1, 1)
-    return {"x": x, "y": torch.zeros(n, dtype=torch.long)}
-
-
 def test_contract_tiny():
     """create -> optimizer_groups -> loss per group -> backward -> encode/decode; logs carry codebook usage."""
     torch.manual_seed(0)
@@ -267,7 +258,7 @@ def test_contract_tiny():
     groups = m.optimizer_groups()
     assert list(groups) == ["ae", "disc"]
     assert len(groups["ae"]) + len(groups["disc"]) == sum(p.requires_grad for p in m.parameters())
-    batch = _batch()
+    batch = blob_batch()
     for group in groups:
         m.zero_grad(set_to_none=True)
         loss, logs = m.loss(group, batch, step=2000)
@@ -294,7 +285,7 @@ def _overfit(disc_start, steps):
     m = ae_vq.create("tiny", disc_start=disc_start, perceptual_weight=0.0, lpips_pretrained=False)
     opts = {k: torch.optim.AdamW(v, lr=2e-3, betas=(0.5, 0.9), weight_decay=0.0)
             for k, v in m.optimizer_groups().items()}
-    batch, hist = _batch(2), []  # two images: the 256-code bottleneck fits them within ~100 steps
+    batch, hist = blob_batch(2), []  # two images: the 256-code bottleneck fits them within ~100 steps
     for step in range(steps):
         for group, opt in opts.items():
             opt.zero_grad(set_to_none=True)
@@ -328,7 +319,7 @@ def test_offline_lpips_message(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     m = ae_vq.create("tiny")  # lpips_pretrained=True by default; built lazily at the first loss call
     with pytest.raises(FileNotFoundError) as e:
-        m.loss("ae", _batch(2), 0)
+        m.loss("ae", blob_batch(2), 0)
     assert "vgg16-397923af.pth" in str(e.value) and str(tmp_path / "hub" / "checkpoints") in str(e.value)
 
 
@@ -343,4 +334,4 @@ def test_bad_input():
     with pytest.raises(ValueError, match=r"z must be \(B, 4, H, W\)"):
         m.decode(torch.zeros(1, 3, 8, 8))
     with pytest.raises(ValueError, match="unknown optimizer group"):
-        m.loss("model", _batch(2), 0)
+        m.loss("model", blob_batch(2), 0)

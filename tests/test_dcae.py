@@ -9,7 +9,6 @@ import importlib.util
 import json
 import time
 import urllib.error
-from pathlib import Path
 
 import pytest
 import torch

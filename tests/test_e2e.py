@@ -11,16 +11,13 @@
 All runs are `tiny` presets at 32x32 (latents 4x4 to 8x8) for 1-2 steps, so each takes a second or two.
 """
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT
+from conftest import ddp_and_single
 
 import sample
 import train
@@ -123,26 +120,9 @@ def test_ae_latents_that_do_not_fit_are_one_line(ae_runs, tmp_path):
 def test_ddp_with_two_optimizer_groups_equals_one_process(tmp_path):
     """ae_kl with the GAN on from step 0: autoencoder and discriminator groups under DDP (gloo, 2 processes)
     end equal across ranks and equal to one process accumulating the same global batch."""
-    script = tmp_path / "ddp_run.py"
-    script.write_text(
-        "import os, sys, torch\n"
-        f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "import train\n"
-        "model = train.main(sys.argv[1:])\n"
-        "torch.save(model.state_dict(), os.path.join(sys.argv[sys.argv.index('--out') + 1], "
-        "f\"rank{os.environ.get('RANK', 'single')}.pt\"))\n")
     args = ["--model", "ae_kl", *COMMON, "--steps", "2", "--sample-every", "100", "--lr", "1e-3",
             *NO_DOWNLOAD, "disc_start=0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29547", str(script), *args, "--out", str(tmp_path / "ddp")],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    one = subprocess.run([sys.executable, str(script), *args, "--grad-accum", "2", "--out", str(tmp_path / "one")],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
-    r0, r1 = (torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in (0, 1))
-    single = torch.load(tmp_path / "one" / "ranksingle.pt")
+    r0, r1, single, ddp_dir, _ = ddp_and_single(tmp_path, args, port=29547)
     import ae_kl
     names = [n for n, _ in ae_kl.create("tiny", lpips_pretrained=False).named_parameters()]
     assert any(n.startswith("loss_fn.discriminator") for n in names)
@@ -151,9 +131,9 @@ def test_ddp_with_two_optimizer_groups_equals_one_process(tmp_path):
     assert all(torch.equal(r0[k], r1[k]) for k in names)
     err = max((r0[k] - single[k]).abs().max().item() for k in names)
     assert err < 1e-5, err
-    saved = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)["model"]
+    saved = torch.load(ddp_dir / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.equal(saved[k], r0[k]) for k in r0)  # rank 0 wrote the final weights
-    assert {"loss_ae", "loss_disc"} <= set(log(tmp_path / "ddp")[-1])
+    assert {"loss_ae", "loss_disc"} <= set(log(ddp_dir)[-1])
 
 
 @pytest.mark.parametrize("phase", [2, 3])
@@ -190,3 +170,31 @@ def test_hdit_lr_scale_and_ema_power(tmp_path):
     run("dit", tmp_path / "dit", "--steps", "1", "--sample-every", "100", "--lr", "1e-2")
     ck = torch.load(tmp_path / "dit" / "ckpt.pt", weights_only=True)
     assert any(not torch.equal(ck["ema"][k], ck["model"][k]) for k in ck["model"])
+
+
+def test_text_context_from_the_command_line(tmp_path):
+    """sample.py --context: precomputed text-encoder states drive a text-conditioned UNet (no encoder ships)."""
+    import unet_ldm
+    create = {"model": "unet_ldm", "config": "tiny", "overrides": {"conditioning": "text", "image_size": 16}}
+    torch.manual_seed(0)
+    model = unet_ldm.create("tiny", **create["overrides"])
+    with torch.no_grad():  # a fresh UNet's output layers are zero: perturb so the context changes the samples
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    torch.save({"create": create, "model": model.state_dict(), "ema": model.state_dict()}, tmp_path / "ckpt.pt")
+    ctx = {"context": torch.randn(3, 32), "uc_context": torch.zeros(3, 32)}  # (L, D): the same prompt for all
+    torch.save(ctx, tmp_path / "prompt.pt")
+    args = [str(tmp_path / "ckpt.pt"), "--n", "2", "--steps", "2", "--context", str(tmp_path / "prompt.pt")]
+    sample.main(args + ["--cfg", "3", "--out", str(tmp_path / "a.png")])
+    sample.main(args + ["--out", str(tmp_path / "b.png")])
+    assert Image.open(tmp_path / "a.png").size == (2 * 18 + 2, 18 + 2)
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
+    torch.save(torch.randn(3, 32), tmp_path / "only.pt")
+    with pytest.raises(SystemExit, match="needs uc_context"):
+        sample.main([str(tmp_path / "ckpt.pt"), "--n", "2", "--steps", "2", "--context", str(tmp_path / "only.pt"),
+                     "--cfg", "3", "--out", str(tmp_path / "c.png")])
+    torch.save(torch.randn(5, 3, 32), tmp_path / "bad.pt")
+    with pytest.raises(SystemExit, match=r"expected a tensor \(L, D\) or \(2, L, D\)"):
+        sample.main(args[:-1] + [str(tmp_path / "bad.pt"), "--out", str(tmp_path / "d.png")])
+    with pytest.raises(SystemExit, match="needs context"):
+        sample.main([str(tmp_path / "ckpt.pt"), "--n", "2", "--steps", "2", "--out", str(tmp_path / "e.png")])

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT
+from conftest import ROOT, ddp_and_single
 
 import sample
 import train
@@ -80,28 +80,11 @@ def test_resume_repeats_an_uninterrupted_run(tmp_path):
 def test_ddp_two_processes_equal_one_process(tmp_path):
     """torchrun --nproc_per_node 2 (gloo): both ranks hold the same parameters, equal (to float rounding) to
     one process that accumulates the same global batch in two micro-batches."""
-    script = tmp_path / "ddp_run.py"
-    script.write_text(
-        "import os, sys, torch\n"
-        f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "import train\n"
-        "model = train.main(sys.argv[1:])\n"
-        "torch.save(model.state_dict(), os.path.join(sys.argv[sys.argv.index('--out') + 1], "
-        "f\"rank{os.environ.get('RANK', 'single')}.pt\"))\n")
     args = TINY + ["--steps", "3", "--log-every", "1", "--sample-every", "100", "--batch-size", "8"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29533", str(script), *args, "--out", str(tmp_path / "ddp")],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    single = subprocess.run([sys.executable, str(script), *args, "--grad-accum", "2", "--out", str(tmp_path / "one")],
-                            env=env, capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr[-3000:]
-    r0, r1 = (torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in (0, 1))
-    one = torch.load(tmp_path / "one" / "ranksingle.pt")
+    r0, r1, one, ddp_dir, one_dir = ddp_and_single(tmp_path, args, port=29533)
     assert max_diff(r0, r1) == 0
     assert max_diff(r0, one) < 1e-5
-    assert log_lines(tmp_path / "ddp")[-1]["loss"] == pytest.approx(log_lines(tmp_path / "one")[-1]["loss"], rel=1e-4)
+    assert log_lines(ddp_dir)[-1]["loss"] == pytest.approx(log_lines(one_dir)[-1]["loss"], rel=1e-4)
 
 
 def test_sample_py_writes_pngs(tmp_path):

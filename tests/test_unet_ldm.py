@@ -8,7 +8,6 @@ loudly in `regenerate` instead of giving a misleading golden error."""
 import gzip
 import io
 import math
-from pathlib import Path
 
 import pytest
 import torch
