@@ -43,7 +43,8 @@ class Shapes:
     def __init__(self, size, n=60_000, seed=0):
         self.size, self.n, self.seed = size, n, seed
 
-    def __len__(self): return self.n  # noqa: E704
+    def __len__(self):
+        return self.n
 
     def image(self, i):
         rng, s = random.Random(seed_for("shapes", self.seed, i)), 4 * self.size
@@ -84,7 +85,8 @@ class Folder:
         index = {c: k for k, c in enumerate(self.classes)}
         self.files, self.labels = files, [index[p.relative_to(root).parts[0]] if labelled else 0 for p in files]
 
-    def __len__(self): return len(self.files)  # noqa: E704
+    def __len__(self):
+        return len(self.files)
 
     def image(self, i):
         with Image.open(self.files[i]) as img:
@@ -123,7 +125,8 @@ class Examples(torch.utils.data.Dataset):
     def __init__(self, source, transform):
         self.source, self.transform, self.warned = source, transform, False
 
-    def __len__(self): return len(self.source)  # noqa: E704
+    def __len__(self):
+        return len(self.source)
 
     def __getitem__(self, item):
         i, aug_seed = item
@@ -145,13 +148,13 @@ class Examples(torch.utils.data.Dataset):
 class ShardSampler(torch.utils.data.Sampler):
     """Yields (index, augmentation seed) for this process's shards of every global batch, from start_step on.
     Used instead of DistributedSampler (which deals rank r the samples r::world) so that the samples of a
-    shard do not depend on how many processes share the batch (see the module docstring). mb: samples per shard."""
+    shard do not depend on how many processes share the batch (see the module docstring)."""
 
     def __init__(self, n, global_batch, shards, total_shards, seed, start_step):
         if global_batch > n:
             fail(f"--batch-size {global_batch} is larger than the data set ({n} images)")
-        g, self.shards, self.seed, self.start = global_batch, shards, seed, start_step
-        self.n, self.g, self.mb = n, g, g // total_shards
+        self.n, self.g, self.shards, self.seed, self.start = n, global_batch, shards, seed, start_step
+        self.mb = global_batch // total_shards  # samples per shard (= per micro-batch)
 
     def __iter__(self):
         per_epoch, mb, step, perm, epoch = self.n // self.g, self.mb, self.start, None, -1
