@@ -66,13 +66,16 @@ class TRMSNorm2d(nn.LayerNorm):
     def forward(self, x):
         # float32 math for half/bf16 inputs (as the kernel), float64 stays float64 (tests)
         xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        # mean over dim=1 = channels only: each pixel is normalised on its own (no spatial statistics)
         rrms = torch.rsqrt(xf.pow(2).mean(dim=1, keepdim=True) + self.eps)  # (B, 1, H, W)
         y = xf * rrms * self.weight[:, None, None] + self.bias[:, None, None]  # (B, C, H, W)
+        # cast back so the block's output dtype equals its input dtype (autocast-friendly)
         return y.to(x.dtype)
 
 
 def no_autocast(device):
     """Autocast off (float32 math) on devices that have autocast; nothing on others (e.g. meta)."""
+    # torch.autocast raises for device types it does not know, hence the explicit list
     if device.type in ("cuda", "cpu", "xpu", "mps"):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
@@ -93,6 +96,7 @@ def build_act(name):
     """Official build_act for the names DC-AE uses ('gelu' is the tanh approximation there)."""
     if name is None:
         return None
+    # factories, not instances: every call must return a fresh module (each layer owns its act)
     acts = {"relu": nn.ReLU, "silu": nn.SiLU, "gelu": lambda: nn.GELU(approximate="tanh")}
     if name not in acts:
         raise ValueError(f"unknown activation {name!r} (expected one of {sorted(acts)} or None)")
@@ -104,6 +108,7 @@ class ConvLayer(nn.Module):
 
     def __init__(self, in_ch, out_ch, kernel_size=3, stride=1, groups=1, bias=False, norm=None, act=None):
         super().__init__()
+        # padding k//2 keeps H, W for odd k at stride 1 and gives exactly H/2 at stride 2 (even H)
         self.conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride, kernel_size // 2, groups=groups, bias=bias)
         # None entries register no module, so the state-dict names match the official ones
         self.norm = build_norm(norm, out_ch)
@@ -159,11 +164,13 @@ class ChannelAveragingShortcut(nn.Module):
             raise ValueError(f"averaging shortcut: in_ch*factor^2={in_ch * factor**2} not divisible by {out_ch}")
         self.factor = factor
         self.out_ch = out_ch
+        # g = 2 for the usual C -> 2C stage transition (4C unshuffled channels averaged in pairs)
         self.group_size = in_ch * factor**2 // out_ch
 
     def forward(self, x):
         x = F.pixel_unshuffle(x, self.factor)  # (B, C, H, W) -> (B, C*r*r, H/r, W/r)
         B, _, H, W = x.shape
+        # view, not reshape: pixel_unshuffle output is contiguous, so grouping consecutive channels is free
         x = x.view(B, self.out_ch, self.group_size, H, W)  # (B, C*r*r, h, w) -> (B, C_out, g, h, w)
         return x.mean(dim=2)  # (B, C_out, g, h, w) -> (B, C_out, h, w)
 
@@ -186,9 +193,11 @@ class ChannelDuplicatingShortcut(nn.Module):
         if (out_ch * factor**2) % in_ch != 0:
             raise ValueError(f"duplicating shortcut: out_ch*factor^2={out_ch * factor**2} not divisible by {in_ch}")
         self.factor = factor
+        # R = 2 for the usual 2C -> C transition (2C*2 copies = 4C channels, then 4 of them per 2x2 block)
         self.repeats = out_ch * factor**2 // in_ch
 
     def forward(self, x):
+        # repeat_interleave (not repeat/tile) so the copy layout mirrors the averaging shortcut's consecutive groups
         x = x.repeat_interleave(self.repeats, dim=1)  # (B, C, h, w) -> (B, C*R, h, w)
         return F.pixel_shuffle(x, self.factor)  # (B, C*R, h, w) -> (B, C*R/(r*r), h*r, w*r)
 
@@ -206,6 +215,7 @@ class ConvPixelUnshuffleDownsample(nn.Module):
         if out_ch % factor**2 != 0:
             raise ValueError(f"ConvPixelUnshuffle: out channels {out_ch} not divisible by {factor**2}")
         self.factor = factor
+        # conv at full resolution to C_out/4 channels; the unshuffle then multiplies channels by 4 losslessly
         self.conv = ConvLayer(in_ch, out_ch // factor**2, 3, bias=True)
 
     def forward(self, x):
@@ -219,6 +229,7 @@ class ConvPixelShuffleUpsample(nn.Module):
     def __init__(self, in_ch, out_ch, factor=2):
         super().__init__()
         self.factor = factor
+        # 4*C_out channels at low resolution, rearranged into a 2x2 neighbourhood per pixel by pixel_shuffle
         self.conv = ConvLayer(in_ch, out_ch * factor**2, 3, bias=True)
 
     def forward(self, x):
@@ -242,6 +253,7 @@ class InterpolateConvUpsample(nn.Module):
 def build_downsample(block_type, in_ch, out_ch, shortcut):
     """Encoder down-sampling block: learned layer (+ averaging shortcut, Sec. 3.2) (official build_downsample_block)."""
     if block_type == "Conv":
+        # plain strided conv (SANA AE); ConvPixelUnshuffle (in/mix releases) keeps all pixels in channels
         main = ConvLayer(in_ch, out_ch, 3, stride=2, bias=True)  # 3x3 stride-2 conv, padding 1
     elif block_type == "ConvPixelUnshuffle":
         main = ConvPixelUnshuffleDownsample(in_ch, out_ch)
@@ -251,6 +263,7 @@ def build_downsample(block_type, in_ch, out_ch, shortcut):
         return main
     if shortcut != "averaging":
         raise ValueError(f"unknown downsample shortcut {shortcut!r} (expected 'averaging' or None)")
+    # learned branch + non-parametric shortcut: the layer only learns the residual on top of space-to-channel (Sec. 3.2)
     return ResidualBlock(main, ChannelAveragingShortcut(in_ch, out_ch, 2))
 
 
@@ -266,6 +279,7 @@ def build_upsample(block_type, in_ch, out_ch, shortcut):
         return main
     if shortcut != "duplicating":
         raise ValueError(f"unknown upsample shortcut {shortcut!r} (expected 'duplicating' or None)")
+    # learned branch + channel-to-space shortcut: the layer learns only the residual on top of it (Sec. 3.2)
     return ResidualBlock(main, ChannelDuplicatingShortcut(in_ch, out_ch, 2))
 
 
@@ -295,8 +309,10 @@ class GLUMBConv(nn.Module):
 
     def __init__(self, channels, norm, act, expand_ratio=4):
         super().__init__()
+        # mid = 4C; the first conv produces 2*mid = 8C so the GLU split leaves 4C value and 4C gate channels
         mid = round(channels * expand_ratio)
         self.inverted_conv = ConvLayer(channels, 2 * mid, 1, bias=True, norm=None, act=act)
+        # depthwise 3x3 gives the FFN local spatial mixing, which linear attention lacks (EfficientViT, Cai et al.)
         self.depth_conv = ConvLayer(2 * mid, 2 * mid, 3, groups=2 * mid, bias=True, norm=None, act=None)
         self.glu_act = build_act(act)
         self.point_conv = ConvLayer(mid, channels, 1, bias=False, norm=norm, act=None)
@@ -323,10 +339,12 @@ class LiteMLA(nn.Module):
                  norm=(None, "bn2d"), act=(None, None), scales=(5,), eps=1e-15):
         super().__init__()
         use_bias = use_bias if isinstance(use_bias, (tuple, list)) else (use_bias, use_bias)
+        # heads = C / dim (dim = 32 in DC-AE): e.g. 1024 channels -> 32 heads
         heads = int(in_ch // dim * heads_ratio) if heads is None else heads
         if heads < 1:
             raise ValueError(f"LiteMLA: {in_ch} channels give 0 heads of dim {dim} (EfficientViT stages need >= {dim})")
         self.dim, self.eps = dim, eps
+        # total_dim = C for heads_ratio 1: q, k, v each have C channels, so qkv has 3C
         total_dim = heads * dim
         self.qkv = ConvLayer(in_ch, 3 * total_dim, 1, bias=use_bias[0], norm=norm[0], act=act[0])
         # multi-scale aggregation: depthwise s x s, then 1x1 with groups = 3*heads (one q/k/v slice of one head each)
@@ -337,6 +355,7 @@ class LiteMLA(nn.Module):
             )
             for s in scales
         ])
+        # proj sees (1 + S) head groups: the plain qkv's and each scale's outputs, concatenated
         self.proj = ConvLayer(total_dim * (1 + len(scales)), out_ch, 1, bias=use_bias[1], norm=norm[1], act=act[1])
 
     def attention(self, qkv, quadratic=None):
@@ -345,9 +364,11 @@ class LiteMLA(nn.Module):
         quadratic=None picks the branch like the official forward (tokens H*W <= dim -> quadratic)."""
         B, _, H, W = qkv.shape
         if quadratic is None:
+            # cost: linear branch O(N dim^2), quadratic O(N^2 dim); pick the smaller (same result)
             quadratic = H * W <= self.dim
         with no_autocast(qkv.device):
             if qkv.dtype in (torch.float16, torch.bfloat16):
+                # float32: the normaliser sum_m k_m . q_n can overflow / lose precision in half precision
                 qkv = qkv.float()
             qkv = qkv.reshape(B, -1, 3 * self.dim, H * W)  # (B, 3*G*dim, H, W) -> (B, G, 3*dim, N)
             q, k, v = qkv.split(self.dim, dim=2)  # 3 x (B, G, dim, N)
@@ -361,6 +382,7 @@ class LiteMLA(nn.Module):
             else:
                 # quadratic branch (few tokens): explicit N x N map normalised over the key axis
                 att = k.transpose(-1, -2) @ q  # (B, G, N, dim) @ (B, G, dim, N) -> (B, G, N_key, N_query)
+                # the same normaliser sum_m k_m . q_n as the ones-row trick of the linear branch
                 att = att / (att.sum(dim=2, keepdim=True) + self.eps)
                 out = v @ att  # (B, G, dim, N_key) @ (B, G, N_key, N) -> (B, G, dim, N)
         return out.reshape(B, -1, H, W)  # (B, G, dim, N) -> (B, G*dim, H, W)
@@ -368,6 +390,7 @@ class LiteMLA(nn.Module):
     def forward(self, x):
         qkv = self.qkv(x)  # (B, C, H, W) -> (B, 3*heads*dim, H, W)
         qkv = torch.cat([qkv] + [op(qkv) for op in self.aggreg], dim=1)  # -> (B, 3*heads*dim*(1+S), H, W)
+        # G = heads*(1+S): attention runs independently per head of every scale
         out = self.attention(qkv).to(x.dtype)
         return self.proj(out)  # (B, G*dim, H, W) -> (B, C_out, H, W)
 
@@ -378,7 +401,9 @@ class EfficientViTBlock(nn.Module):
     def __init__(self, channels, norm, act, scales=(), dim=32, heads_ratio=1.0, expand_ratio=4):
         super().__init__()
         attn = LiteMLA(channels, channels, heads_ratio=heads_ratio, dim=dim, norm=(None, norm), scales=scales)
+        # LiteMLA = global context mixing (token mixer); norm only after its output projection, no pre-norm
         self.context_module = ResidualBlock(attn, nn.Identity())
+        # GLUMBConv = local mixing + channel FFN
         self.local_module = ResidualBlock(GLUMBConv(channels, norm, act, expand_ratio), nn.Identity())
 
     def forward(self, x):
@@ -388,6 +413,7 @@ class EfficientViTBlock(nn.Module):
 def build_block(block_type, channels, norm, act):
     """One stage block (official dc_ae.build_block): 'ResBlock', 'EViT_GLU' (scales ()), 'EViTS5_GLU' (scales (5,))."""
     if block_type == "ResBlock":
+        # identity skip around the two convs (the high-resolution stages, where attention is too costly)
         return ResidualBlock(ResBlock(channels, norm, act), nn.Identity())
     if block_type == "EViT_GLU":
         return EfficientViTBlock(channels, norm, act, scales=())
@@ -421,6 +447,7 @@ def _check_lists(cfg, fields, what):
     for f in fields:
         if isinstance(cfg[f], (list, tuple)) and len(cfg[f]) != n:
             raise ValueError(f"{what}: per-stage {f} has {len(cfg[f])} entries, expected {n}")
+    # depth_list[0] == 0 makes project_in jump to width_list[1], which must then exist
     if cfg["depth_list"][0] == 0 and n < 2:
         raise ValueError(f"{what}: depth_list[0] == 0 needs at least 2 stages")
 
@@ -446,13 +473,16 @@ class Encoder(nn.Module):
         widths, depths = cfg["width_list"], cfg["depth_list"]
         n = len(widths)
         if depths[0] > 0:
+            # 3 -> width_list[0] at full resolution
             self.project_in = ConvLayer(cfg["in_channels"], widths[0], 3, bias=True)
         else:
+            # no shortcut: averaging 3 RGB channels*4 into widths[1] channels is not divisible in general
             self.project_in = build_downsample(cfg["downsample_block_type"], cfg["in_channels"], widths[1], None)
         stages = []
         for i in range(n):
             blocks = build_stage(widths[i], depths[i], _per_stage(cfg["block_type"], i),
                                  _per_stage(cfg["norm"], i), _per_stage(cfg["act"], i))
+            # the last stage has no down-sampling; n stages -> n-1 halvings -> f = 2^(n-1)
             if i < n - 1 and depths[i] > 0:
                 # Sec. 3.2: the down-sampling block ends the stage, with the space-to-channel averaging shortcut
                 blocks.append(build_downsample(cfg["downsample_block_type"], widths[i], widths[i + 1],
@@ -461,6 +491,7 @@ class Encoder(nn.Module):
         self.stages = nn.ModuleList(stages)
         # official OpSequential([norm=None, act, conv]) drops the None entries: the conv is main.0 (or main.1 after an act)
         out = [m for m in (build_act(cfg["out_act"]),) if m is not None]
+        # (B, width_list[-1], H/f, W/f) -> (B, latent_channels, H/f, W/f)
         main = nn.Sequential(*out, ConvLayer(widths[-1], cfg["latent_channels"], 3, bias=True))
         if cfg["out_shortcut"] is None:
             self.project_out = main
@@ -495,6 +526,7 @@ class Decoder(nn.Module):
             raise ValueError("decoder.upsample_match_channel=False is not supported (no DC-AE release uses it)")
         widths, depths = cfg["width_list"], cfg["depth_list"]
         n = len(widths)
+        # (B, latent_channels, h, w) -> (B, width_list[-1], h, w); mirrors the encoder's project_out
         proj = ConvLayer(cfg["latent_channels"], widths[-1], 3, bias=True)
         if cfg["in_shortcut"] is None:
             self.project_in = proj
@@ -513,11 +545,13 @@ class Decoder(nn.Module):
                                   _per_stage(cfg["norm"], i), _per_stage(cfg["act"], i))
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.ModuleList(stages)
+        # channels reaching the head: widths[0] only if stage 0 was built
         c = widths[0] if depths[0] > 0 else widths[1]
         head = [build_norm(cfg["out_norm"], c), build_act(cfg["out_act"])]
         if depths[0] > 0:
             head.append(ConvLayer(c, cfg["in_channels"], 3, bias=True))
         else:
+            # the last x2 up-sampling is the output layer itself (mirror of the encoder's project_in)
             head.append(build_upsample(cfg["upsample_block_type"], c, cfg["in_channels"], None))
         # official OpSequential drops None entries: with norm and act the final layer is index 2
         self.project_out = nn.Sequential(*[m for m in head if m is not None])
@@ -671,6 +705,7 @@ class DCAE(nn.Module):
         self.encoder = Encoder(cfg["encoder"])
         self.decoder = Decoder(cfg["decoder"])
         self.in_channels, self.latent_channels = cfg["in_channels"], cfg["latent_channels"]
+        # one x2 per stage transition: 6 stages -> f32, 7 -> f64, 8 -> f128 (Table 1)
         self.spatial_compression_ratio = 2 ** (len(cfg["decoder"]["width_list"]) - 1)
         self.disc = NLayerDiscriminator(cfg["in_channels"], train_cfg["disc_ndf"], train_cfg["disc_layers"]).apply(weights_init)
         # 0 = "not measured yet" (train.py --ae measures it); encode/decode then use 1
@@ -726,9 +761,12 @@ class DCAE(nn.Module):
         if phase == 1:
             return [self.encoder, self.decoder]
         if phase == 2:
+            # phase 2 (Sec. 3.2): only the layers nearest the latent see high-res images, so the generalisation
             k = self.train_cfg["adapt_stages"]
+            # gap at high resolution is closed where it arises (latent), at a fraction of full-training cost
             return enc[len(enc) - k:] + [self.encoder.project_out, self.decoder.project_in] + dec[:k]
         if phase == 3:
+            # phase 3 (Sec. 3.2): GAN loss on the decoder head only, so local details sharpen while the latent is frozen
             k = self.train_cfg["head_stages"]
             return dec[len(dec) - k:] + [self.decoder.project_out]
         raise ValueError(f"unknown phase {phase!r} (expected 1, 2 or 3)")
@@ -746,6 +784,7 @@ class DCAE(nn.Module):
         phase = 1 if phase is None else int(phase)
         modules = self.trainable_modules(phase)
         self.phase = phase
+        # freeze all first, then unfreeze the phase's modules: what is not listed stays frozen
         for p in self.parameters():
             p.requires_grad_(False)
         for m in modules:
@@ -755,6 +794,7 @@ class DCAE(nn.Module):
             for p in self.disc.parameters():
                 p.requires_grad_(True)
         steps = self._steps()
+        # everything before this step can run under no_grad in _reconstruct (no activations kept)
         self._first_trainable = next(i for i, s in enumerate(steps) if any(p.requires_grad for p in s.parameters()))
         self.train(self.training)  # re-apply the frozen-BatchNorm rule below
         ae = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("disc.")]
@@ -780,6 +820,7 @@ class DCAE(nn.Module):
         (phase 2: the early encoder; phase 3: the encoder and most of the decoder) -- the memory saving
         the paper reports for phase 2."""
         steps = self._steps()
+        # frozen prefix: no autograd graph, so high-res phase-2 batches fit in memory
         with torch.no_grad():
             for step in steps[: self._first_trainable]:
                 x = step(x)
@@ -807,6 +848,7 @@ class DCAE(nn.Module):
         gan_on = self.phase == 3 and step >= tc["disc_start"]
         if group == "ae":
             x_hat = self._reconstruct(x)
+            # float32 loss math so bf16 autocast does not round small reconstruction errors away
             l1 = (x_hat.float() - x.float()).abs().mean()
             # lpips_weight 0 skips the VGG entirely (fast tests); a Python float, so no host sync
             lp = self._lpips_loss(x_hat, x) if tc["lpips_weight"] else torch.zeros((), device=x.device)
@@ -818,7 +860,9 @@ class DCAE(nn.Module):
             # to its parameters (they belong to the "disc" group)
             params = {n: p.detach() for n, p in self.disc.named_parameters()}
             logits_fake = torch.func.functional_call(self.disc, params, (x_hat,), strict=False).float()
+            # hinge generator loss: raise the discriminator's logit on reconstructions
             g_loss = -logits_fake.mean()
+            # LDM/taming: balance ||grad rec|| / ||grad g_loss|| at the decoder's last layer
             d_weight = calculate_adaptive_weight(rec, g_loss, self._last_layer(), tc["disc_weight"])
             loss = rec + d_weight * g_loss
             logs.update(g_loss=g_loss.detach(), d_weight=d_weight.detach())
@@ -826,6 +870,7 @@ class DCAE(nn.Module):
         if group == "disc":
             if self.phase != 3:
                 raise ValueError(f"the 'disc' group only exists in phase 3 (current phase {self.phase})")
+            # the discriminator step needs no gradient through the autoencoder
             with torch.no_grad():
                 x_hat = self._reconstruct(x)
             logits_real = self.disc(x.detach()).float()
@@ -868,10 +913,12 @@ TRAIN_DEFAULTS = {
 
 def _in_mix(latent, n_stages, scale_factor):
     """dc-ae-f{32,64,128}c{latent}-{in,mix}-1.0: ResBlock x3 then EViT_GLU stages, BN+ReLU in the decoder ResBlock stages."""
+    # f = 2^(n_stages-1): 6 -> f32, 7 -> f64, 8 -> f128; deeper stages reuse the wide channel counts
     widths = [128, 256, 512, 512, 1024, 1024, 2048, 2048][:n_stages]
     blocks = ["ResBlock"] * 3 + ["EViT_GLU"] * (n_stages - 3)
     return {
         "latent_channels": latent,
+        # depth 0 at stage 0: the full-resolution stage is skipped; attention only in the low-resolution stages
         "encoder": {"width_list": widths, "depth_list": [0, 4, 8] + [2] * (n_stages - 3), "block_type": blocks},
         "decoder": {"width_list": widths, "depth_list": [0, 5, 10] + [2] * (n_stages - 3), "block_type": blocks,
                     "norm": ["bn2d"] * 3 + ["trms2d"] * (n_stages - 3), "act": ["relu"] * 3 + ["silu"] * (n_stages - 3)},
@@ -927,6 +974,7 @@ def resolve_config(spec):
     """
     spec = copy.deepcopy(spec)
     if "cfg" in spec and isinstance(spec["cfg"], dict):
+        # key-file format: the official cfg nested under "cfg"; explicit top-level keys win
         spec = {**spec.pop("cfg"), **spec}
     cfg = dict(DCAE_DEFAULTS)
     train_cfg = copy.deepcopy(TRAIN_DEFAULTS)
@@ -943,6 +991,7 @@ def resolve_config(spec):
             train_cfg[k] = v
         else:
             raise ValueError(f"unknown DC-AE config key {k!r}")
+    # reject typos early: an unknown key would otherwise be silently ignored
     for sub, defaults in ((enc, ENCODER_DEFAULTS), (dec, DECODER_DEFAULTS)):
         unknown = set(sub) - set(defaults) - {"in_channels", "latent_channels"}
         if unknown:
@@ -971,6 +1020,7 @@ def create(config="tiny", **overrides):
         spec = copy.deepcopy(config)
     else:
         raise ValueError(f"config must be a preset name or a dict, got {type(config).__name__}")
+    # image_size / num_classes are generic trainer arguments, not DC-AE config keys
     image_size = overrides.pop("image_size", None)
     overrides.pop("num_classes", None)
     spec.update(overrides)
@@ -1047,6 +1097,7 @@ def load_official(path_or_state_dict, config):
     model = create(config)
     sd = {official_to_ours(k): v for k, v in _read_state_dict(path_or_state_dict).items()}
     ours = {k: v for k, v in model.state_dict().items() if not k.startswith("disc.") and k != "scale_factor"}
+    # strict key match both ways, checked before load_state_dict for a readable error
     missing, unexpected = sorted(set(ours) - set(sd)), sorted(set(sd) - set(ours))
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match DC-AE config: missing {missing[:5]} ({len(missing)}), "
@@ -1054,6 +1105,7 @@ def load_official(path_or_state_dict, config):
     bad = [k for k in ours if tuple(ours[k].shape) != tuple(sd[k].shape)]
     if bad:
         raise ValueError(f"checkpoint shapes differ from the config: {[(k, tuple(sd[k].shape)) for k in bad[:5]]}")
+    # strict=False only because disc.* and scale_factor are absent from official checkpoints
     result = model.load_state_dict(sd, strict=False)
     assert all(k.startswith("disc.") or k == "scale_factor" for k in result.missing_keys)
     return model

@@ -66,6 +66,7 @@ class PatchEmbed(nn.Module):
     def __init__(self, input_size, patch_size, in_channels, hidden_size):
         super().__init__()
         self.input_size = input_size
+        # kernel = stride = p: non-overlapping p x p patches, i.e. one Linear per flattened patch (Fig. 4)
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
 
     def forward(self, x):
@@ -136,6 +137,7 @@ class LabelEmbedder(nn.Module):
 
     def __init__(self, num_classes, hidden_size, dropout_prob):
         super().__init__()
+        # CFG needs one extra learned "null" row; with no dropout the table has exactly num_classes rows (official)
         use_cfg_embedding = dropout_prob > 0
         self.embedding_table = nn.Embedding(num_classes + int(use_cfg_embedding), hidden_size)
         self.num_classes = num_classes
@@ -144,6 +146,7 @@ class LabelEmbedder(nn.Module):
     def token_drop(self, labels, force_drop_ids=None):
         """Replace each label by the null class with probability dropout_prob (global torch RNG)."""
         if force_drop_ids is None:
+            # per-sample Bernoulli(dropout_prob) mask: 10% of labels dropped, so one network also learns p(x)
             drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
         else:
             drop_ids = force_drop_ids == 1
@@ -196,6 +199,7 @@ class DiTBlock(nn.Module):
 
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
         super().__init__()
+        # no affine: gamma/beta are regressed from c by adaLN_modulation instead of learned per channel (Sec. 3.2)
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -206,6 +210,7 @@ class DiTBlock(nn.Module):
     def forward(self, x, c):
         # (N, D) -> 6 x (N, D), in the official order
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        # x + alpha1 * Attn(LN(x) * (1 + gamma1) + beta1): "1 +" so a zero regression output leaves plain LN
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
@@ -218,6 +223,7 @@ class FinalLayer(nn.Module):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        # 2D outputs (shift, scale) only: the decoder has no residual branch, hence no gate alpha
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
     def forward(self, x, c):
@@ -242,6 +248,7 @@ class DiT(nn.Module):
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        # T = (I/p)^2 tokens: halving p quadruples T and so at least quadruples the Gflops (Sec. 3.2, Fig. 4)
         num_patches = (input_size // patch_size) ** 2
         # Fixed sin-cos table, stored as a frozen Parameter (so it is in the official state dict):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
@@ -256,6 +263,7 @@ class DiT(nn.Module):
         """Official init: xavier Linears, N(0, .02) embeddings, and ZERO adaLN / final layer (adaLN-Zero)."""
         def _basic_init(module):
             if isinstance(module, nn.Linear):
+                # official _basic_init: every nn.Linear first; the specific layers below then override it
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.constant_(module.bias, 0)
         self.apply(_basic_init)
@@ -306,9 +314,11 @@ class DiT(nn.Module):
         half = x[: len(x) // 2]
         combined = torch.cat([half, half], dim=0)  # (N/2, C, H, W) -> (N, C, H, W)
         model_out = self.forward(combined, t, y)  # (N, Cout, H, W)
+        # as official models.py: eps, rest = model_out[:, :3], model_out[:, 3:]
         n_guided = self.in_channels if cfg_all_channels else 3
         eps, rest = model_out[:, :n_guided], model_out[:, n_guided:]
         cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)  # 2 x (N/2, n_guided, H, W)
+        # Sec. 3.1: eps(x, null) + s (eps(x, c) - eps(x, null)); s = 1 would give the plain conditional eps
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
         eps = torch.cat([half_eps, half_eps], dim=0)  # (N, n_guided, H, W)
         return torch.cat([eps, rest], dim=1)  # (N, Cout, H, W)
@@ -327,6 +337,7 @@ class DiT(nn.Module):
         if group != "model":
             raise ValueError(f"dit has one optimizer group 'model', got {group!r}")
         x_start = batch["x"].float()
+        # one uniform t per sample: an unbiased one-term estimate of the sum over t in L_vlb (IDDPM Eq. 4-6)
         t = torch.randint(0, self.diffusion.num_timesteps, (x_start.shape[0],), device=x_start.device)
         terms = self.diffusion.training_losses(self, x_start, t, model_kwargs=dict(y=batch["y"]))
         logs = {"mse": terms["mse"].mean().detach(), "vb": terms["vb"].mean().detach()}
@@ -342,6 +353,7 @@ class DiT(nn.Module):
         sampler = sampler or "ddpm"
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"unknown sampler {sampler!r}: dit offers 'ddpm' and 'ddim'")
+        # 250 respaced DDPM steps: the paper's setting for all reported FIDs (official sample.py default)
         steps = 250 if steps is None else int(steps)
         device = self.pos_embed.device
         diffusion = GaussianDiffusion(str(steps), learn_sigma=self.learn_sigma)
@@ -362,6 +374,7 @@ class DiT(nn.Module):
         self.eval()  # no label dropout while sampling
         try:
             step_fn = diffusion.p_sample if sampler == "ddpm" else partial(diffusion.ddim_sample, eta=eta)
+            # i = T'-1 .. 0 of the respaced chain, starting from x_T = z ~ N(0, I)
             for i in reversed(range(diffusion.num_timesteps)):  # p_sample_loop / ddim_sample_loop
                 t = torch.full((x.shape[0],), i, device=device, dtype=torch.long)
                 x = step_fn(model_fn, x, t, clip_denoised=clip_denoised, model_kwargs=dict(y=y),
@@ -377,6 +390,7 @@ class DiT(nn.Module):
 def linear_beta_schedule(num_timesteps=1000):
     """DDPM's linear betas, scaled so any T gives the same curve as T = 1000 (IDDPM code). float64."""
     scale = 1000 / num_timesteps
+    # beta_1 = 1e-4 .. beta_T = 0.02 (DDPM); DiT does not use IDDPM's cosine schedule
     return np.linspace(scale * 0.0001, scale * 0.02, num_timesteps, dtype=np.float64)
 
 
@@ -403,6 +417,7 @@ def space_timesteps(num_timesteps, section_counts):
         size = size_per + (1 if i < extra else 0)
         if size < section_count:
             raise ValueError(f"cannot divide section of {size} steps into {section_count}")
+        # float stride so the first AND last step of each section are kept
         frac_stride = 1 if section_count <= 1 else (size - 1) / (section_count - 1)
         cur_idx = 0.0
         for _ in range(section_count):
@@ -420,6 +435,7 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
 
 def approx_standard_normal_cdf(x):
     """Phi(x) via the tanh approximation (the official code does not use erf)."""
+    # sqrt(2/pi) and 0.044715: the same constants as the tanh approximation of GELU
     return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))))
 
 
@@ -427,6 +443,7 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
     """log p(x_0 | x_1) of DDPM's discrete decoder (DDPM Eq. 13; IDDPM Sec. 2.1): a Gaussian integrated
     over the bin [x - 1/255, x + 1/255] (data assumed in [-1, 1]; DiT applies it to latents as-is),
     with the edge bins extended to -inf / +inf. Arguments of the logs are clamped at 1e-12."""
+    # 1/255 is half a bin: 8-bit values 0..255 mapped to [-1, 1] have bin width 2/255
     centered_x = x - means
     inv_stdv = torch.exp(-log_scales)
     cdf_plus = approx_standard_normal_cdf(inv_stdv * (centered_x + 1.0 / 255.0))
@@ -461,6 +478,7 @@ class GaussianDiffusion:
         self.timestep_map, betas, last_alpha_cumprod = [], [], 1.0
         for i, alpha_cumprod in enumerate(base_alphas_cumprod):
             if i in use_timesteps:
+                # beta'_i = 1 - abar[map[i]] / abar[map[i-1]]: the respaced chain keeps abar exactly at the kept steps
                 betas.append(1 - alpha_cumprod / last_alpha_cumprod)
                 last_alpha_cumprod = alpha_cumprod
                 self.timestep_map.append(i)
@@ -482,6 +500,7 @@ class GaussianDiffusion:
         self.posterior_log_variance_clipped = np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
         self.posterior_mean_coef1 = b * np.sqrt(ac_prev) / (1.0 - ac)
         self.posterior_mean_coef2 = (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac)
+        # log beta_t: the upper end of the learned-variance interpolation (IDDPM Eq. 15)
         self.log_betas = np.log(b)
         # FIXED_LARGE (learn_sigma=False): sigma_t^2 = beta_t, with beta~_1 at t = 0 (official p_mean_variance)
         self.fixed_large_log_variance = np.log(np.append(self.posterior_variance[1], b[1:]))
@@ -523,6 +542,7 @@ class GaussianDiffusion:
         C = x.shape[1]
         if self.learn_sigma:
             eps, v = torch.split(model_output, C, dim=1)  # (N, 2C, H, W) -> 2 x (N, C, H, W): eps FIRST
+            # IDDPM Eq. 15 range: min_log = log beta~_t (t = 0 uses beta~_1), max_log = log beta_t
             min_log = self._extract("posterior_log_variance_clipped", t, x.ndim)
             max_log = self._extract("log_betas", t, x.ndim)
             frac = (v + 1) / 2
@@ -530,6 +550,7 @@ class GaussianDiffusion:
         else:
             eps = model_output
             model_log_variance = self._extract("fixed_large_log_variance", t, x.ndim).expand_as(x)
+        # x_0-hat = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps, i.e. IDDPM Eq. 9 solved for x_0
         pred_xstart = (self._extract("sqrt_recip_alphas_cumprod", t, x.ndim) * x
                        - self._extract("sqrt_recipm1_alphas_cumprod", t, x.ndim) * eps)
         if clip_denoised:
@@ -544,6 +565,7 @@ class GaussianDiffusion:
         """One ancestral step x_{t-1} = mu + sigma z (no noise at t = 0; z is drawn regardless, as official)."""
         out = self.p_mean_variance(model_fn, x, t, clip_denoised, model_kwargs)
         noise = self._noise_like(x, noise, generator)
+        # the final step (t = 0) returns the mean mu_theta(x_1) without noise
         nonzero_mask = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))  # (N,) -> (N, 1, 1, 1)
         sample = out["mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"], "mean": out["mean"],
@@ -558,6 +580,7 @@ class GaussianDiffusion:
                / self._extract("sqrt_recipm1_alphas_cumprod", t, x.ndim))
         alpha_bar = self._extract("alphas_cumprod", t, x.ndim)
         alpha_bar_prev = self._extract("alphas_cumprod_prev", t, x.ndim)
+        # sigma_t(eta) of DDIM Eq. 16: eta = 0 deterministic DDIM, eta = 1 the DDPM posterior variance
         sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
         noise = self._noise_like(x, noise, generator)  # drawn even for eta = 0, as official
         mean_pred = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
@@ -571,6 +594,7 @@ class GaussianDiffusion:
         true_mean = self.q_posterior_mean(x_start, x_t, t)
         true_log_variance = self._extract("posterior_log_variance_clipped", t, x_t.ndim)
         out = self.p_mean_variance(None, x_t, t, clip_denoised=False, model_output=model_output)
+        # KL and NLL come in nats; / ln 2 gives bits, and mean_flat makes them per dimension (bpd)
         kl = mean_flat(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])) / math.log(2.0)
         decoder_nll = -discretized_gaussian_log_likelihood(x_start, out["mean"], 0.5 * out["log_variance"])
         decoder_nll = mean_flat(decoder_nll) / math.log(2.0)
@@ -587,6 +611,7 @@ class GaussianDiffusion:
         """
         if noise is None:
             noise = torch.randn_like(x_start)
+        # reparameterised x_t ~ q(x_t | x_0); the same noise is the eps target of L_simple
         x_t = self.q_sample(x_start, t, noise)
         model_output = model_fn(x_t, self._extract("timestep_map", t, 1), **(model_kwargs or {})).float()
         C = x_t.shape[1]
@@ -597,6 +622,7 @@ class GaussianDiffusion:
             terms["vb"] = self.vb_terms_bpd(frozen_out, x_start, x_t, t)
         else:
             eps = model_output
+            # FIXED_LARGE: no variance to learn, so L_vlb is dropped and only L_simple trains
             terms["vb"] = torch.zeros_like(t, dtype=torch.float32)
         terms["mse"] = mean_flat((noise - eps) ** 2)  # L_simple (IDDPM Eq. 14): target = noise (EPSILON)
         terms["loss"] = terms["mse"] + terms["vb"]
@@ -608,6 +634,7 @@ class GaussianDiffusion:
 # ---------------------------------------------------------------------------------------------------
 _COMMON = dict(input_size=32, in_channels=4, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000,
                learn_sigma=True)
+# Table 1: depth N, hidden size d and heads of the S / B / L / XL models
 _SIZES = {"S": dict(depth=12, hidden_size=384, num_heads=6), "B": dict(depth=12, hidden_size=768, num_heads=12),
           "L": dict(depth=24, hidden_size=1024, num_heads=16), "XL": dict(depth=28, hidden_size=1152, num_heads=16)}
 # params (model.parameters(), incl. the frozen pos_embed, as train.py logs) at input_size 32 (256 px);
@@ -713,6 +740,7 @@ def load_official(path_or_state_dict, config="DiT-XL/2", **overrides):
         side = math.isqrt(pe.shape[1])
         if side * side == pe.shape[1] and side * p != kwargs.get("input_size"):
             kwargs["input_size"] = side * p  # (1, T, D): T = (input_size / p)^2
+    # meta device: shapes only (no memory, no init); load_state_dict(assign=True) installs the tensors
     with torch.device("meta"):
         model = DiT(**kwargs)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -218,6 +218,7 @@ class Decoder(nn.Module):
 
     def __init__(self, ch, ch_mult, num_res_blocks, z_channels):
         super().__init__()
+        # lowest-resolution width first: the decoder mirrors the encoder, ch_mult read from the end
         block_in = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
         self.mid = nn.Module()
@@ -225,6 +226,7 @@ class Decoder(nn.Module):
         self.mid.attn_1 = AttnBlock(block_in)
         self.mid.block_2 = ResnetBlock(block_in, block_in)
         self.up = nn.ModuleList()
+        # build from the coarsest level (i = L-1) to the finest; each level has one block MORE than the encoder's
         for i_level in reversed(range(len(ch_mult))):
             level = nn.Module()
             level.block = nn.ModuleList()
@@ -232,6 +234,7 @@ class Decoder(nn.Module):
                 level.block.append(ResnetBlock(block_in, ch * ch_mult[i_level]))
                 block_in = ch * ch_mult[i_level]
             level.attn = nn.ModuleList()
+            # no Upsample at level 0: phi stays at R = h * 2^(L-1), the encoder input resolution
             if i_level != 0:
                 level.upsample = Upsample(block_in)
             self.up.insert(0, level)  # prepend: up[i] is level i
@@ -239,6 +242,7 @@ class Decoder(nn.Module):
     def forward(self, z):
         h = self.conv_in(z)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        # run coarse -> fine: up[-1] (lowest resolution) first, up[0] last
         for level in reversed(self.up):
             for block in level.block:
                 h = block(h)
@@ -255,7 +259,9 @@ class VectorQuantizer(nn.Module):
     def __init__(self, n_embed, e_dim, beta=0.25):
         super().__init__()
         self.beta = beta
+        # codebook (n_embed, e_dim): e_dim = z_channels (3), so z_q lives in the same space as z
         self.embedding = nn.Embedding(n_embed, e_dim)
+        # taming's init: tiny uniform codes, so early nearest-neighbour assignments are near-random
         self.embedding.weight.data.uniform_(-1.0 / n_embed, 1.0 / n_embed)
 
     def forward(self, z):
@@ -267,6 +273,7 @@ class VectorQuantizer(nn.Module):
         d = z_flat.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * z_flat @ e.t()  # (B*H*W, n_embed)
         indices = d.argmin(1)  # (B*H*W,)
         z_q = self.embedding(indices).view(z.shape)  # (B*H*W, C) -> (B, H, W, C)
+        # Sec. 3.1 VQ loss (legacy weighting, see the class docstring): commitment + beta * codebook
         loss = torch.mean((z_q.detach() - z) ** 2) + self.beta * torch.mean((z_q - z.detach()) ** 2)
         z_q = z + (z_q - z).detach()  # straight-through estimator
         return z_q.permute(0, 3, 1, 2).contiguous(), loss, indices  # (B, H, W, C) -> (B, C, H, W)
@@ -281,7 +288,9 @@ def make_coord_grid(shape, range=(-1, 1), device="cpu"):
     axes = []
     for i, s in enumerate(shape):
         lo, hi = range[i] if isinstance(range[0], (list, tuple)) else range
+        # pixel i covers [lo + i*(hi-lo)/s, lo + (i+1)*(hi-lo)/s]: its centre has the +0.5 offset
         axes.append(lo + (hi - lo) * ((0.5 + torch.arange(s, device=device)) / s))  # centres of s equal cells
+    # indexing='ij' keeps axis order (row, col), matching the (y, x) convention of the module docstring
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
 
 
@@ -292,6 +301,7 @@ def make_coord_cell_grid(shape, range=(-1, 1), device="cpu", bs=None):
     cell = torch.ones_like(coord)
     for i, s in enumerate(shape):
         lo, hi = range[i] if isinstance(range[0], (list, tuple)) else range
+        # the cell is constant over the grid: one pixel's extent, e.g. 2/H for the default [-1, 1] range
         cell[..., i] *= (hi - lo) / s
     if bs is not None:
         coord = coord.unsqueeze(0).expand(bs, *coord.shape)  # (*shape, k) -> (bs, *shape, k)
@@ -304,6 +314,7 @@ def convert_posenc(x, dim, w_max):
     (..., d) -> (..., d*dim) = cat(cos(pi x_j w_k), sin(pi x_j w_k)), w_k = exp(linspace(0, log w_max, dim/2))."""
     if dim % 2:
         raise ValueError(f"positional-encoding dim must be even, got {dim}")
+    # log-spaced frequencies from 1 to w_max (dim/2 of them)
     w = torch.exp(torch.linspace(0, np.log(w_max), dim // 2, device=x.device))
     x = torch.matmul(x.unsqueeze(-1), w.unsqueeze(0)).view(*x.shape[:-1], -1)  # (..., d, 1)@(1, dim/2) -> (..., d*dim/2)
     return torch.cat([torch.cos(np.pi * x), torch.sin(np.pi * x)], dim=-1)
@@ -317,16 +328,20 @@ def liif_query(phi, coord, cell):
       rel_cell  cell * (H, W): 2 at native resolution, 1 at 2x, 0.5 at 4x.
     phi (B, C, H, W), coord / cell (B, ..., 2) -> (B, ..., C), (B, ..., 2), (B, ..., 2)."""
     B, _, H, W = phi.shape
+    # h, w of a grid query (or any extra dims); restored on the outputs
     query_shape = coord.shape[1:-1]
     coord = coord.reshape(B, 1, -1, 2)  # (B, ..., 2) -> (B, 1, N, 2): a 1 x N "image" of sample points
     cell = cell.reshape(B, 1, -1, 2)
     # grid_sample wants (x, y) order, ours is (y, x): flip the last dim.
     q_feat = F.grid_sample(phi, coord.flip(-1), mode="nearest", align_corners=False)  # (B, C, 1, N)
+    # pixel centres of phi itself; sampling them with the same 'nearest' rule gives the centre of the chosen feature
     feat_coord = make_coord_grid((H, W), device=phi.device).to(phi.dtype)  # (H, W, 2) pixel centres of phi
     feat_coord = feat_coord.permute(2, 0, 1).unsqueeze(0).expand(B, -1, -1, -1)  # (H, W, 2) -> (B, 2, H, W)
     q_coord = F.grid_sample(feat_coord, coord.flip(-1), mode="nearest", align_corners=False)  # (B, 2, 1, N)
+    # multiply by (H, W): a feature pixel has width 2/H, so the offset becomes units of half a feature pixel
     scale = torch.tensor([H, W], dtype=coord.dtype, device=coord.device)
     rel_coord = (coord - q_coord.permute(0, 2, 3, 1)) * scale  # (B, 1, N, 2), q_coord (B, 2, 1, N) -> (B, 1, N, 2)
+    # rel_cell: query pixel size relative to a feature pixel (Fig. 3: lets CLIF know the output scale)
     rel_cell = cell * scale
     q_feat = q_feat.permute(0, 2, 3, 1).reshape(B, *query_shape, -1)  # (B, C, 1, N) -> (B, ..., C)
     return q_feat, rel_coord.reshape(B, *query_shape, 2), rel_cell.reshape(B, *query_shape, 2)
@@ -339,6 +354,7 @@ class RendererNet(nn.Module):
 
     def __init__(self, in_channels, hidden_channels, normalize=True, out_channels=3):
         super().__init__()
+        # first conv lifts C + 4 input channels to the hidden width; all convs are 3x3 on the QUERY grid, not on phi
         self.model = nn.ModuleList([nn.Conv2d(in_channels, hidden_channels, 3, padding=1),
                                     ResnetBlock(hidden_channels, hidden_channels),
                                     ResnetBlock(hidden_channels, hidden_channels)])
@@ -350,6 +366,7 @@ class RendererNet(nn.Module):
             self.norm_out = nn.Identity()
 
     def forward(self, x):
+        # self.model = [conv_in, res, res]: the official ModuleList layout, hence the loop
         for layer in self.model:
             x = layer(x)
         return self.conv_out(nonlinearity(self.norm_out(x)))
@@ -363,6 +380,7 @@ class CLIFRenderer(nn.Module):
                  co_pe_w_max=None, ce_pe_dim=None, ce_pe_w_max=None):
         super().__init__()
         self.co_pe, self.ce_pe = (co_pe_dim, co_pe_w_max), (ce_pe_dim, ce_pe_w_max)
+        # each raw coordinate pair is 2 channels; with Fourier features it becomes 2 * pe_dim
         coord_dim = (2 if co_pe_dim is None else 2 * co_pe_dim) + (2 if ce_pe_dim is None else 2 * ce_pe_dim)
         self.net = RendererNet(z_dec_channels + coord_dim, hidden_channels, normalize)
 
@@ -370,7 +388,9 @@ class CLIFRenderer(nn.Module):
         if coord.dim() != 4 or coord.shape[-1] != 2 or cell.shape != coord.shape:
             raise ValueError(f"coord and cell must be query grids (B, h, w, 2), got {tuple(coord.shape)} and "
                              f"{tuple(cell.shape)}")
+        # each query looks up phi independently; spatial context comes only from the CNN over the query grid
         q_feat, rel_coord, rel_cell = liif_query(phi, coord, cell)
+        # optional Fourier features (off in the released configs: co_pe_dim = ce_pe_dim = None)
         if self.co_pe[0] is not None:
             rel_coord = convert_posenc(rel_coord, *self.co_pe)
         if self.ce_pe[0] is not None:
@@ -380,6 +400,7 @@ class CLIFRenderer(nn.Module):
         return self.net(layout)
 
     def last_layer_weight(self):
+        # W for the adaptive GAN weight (Sec. 3.2, INFD._adaptive_weight)
         return self.net.conv_out.weight
 
 
@@ -391,6 +412,7 @@ class OriginalTail(nn.Module):
         self.norm_out = Normalize(in_channels)
         self.conv_out = nn.Conv2d(in_channels, out_channels, 3, padding=1)
 
+    # no queries: the output grid IS phi's grid (R x R), so this renderer cannot change resolution
     def forward(self, x):
         return self.conv_out(nonlinearity(self.norm_out(x)))
 
@@ -406,6 +428,7 @@ class FixresRenderer(nn.Module):
         return self.net(phi)
 
     def last_layer_weight(self):
+        # same role as CLIFRenderer.last_layer_weight (adaptive GAN weight)
         return self.net.conv_out.weight
 
 
@@ -415,6 +438,7 @@ class FixresRenderer(nn.Module):
 def to_tensor(img):
     """PIL RGB -> (3, H, W) in [-1, 1], computed as torchvision ToTensor + Normalize(0.5, 0.5) (same bits)."""
     x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)  # (H, W, 3) -> (3, H, W)
+    # [0, 1] -> [-1, 1], the image convention of the whole file
     return (x - 0.5) / 0.5
 
 
@@ -428,7 +452,9 @@ def sample_patch(img, rng, resize_inp, resize_gt_lb, resize_gt_ub, final_crop_gt
     if img.size[0] != img.size[1]:
         raise ValueError(f"sample_patch needs a square image, got {img.size[0]}x{img.size[1]}")
     size = img.size[0]
+    # the encoder always sees the whole image at the fixed size resize_inp (Sec. 3.1, fixed encoder resolution)
     inp = to_tensor(img.resize((resize_inp, resize_inp), Image.LANCZOS))
+    # each branch draws from rng only when reached, mirroring the official short-circuit order
     if rng.random() < p_whole:  # the whole image at the crop size (official draws this first)
         r = final_crop_gt
     elif rng.random() < p_max:  # the largest scale available
@@ -437,9 +463,12 @@ def sample_patch(img, rng, resize_inp, resize_gt_lb, resize_gt_ub, final_crop_gt
         r = rng.randint(resize_gt_lb, min(size, resize_gt_ub))
     gt = to_tensor(img.resize((r, r), Image.LANCZOS))  # (3, r, r)
     p = final_crop_gt
+    # randint is inclusive on both ends: r - p + 1 possible offsets per axis
     ii, jj = rng.randint(0, r - p), rng.randint(0, r - p)  # top-left corner (row, column)
     gt = gt[:, ii: ii + p, jj: jj + p]  # (3, r, r) -> (3, P, P)
+    # range = the crop's extent as a fraction [ii/r, (ii+p)/r] of the image: every scale r shares one [-1, 1] frame
     coord = 2 * make_coord_grid((p, p), range=[[ii / r, (ii + p) / r], [jj / r, (jj + p) / r]]) - 1  # [0,1] -> [-1,1]
+    # one pixel of the r x r image spans 2/r in the [-1, 1] frame; the same for every query of the crop
     cell = torch.tensor([2 / r, 2 / r], dtype=torch.float32).view(1, 1, 2).expand(p, p, -1)
     return {"inp": inp, "gt": gt, "gt_coord": coord, "gt_cell": cell}
 
@@ -535,6 +564,7 @@ class INFD(nn.Module):
         super().__init__()
         if in_channels != 3:
             raise ValueError(f"INFD renders RGB images: in_channels must be 3, got {in_channels}")
+        # f = total downsampling of the encoder: 2^(number of Downsample layers) = 2^(L-1); 4 for ae-d4vq
         f = 2 ** (len(ch_mult) - 1)
         if resolution % f:
             raise ValueError(f"image_size {resolution} is not divisible by the encoder's downsampling factor {f}")
@@ -542,6 +572,7 @@ class INFD(nn.Module):
         self.loss_cfg = dict(l1=l1_weight, perc=perc_weight, quant=quant_weight, gan=gan_weight,
                              adaptive=adaptive_gan_weight, disc_start=disc_start)
         self.sampler_cfg = dict(max_scale=max_scale, p_whole=p_whole, p_max=p_max)
+        # render tiling defaults (official gen_samples CLI: patch 256, padding 8), see render
         self.patch_size, self.patch_padding = patch_size, patch_padding
         self.hparams = dict(hparams or {})
         # E: image at the fixed encoder resolution -> z (B, z_channels, R/f, R/f); then an extra 1x1 conv (encoder.1)
@@ -554,6 +585,7 @@ class INFD(nn.Module):
         # D: 1x1 conv (decoder.0), then the VQGAN decoder without its tail -> phi (B, ch*ch_mult[0], R, R)
         self.decoder = nn.Sequential(nn.Conv2d(z_channels, z_channels, 1),
                                      Decoder(ch, ch_mult, num_res_blocks, z_channels))
+        # phi has the width of the finest decoder level: 128 channels for ae-d4vq
         phi_channels = ch * ch_mult[0]
         if renderer == "clif":
             self.renderer = CLIFRenderer(phi_channels, renderer_hidden, renderer_normalize)
@@ -561,6 +593,7 @@ class INFD(nn.Module):
             self.renderer = FixresRenderer(phi_channels)
         else:
             raise ValueError(f"unknown renderer {renderer!r} (choose 'clif' or 'fixres')")
+        # PatchGAN D with taming's N(0, 0.02) init (Sec. 3.2 adversarial loss)
         self.disc = NLayerDiscriminator(in_channels, disc_ndf, disc_layers).apply(weights_init)
         # Latent scale for diffusion (contract): 0 = not measured yet (treated as 1 by encode / decode).
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
@@ -572,6 +605,7 @@ class INFD(nn.Module):
         self._lpips = []
 
     def _apply(self, fn, recurse=True):
+        # the LPIPS net is kept in a plain list (see __init__), so move it by hand along with the registered modules
         super()._apply(fn, recurse)
         for net in self._lpips:
             net._apply(fn)
@@ -593,6 +627,7 @@ class INFD(nn.Module):
         return self.renderer(phi, coord, cell)
 
     def _scale(self):
+        # scale_factor 0 means 'not measured': use 1 so that encode / decode are still inverse scalings
         return torch.where(self.scale_factor == 0, torch.ones_like(self.scale_factor), self.scale_factor)
 
     def encode(self, x):
@@ -602,6 +637,7 @@ class INFD(nn.Module):
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"encode expects images (B, 3, H, W), got {tuple(x.shape)}")
         if tuple(x.shape[-2:]) != (self.resolution, self.resolution):
+            # the encoder is fully convolutional but trained only at R: resample to R rather than encoding another size
             x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bicubic", align_corners=False,
                               antialias=True)
         return self.encode_z(x) * self._scale()
@@ -626,22 +662,27 @@ class INFD(nn.Module):
         H, W = (size, size) if isinstance(size, int) else tuple(size)
         p = self.patch_size if patch_size is None else patch_size
         pad = self.patch_padding if patch_padding is None else patch_padding
+        # undo encode's scaling before the VQ layer: the codebook lives in raw z space
         phi = self.decode_z(z / self._scale())
         B = phi.shape[0]
         coord, cell = make_coord_cell_grid((H, W), device=phi.device, bs=B)  # (B, H, W, 2) each
+        # cast to phi's dtype so the renderer's concatenated input has a single dtype (e.g. under autocast / bf16)
         coord, cell = coord.to(phi.dtype), cell.to(phi.dtype)
         if not p or p <= 0:  # patch_size 0 / None from the caller: one whole tile
             return self.render_phi(phi, coord, cell)
         out = None
+        # each tile (y0, x0) renders rows [y0 - pt, y0 + yl + pb) x cols [x0 - pl, x0 + xl + pr) of the global grid
         for y0 in range(0, H, p):  # official outer loop: rows ("x0" there)
             yl = min(p, H - y0)
             pt, pb = min(pad, y0), min(pad, H - (y0 + yl))  # padding clamped at the image border
             for x0 in range(0, W, p):
                 xl = min(p, W - x0)
                 pl, pr = min(pad, x0), min(pad, W - (x0 + xl))
+                # slice the GLOBAL query grid: each tile keeps the whole-image coordinate frame
                 win = (slice(None), slice(y0 - pt, y0 + yl + pb), slice(x0 - pl, x0 + xl + pr))
                 tile = self.render_phi(phi, coord[win].contiguous(), cell[win].contiguous())  # (B, 3, h+pads, w+pads)
                 if out is None:
+                    # allocated lazily to take the renderer's output channels and dtype
                     out = tile.new_zeros(B, tile.shape[1], H, W)
                 out[:, :, y0: y0 + yl, x0: x0 + xl] = tile[:, :, pt: pt + yl, pl: pl + xl]  # keep the centre
         return out
@@ -657,11 +698,13 @@ class INFD(nn.Module):
 
         def transform(img, rng):
             w, h = img.size
+            # the centre square keeps the scale 1:1 with the original pixels (no aspect distortion)
             s = min(w, h)
             if w != h:
                 img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
             if s < image_size:  # a small image: upsample to P (the scale range is then just r = P)
                 img, s = img.resize((image_size, image_size), Image.LANCZOS), image_size
+            # r ~ U{P .. min(s, max_scale * P)}: resize_gt_lb = P, final crop = P
             d = sample_patch(img, rng, image_size, image_size, cfg["max_scale"] * image_size, image_size,
                              cfg["p_whole"], cfg["p_max"])
             return {"x": d["inp"], "gt": d["gt"], "gt_coord": d["gt_coord"], "gt_cell": d["gt_cell"]}
@@ -678,6 +721,7 @@ class INFD(nn.Module):
         image x at its own resolution (official vis_ae_whole)."""
         x = batch["x"]
         if "gt" in batch:
+            # patch training (Sec. 3.2): gt and its coordinates come from sample_patch
             return batch["gt"], batch["gt_coord"], batch["gt_cell"]
         coord, cell = make_coord_cell_grid(x.shape[-2:], device=x.device, bs=x.shape[0])
         return x, coord, cell
@@ -686,6 +730,7 @@ class INFD(nn.Module):
         """Taming / official: ||d nll/dW|| / (||d g/dW|| + 1e-4), clamped to [0, 1e4], W = renderer's last conv.
         (Official DDP averages both gradients over ranks first; here each rank uses its own.)"""
         w = self.renderer.last_layer_weight()
+        # gradients of both terms w.r.t. the same weight, in float32 for a stable norm ratio
         nll_grad = torch.autograd.grad(nll, w, retain_graph=True)[0].float()
         g_grad = torch.autograd.grad(g_loss, w, retain_graph=True)[0].float()
         return torch.clamp(nll_grad.norm() / (g_grad.norm() + 1e-4), 0.0, 1e4).detach()
@@ -702,6 +747,7 @@ class INFD(nn.Module):
             z = self.encode_z(x)
             z_q, quant_loss, _ = self.quantizer(z)
             pred = self.render_phi(self.decoder(z_q), coord, cell)  # (B, 3, P, P)
+            # losses in float32 even under mixed precision
             pred32, gt32 = pred.float(), gt.float()
             l1 = (pred32 - gt32).abs().mean()
             if not self._lpips:
@@ -709,24 +755,30 @@ class INFD(nn.Module):
             perc = self._lpips[0](pred32, gt32).float().mean()
             nll = lc["l1"] * l1 + lc["perc"] * perc
             loss = lc["quant"] * quant_loss.float() + nll
+            # images are in [-1, 1]: halving maps the error to the [0, 1] scale for PSNR
             mse = ((gt32 - pred32.detach()) / 2).pow(2).mean(dim=(1, 2, 3))
             logs = {"l1": l1.detach(), "lpips": perc.detach(), "quant": quant_loss.detach().float(),
                     "psnr": (-10 * torch.log10(mse)).mean()}
             if use_gan:
+                # generator hinge term: raise D's logit on the rendered patch
                 g_loss = -self.disc(pred).float().mean()
                 weight = torch.tensor(lc["gan"], device=x.device)
                 if lc["adaptive"] and self.training and torch.is_grad_enabled():
+                    # balance GAN vs reconstruction gradients at the renderer's last layer (taming VQGAN)
                     weight = weight * self._adaptive_weight(nll, g_loss)
                 loss = loss + weight * g_loss
                 logs.update(gan_g=g_loss.detach(), gan_weight=weight.detach())
             return loss, logs
         if group == "disc":
             if not use_gan:  # before disc_start: no discriminator forward (no BatchNorm update), zero gradients
+                # touch every disc parameter so DDP / the optimiser see gradients (all zero) for the group
                 zero = sum(p.sum() for p in self.disc.parameters()) * 0.0
                 return zero.float(), {"disc": zero.detach().float()}
             with torch.no_grad():
+                # fake sample from the current AE without gradients: only D is updated in this group
                 pred = self.render_phi(self.decode_z(self.encode_z(x)), coord, cell)
             logits_real, logits_fake = self.disc(gt).float(), self.disc(pred).float()
+            # D hinge loss: push real logits above +1 and fake logits below -1
             loss = (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean()) / 2  # hinge
             return loss, {"disc": loss.detach(), "logits_real": logits_real.detach().mean(),
                           "logits_fake": logits_fake.detach().mean()}

@@ -90,6 +90,7 @@ def normalization(channels):
 
 def zero_module(module):
     """Zero-initialise the last layer of every residual branch (ADM), so each block starts as the identity."""
+    # detach(): zero in place without recording an autograd op on a leaf parameter
     for p in module.parameters():
         p.detach().zero_()
     return module
@@ -150,6 +151,7 @@ class ResBlock(nn.Module):
         super().__init__()
         out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
+        # in_layers = [GN, SiLU, conv3x3]; forward() slices it to resample between SiLU and conv (resblock_updown)
         self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
         self.updown = up or down
         if up:  # parameter-free resampling (use_conv=False)
@@ -158,6 +160,7 @@ class ResBlock(nn.Module):
             self.h_upd, self.x_upd = Downsample(channels, False), Downsample(channels, False)
         # scale-shift needs two vectors (scale, shift) per channel
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels))
+        # out_layers[0] is the GN that scale-shift modulates; the zeroed last conv makes the block start as skip(x)
         self.out_layers = nn.Sequential(normalization(out_channels), nn.SiLU(), nn.Dropout(p=dropout),
                                         zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
         # the official 3x3 `use_conv` skip variant is unused by every config: 1x1 conv when channels change
@@ -171,11 +174,13 @@ class ResBlock(nn.Module):
         else:
             h = self.in_layers(x)
         emb_out = self.emb_layers(emb).type(h.dtype)[:, :, None, None]  # (B, C') -> (B, C', 1, 1)
+        # ADM FiLM: t modulates the normalised features; the default instead adds emb as a bias before the GN
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)  # scale is the FIRST half (official order)
             h = self.out_layers[0](h) * (1 + scale) + shift
             h = self.out_layers[1:](h)
         else:
+            # the bias enters BEFORE out_layers' GroupNorm (see normalization() on why it needs > 32 channels)
             h = self.out_layers(h + emb_out)
         return self.skip_connection(x) + h
 
@@ -189,8 +194,10 @@ class AttentionBlock(nn.Module):
 
     def __init__(self, channels, num_heads=1, num_head_channels=-1):
         super().__init__()
+        # num_head_channels (celebahq/ffhq: 32) fixes the head width, so wider levels get more heads
         self.num_heads = num_heads if num_head_channels == -1 else channels // num_head_channels
         self.norm = normalization(channels)
+        # q, k, v from one 1x1 Conv1d: weight (3C, C, 1), the official checkpoint layout
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
 
@@ -199,10 +206,12 @@ class AttentionBlock(nn.Module):
         x = x.reshape(b, c, -1)  # (B, C, H, W) -> (B, C, T)
         qkv = self.qkv(self.norm(x))  # (B, 3C, T)
         t, d = qkv.shape[-1], c // self.num_heads
+        # legacy order [head][q|k|v][d]: reshape to (B*heads, 3d, T) BEFORE splitting into q, k, v
         q, k, v = qkv.reshape(b * self.num_heads, 3 * d, t).split(d, dim=1)  # (B, 3C, T) -> 3 x (B*heads, d, T)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (B*heads, d, T) -> (B*heads, T, d)
         h = F.scaled_dot_product_attention(q, k, v)  # (B*heads, T, d), softmax(q k^T / sqrt(d)) v
         h = h.transpose(1, 2).reshape(b, c, t)  # (B*heads, T, d) -> (B, C, T)
+        # residual around attention; proj_out is zero-initialised, so the block is the identity at init
         return (x + self.proj_out(h)).reshape(b, c, *spatial)  # (B, C, T) -> (B, C, H, W)
 
 
@@ -220,6 +229,7 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
 
     def forward(self, x, context=None):
+        # Eq. 3: Q from the image tokens (B, N, query_dim), K and V from tau_theta(y) (B, L, context_dim)
         context = x if context is None else context
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)  # (B, N, h*d), (B, L, h*d) x 2
         # split heads on the last dim as (h d): (B, N, h*d) -> (B, h, N, d)
@@ -245,6 +255,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim, mult=4, dropout=0.0):
         super().__init__()
+        # GEGLU widens dim -> 2 x (4 dim) (value and gate), the Linear maps 4 dim back to dim
         self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim))
 
     def forward(self, x):
@@ -263,6 +274,7 @@ class BasicTransformerBlock(nn.Module):
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
 
     def forward(self, x, context=None):
+        # pre-norm residuals (LayerNorm before each sublayer): self-attn, cross-attn on tau_theta(y) (Eq. 3), MLP
         x = self.attn1(self.norm1(x)) + x
         x = self.attn2(self.norm2(x), context=context) + x  # no context -> self-attention again (official)
         return self.ff(self.norm3(x)) + x
@@ -279,6 +291,7 @@ class SpatialTransformer(nn.Module):
         self.proj_in = nn.Conv2d(in_channels, inner_dim, 1)
         self.transformer_blocks = nn.ModuleList(
             [BasicTransformerBlock(inner_dim, n_heads, d_head, context_dim=context_dim, dropout=dropout) for _ in range(depth)])
+        # zero-initialised: the SpatialTransformer starts as the identity on x
         self.proj_out = zero_module(nn.Conv2d(inner_dim, in_channels, 1))
 
     def forward(self, x, context=None):
@@ -286,6 +299,7 @@ class SpatialTransformer(nn.Module):
         x_in = x
         x = self.proj_in(self.norm(x))  # (B, C, H, W) -> (B, inner, H, W)
         x = x.flatten(2).transpose(1, 2)  # (B, inner, H, W) -> (B, H*W, inner)
+        # each block attends from the H*W image tokens to the L context tokens (L = 1 for cin256-v2)
         for block in self.transformer_blocks:
             x = block(x, context=context)
         x = x.transpose(1, 2).reshape(b, -1, h, w)  # (B, H*W, inner) -> (B, inner, H, W)
@@ -325,6 +339,7 @@ class UNetModel(nn.Module):
         self.model_channels, self.num_classes, self.context_dim = model_channels, num_classes, context_dim
         self.channel_mult = tuple(channel_mult)
         self.use_checkpoint = use_checkpoint  # activation checkpointing while training (no numerical effect)
+        # ADM: an MLP widens the model_channels sinusoid to 4 * model_channels, shared by every ResBlock
         time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(nn.Linear(model_channels, time_embed_dim), nn.SiLU(),
                                         nn.Linear(time_embed_dim, time_embed_dim))
@@ -333,6 +348,7 @@ class UNetModel(nn.Module):
 
         def attention(ch):
             """AttentionBlock or SpatialTransformer for `ch` channels, heads as the official code derives them."""
+            # fixed num_heads (cin256: 1, txt2img: 8): head width grows with ch; else the head count grows
             if num_head_channels == -1:
                 heads, dim_head = num_heads, ch // num_heads
             else:
@@ -345,12 +361,15 @@ class UNetModel(nn.Module):
             return ResBlock(ch, time_embed_dim, dropout, out_channels=out, use_scale_shift_norm=use_scale_shift_norm, **kw)
 
         # ---- encoder
+        # input_blocks[0] is a bare 3x3 conv: z_t (B, in_channels, H, W) -> (B, model_channels, H, W)
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
+        # input_block_chans: every block's output width (the decoder pops them as skips); ds: downsampling factor
         input_block_chans, ch, ds = [model_channels], model_channels, 1
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
                 layers = [resblock(ch, mult * model_channels)]
                 ch = mult * model_channels
+                # attention_resolutions are factors ds, not pixel sizes: [8, 4, 2] on a 64x64 latent = 8, 16, 32 px
                 if ds in attention_resolutions:
                     layers.append(attention(ch))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
@@ -365,19 +384,23 @@ class UNetModel(nn.Module):
         # ---- decoder
         self.output_blocks = nn.ModuleList([])
         for level, mult in list(enumerate(channel_mult))[::-1]:
+            # num_res_blocks + 1: the extra block per level consumes the skip saved after each Downsample
             for i in range(num_res_blocks + 1):
                 layers = [resblock(ch + input_block_chans.pop(), model_channels * mult)]
                 ch = model_channels * mult
                 if ds in attention_resolutions:
                     layers.append(attention(ch))
+                # Upsample closes every level except level 0 (full resolution)
                 if level and i == num_res_blocks:
                     layers.append(resblock(ch, ch, up=True) if resblock_updown else Upsample(ch, conv_resample, out_channels=ch))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
+        # zeroed output conv: eps_theta = 0 at init; it reads model_channels because channel_mult[0] == 1
         self.out = nn.Sequential(normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1)))
 
     def _run(self, block, h, emb, context):
         """One block, with activation checkpointing when training with use_checkpoint."""
+        # recompute activations in backward (memory for compute); never active at eval or under no_grad
         if self.use_checkpoint and self.training and torch.is_grad_enabled():
             return checkpoint(block, h, emb, context, use_reentrant=False)
         return block(h, emb, context)
@@ -406,6 +429,7 @@ class ClassEmbedder(nn.Module):
 
     def __init__(self, embed_dim, n_classes=1000):
         super().__init__()
+        # n_classes includes the null row (cin256-v2: 1000 ImageNet classes + 1)
         self.embedding = nn.Embedding(n_classes, embed_dim)
 
     def forward(self, labels):
@@ -418,6 +442,7 @@ class ClassEmbedder(nn.Module):
 def make_beta_schedule(linear_start, linear_end, timesteps=1000):
     """The LDM "linear" schedule: linear in sqrt(beta), i.e. beta_t = linspace(sqrt(b0), sqrt(b1), T)^2 (float64).
     (The official option literally named "sqrt_linear" is the plain linspace of betas: names are swapped.)"""
+    # cin256 / faces: 0.0015 -> 0.0195; txt2img: 0.00085 -> 0.012 (the schedule Stable Diffusion later kept)
     return torch.linspace(linear_start ** 0.5, linear_end ** 0.5, timesteps, dtype=torch.float64) ** 2
 
 
@@ -462,6 +487,7 @@ class LatentDiffusion(nn.Module):
         self.cond_stage_trainable = cond_stage_trainable
         if conditioning == "class":  # cin256-v2: ClassEmbedder -> cross-attention context
             self.cond_stage_model = ClassEmbedder(unet.context_dim, n_classes)
+            # cin256-v2 trains the embedding table jointly with the UNet (cond_stage_trainable=True)
             self.cond_stage_model.requires_grad_(cond_stage_trainable)
             self.null_class = n_classes - 1
         elif conditioning == "label":  # the UNet's label_emb
@@ -475,8 +501,10 @@ class LatentDiffusion(nn.Module):
         """All official schedule buffers: computed in float64, stored as float32 (non-persistent: rebuilt from
         linear_start / linear_end, so checkpoints hold only weights)."""
         betas = make_beta_schedule(self.linear_start, self.linear_end, self.num_timesteps)
+        # DDPM notation: alpha_t = 1 - beta_t, abar_t = prod_{s<=t} alpha_s (Ho et al. Sec. 2)
         alphas = 1.0 - betas
         ac = torch.cumprod(alphas, dim=0)  # abar_t
+        # abar_{t-1} with abar_{-1} = 1, for the posterior q(x_{t-1} | x_t, x_0) (DDPM Eq. 6-7)
         ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
         posterior_variance = betas * (1.0 - ac_prev) / (1.0 - ac)  # beta tilde (v_posterior = 0)
         bufs = dict(
@@ -485,11 +513,13 @@ class LatentDiffusion(nn.Module):
             sqrt_recip_alphas_cumprod=(1.0 / ac).sqrt(), sqrt_recipm1_alphas_cumprod=(1.0 / ac - 1).sqrt(),
             posterior_variance=posterior_variance,
             posterior_log_variance_clipped=posterior_variance.clamp(min=1e-20).log(),
+            # posterior mean mu_tilde = coef1 x_0 + coef2 x_t (DDPM Eq. 7)
             posterior_mean_coef1=betas * ac_prev.sqrt() / (1.0 - ac),
             posterior_mean_coef2=(1.0 - ac_prev) * alphas.sqrt() / (1.0 - ac))
         for name, value in bufs.items():
             self.register_buffer(name, value.float().to(device), persistent=False)
         # VLB weights of L_simple (eps parameterisation), computed from the float32 buffers like the official code
+        # lvlb_t = beta_t^2 / (2 sigma_t^2 alpha_t (1 - abar_t)), DDPM Eq. 12's weight; unused while elbo weight is 0
         lvlb = self.betas ** 2 / (2 * self.posterior_variance * alphas.float().to(device) * (1 - self.alphas_cumprod))
         lvlb[0] = lvlb[1]  # posterior_variance[0] = 0
         self.register_buffer("lvlb_weights", lvlb, persistent=False)
@@ -502,9 +532,11 @@ class LatentDiffusion(nn.Module):
     def get_learned_conditioning(self, labels=None, context=None):
         """tau_theta(y): class -> ClassEmbedder tokens (B, 1, D); label -> the labels; text -> the given
         context (B, L, context_dim); unconditional -> None."""
+        # cin256-v2: (B,) -> (B, 1, 512), one context token per image
         if self.conditioning == "class":
             return self.cond_stage_model(labels)
         if self.conditioning == "label":
+            # raw ints: the UNet adds label_emb(y) to the time embedding instead of cross-attending
             return labels
         if self.conditioning == "text":
             if context is None or context.dim() != 3 or context.shape[-1] != self.unet.context_dim:
@@ -524,6 +556,7 @@ class LatentDiffusion(nn.Module):
     # ---------------------------------------------------------------- loss (Sec. 3.2, Eq. 1-2)
     def q_sample(self, x_start, t, noise):
         """z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps (float32 coefficients)."""
+        # per-sample coefficients (B,) broadcast to (B, 1, 1, 1) over C, H, W
         return (self.sqrt_alphas_cumprod[t][:, None, None, None] * x_start
                 + self.sqrt_one_minus_alphas_cumprod[t][:, None, None, None] * noise)
 
@@ -537,12 +570,14 @@ class LatentDiffusion(nn.Module):
         elbo_w = self.original_elbo_weight if original_elbo_weight is None else original_elbo_weight
         logvar = self.logvar if logvar is None else logvar
         loss_type = loss_type or self.loss_type
+        # Eq. 1-2: noise z_0 to a random t, then regress the added noise eps
         x_noisy = self.q_sample(x_start, t, noise)
         model_output = self.apply_model(x_noisy, t, cond).float()
         err = model_output - noise.float()
         loss_simple = (err.abs() if loss_type == "l1" else err ** 2).mean(dim=(1, 2, 3))  # (B,)
         logvar_t = logvar[t]  # (B,)
         loss = lsw * (loss_simple / torch.exp(logvar_t) + logvar_t).mean()
+        # VLB term: the same per-sample error reweighted per t (DDPM Eq. 12); weight 0 in the released configs
         loss_vlb = (self.lvlb_weights[t] * loss_simple).mean()
         loss = loss + elbo_w * loss_vlb
         logs = {"loss_simple": loss_simple.mean().detach(), "loss_vlb": loss_vlb.detach(), "loss": loss.detach()}
@@ -553,8 +588,10 @@ class LatentDiffusion(nn.Module):
         """Classifier-free guidance with ONE model call on [uncond; cond] (official order):
         e = e_uncond + s (e_cond - e_uncond)."""
         x_in, t_in = torch.cat([x, x]), torch.cat([t, t])  # (B, ...) -> (2B, ...)
+        # uncond first, as the official DDIMSampler concatenates [unconditional_conditioning, c]
         c_in = torch.cat([uncond, cond])
         e_uncond, e_cond = self.apply_model(x_in, t_in, c_in).chunk(2)  # (2B, C, H, W) -> 2 x (B, C, H, W)
+        # s > 1 extrapolates away from the unconditional prediction (Ho & Salimans 2021)
         return e_uncond + scale * (e_cond - e_uncond)
 
     def eps(self, x, t, cond, uncond=None, scale=1.0):
@@ -570,6 +607,7 @@ class LatentDiffusion(nn.Module):
         ac = self.alphas_cumprod
         alphas = ac[ts]
         alphas_prev = torch.cat([ac[:1], ac[ts[:-1]]])  # the last step uses abar_0 = 0.9985, not 1
+        # eta = 0: deterministic DDIM; eta = 1: DDPM-like posterior noise on the sub-sequence
         a, ap = alphas.double(), alphas_prev.double()
         sigmas = eta * ((1 - ap) / (1 - a) * (1 - a / ap)).sqrt()  # DDIM Eq. 16
         return dict(timesteps=ts, alphas=alphas, alphas_prev=alphas_prev, sigmas=sigmas.float(),
@@ -582,6 +620,7 @@ class LatentDiffusion(nn.Module):
         e_t = self.eps(x, t, cond, uncond, scale).float()
         a_t = sched["alphas"][index]
         a_prev, sigma_t = sched["alphas_prev"][index], sched["sigmas"][index]
+        # DDIM Eq. 12, first term: x_0 predicted from eps by inverting q_sample
         pred_x0 = (x - sched["sqrt_one_minus_alphas"][index] * e_t) / a_t.sqrt()
         dir_xt = (1.0 - a_prev - sigma_t ** 2).sqrt() * e_t  # direction pointing to x_t
         x_prev = a_prev.sqrt() * pred_x0 + dir_xt
@@ -595,8 +634,10 @@ class LatentDiffusion(nn.Module):
         sched = self.ddim_schedule(steps, eta)
         x = _randn(shape, generator, device) if x_T is None else x_T.float()
         pred_x0 = x
+        # index runs S - 1 .. 0: from the largest DDIM timestep down to t = 1
         for i in range(steps):
             index = steps - 1 - i
+            # noise only when stochastic (eta > 0), so eta = 0 draws nothing from the RNG inside the loop
             noise = _randn(shape, generator, device) if eta > 0 else None
             x, pred_x0 = self.ddim_step(x, cond, uncond, index, sched, scale, noise)
         return x, pred_x0
@@ -609,6 +650,7 @@ class LatentDiffusion(nn.Module):
         ts = torch.linspace(self.num_timesteps - 1, 0, steps, device=device).round().long()  # descending
         ac = self.alphas_cumprod.double()[ts]
         ac_prev = torch.cat([ac[1:], ac.new_ones(1)])
+        # respaced beta between consecutive kept steps; equals the official betas when steps = T
         beta = 1 - ac / ac_prev
         var = (beta * (1 - ac_prev) / (1 - ac)).float()  # beta tilde
         logvar = var.clamp(min=1e-20).log()
@@ -618,10 +660,12 @@ class LatentDiffusion(nn.Module):
         for i, step in enumerate(ts):
             t = step.expand(shape[0])
             e = self.eps(x, t, cond, uncond, scale).float()
+            # x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), written as sqrt(1/abar) x - sqrt(1/abar - 1) eps
             x0 = self.sqrt_recip_alphas_cumprod[step] * x - self.sqrt_recipm1_alphas_cumprod[step] * e
             if self.clip_denoised:
                 x0 = x0.clamp(-1.0, 1.0)
             mean = coef1[i] * x0 + coef2[i] * x
+            # no noise on the last step (t = 0), as DDPM Algorithm 2 sets z = 0 at its final step
             x = mean + (0.5 * logvar[i]).exp() * _randn(shape, generator, device) if i < steps - 1 else mean
         return x
 
@@ -673,6 +717,7 @@ class LatentDiffusion(nn.Module):
         steps = self.sample_steps if steps is None else steps
         sampler = sampler or self.sampler
         eta = self.sample_eta if eta is None else eta
+        # the model's space: latents for the LDM presets (decode with the autoencoder), pixels for tiny / demo
         shape = (n, u.out_channels, u.image_size, u.image_size)
         cond = uncond = None
         if self.conditioning in ("class", "label"):
@@ -684,6 +729,7 @@ class LatentDiffusion(nn.Module):
             if labels.shape != (n,) or labels.min() < 0 or labels.max() > self.null_class:
                 raise ValueError(f"unet_ldm: labels must be ({n},) in 0..{self.null_class} (the null class), got {labels.tolist()}")
             cond = self.get_learned_conditioning(labels)
+            # the unconditional branch of guidance: the same batch with every label set to the null class
             uncond = self.get_learned_conditioning(torch.full_like(labels, self.null_class))
         elif self.conditioning == "text":
             cond = self.get_learned_conditioning(context=context)
@@ -822,6 +868,7 @@ def create(config="tiny", **overrides):
         if int(data_classes) < 1:
             raise ValueError(f"unet_ldm: num_classes must be >= 1, got {data_classes}")
         if conditioning == "class":
+            # +1: the appended last row is the null class used by guidance
             cfg["n_classes"] = int(data_classes) + 1
         elif conditioning == "label":
             cfg["num_classes"] = int(data_classes) + 1
@@ -838,6 +885,7 @@ def create(config="tiny", **overrides):
             raise ValueError(f"unet_ldm: config is missing the UNet argument {k!r}")
     if unet_kw["model_channels"] % 32:
         raise ValueError(f"unet_ldm: model_channels must be a multiple of 32 (GroupNorm with 32 groups), got {unet_kw['model_channels']}")
+    # 2^(levels - 1): one Downsample between consecutive levels
     down = 2 ** (len(unet_kw.get("channel_mult", (1, 2, 4, 8))) - 1)
     if unet_kw["image_size"] % down:
         raise ValueError(f"unet_ldm: image_size {unet_kw['image_size']} is not divisible by {down}, the UNet's downsampling")
@@ -870,6 +918,7 @@ def convert_official(sd, model, use_ema=False):
     bare = not any(k.startswith(UNET_PREFIX) for k in sd)
     unet_keys = [k for k in model.state_dict() if k.startswith("unet.")]
     if use_ema:
+        # LitEma names: 'model_ema.diffusion_model' + the UNet key with its dots removed
         flat = {EMA_PREFIX + "diffusion_model" + k[len("unet."):].replace(".", ""): k for k in unet_keys}
         missing = [k for k in flat if k not in sd]
         if missing:
@@ -890,6 +939,7 @@ def convert_official(sd, model, use_ema=False):
     for group, count in skipped.items():
         notes.append(f"skipped {count} '{group}' entries"
                      + (" (the autoencoder: load it with ae_vq.py / ae_kl.py)" if group == "first_stage_model" else ""))
+    # schedule buffers are not loaded: recomputed from the preset, the checkpoint's betas only checked
     betas = make_beta_schedule(model.linear_start, model.linear_end, model.num_timesteps).float()
     if "betas" in sd and sd["betas"].device.type != "meta":  # a checkpoint of another schedule is a config mismatch
         if sd["betas"].shape != betas.shape or not torch.allclose(sd["betas"].float().cpu(), betas, rtol=1e-5, atol=1e-8):
@@ -907,6 +957,7 @@ def load_official(path_or_state_dict, config, use_ema=False, verbose=True):
         sd = torch.load(sd, map_location="cpu", weights_only=False)  # Lightning checkpoints hold non-tensors
     if "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
+    # meta tensors: no memory and no init; load_state_dict(assign=True) then adopts the checkpoint's tensors
     with torch.device("meta"):
         model = create(config)
     ours, notes = convert_official(sd, model, use_ema)
