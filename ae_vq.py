@@ -18,7 +18,7 @@ Official code matched (see tests/test_ae_vq.py and ../shared/reference/ae_vq/REA
 
 Map from the papers to this file:
     LDM Sec. 3.1 encoder E / decoder D                        Encoder, Decoder (copied from ae_kl.py)
-    VQGAN Eq. 3-4: z_q = argmin_k ||z - e_k||, straight-through   VectorQuantizer
+    VQGAN Eq. 2, 4: z_q = argmin_k ||z - e_k||, straight-throughVectorQuantizer
     VQ-VAE/VQGAN Eq. 4 codebook + commitment loss (legacy beta)    VectorQuantizer.forward
     VQGAN Eq. 5-7 / LDM Eq. 25: L1 + LPIPS + PatchGAN, adaptive weight    VQLPIPSWithDiscriminator
     LDM Sec. 3.1 "quantization absorbed by the decoder": diffuse on h before quantization
@@ -389,30 +389,39 @@ class VectorQuantizer(nn.Module):
 
     def __init__(self, n_e, e_dim, beta=0.25, legacy=True, sane_index_shape=False):
         super().__init__()
+        # n_e = K codebook entries (n_embed), e_dim = C = embed_dim; beta is VQGAN Eq. 4's 0.25
         self.n_e, self.e_dim, self.beta, self.legacy = n_e, e_dim, beta, legacy
         self.sane_index_shape = sane_index_shape
+        # the codebook Z = {e_k}, a (n_e, e_dim) table, trained only through the codebook term of the loss
         self.embedding = nn.Embedding(n_e, e_dim)
         self.embedding.weight.data.uniform_(-1.0 / n_e, 1.0 / n_e)  # the official init
 
     def forward(self, z):
+        # float32 even under AMP: near-ties in d would flip the argmin in bf16 (see the class docstring)
         with torch.autocast(z.device.type, enabled=False):
             z = z.float().permute(0, 2, 3, 1).contiguous()  # (B, C, H, W) -> (B, H, W, C)
             z_flattened = z.view(-1, self.e_dim)  # (B, H, W, C) -> (N, C), N = B*H*W
+            # e: (n_e, C); fp32 copy so the distance matmul runs at full precision
             e = self.embedding.weight.float()
             # squared distances ||z||^2 + ||e||^2 - 2 z.e, the expanded form of the official: (N, n_e)
             d = (torch.sum(z_flattened ** 2, dim=1, keepdim=True) + torch.sum(e ** 2, dim=1)
                  - 2 * z_flattened @ e.t())
+            # VQGAN Eq. 2: z_q = argmin_k ||z_ij - e_k||, one code per latent pixel
             min_encoding_indices = torch.argmin(d, dim=1)  # (N,), the first minimum on ties
             z_q = F.embedding(min_encoding_indices, e).view(z.shape)  # (N,) -> (B, H, W, C)
+            # VQGAN Eq. 4 terms: sg[z_q] - z pulls the encoder to the codes, z_q - sg[z] moves the codes
             if self.legacy:  # commitment weight 1, codebook weight beta (official default)
                 loss = torch.mean((z_q.detach() - z) ** 2) + self.beta * torch.mean((z_q - z.detach()) ** 2)
             else:  # VQ-VAE Eq. 3: codebook weight 1, commitment weight beta
                 loss = self.beta * torch.mean((z_q.detach() - z) ** 2) + torch.mean((z_q - z.detach()) ** 2)
             # straight-through estimator: forward value z_q, gradient passed to z unchanged
+            # argmin has no gradient, so d(z_q)/d(z) := I: the decoder's gradient is copied onto E's output
             z_q = z + (z_q - z).detach()
             z_q = z_q.permute(0, 3, 1, 2).contiguous()  # (B, H, W, C) -> (B, C, H, W)
+        # (N,) indices by default (official); (B, H, W) only when asked, e.g. for a transformer prior
         if self.sane_index_shape:
             min_encoding_indices = min_encoding_indices.reshape(z_q.shape[0], z_q.shape[2], z_q.shape[3])
+        # the two Nones stand in for the official's perplexity / one-hot encodings slots, never used by LDM
         return z_q, loss, (None, None, min_encoding_indices)
 
     def get_codebook_entry(self, indices, shape=None):
@@ -429,10 +438,13 @@ def measure_perplexity(predicted_indices, n_embed):
     The official builds F.one_hot(indices, n_embed) (N x n_embed floats: 0.8 GB for vq-f8 at batch 12); a
     scatter-add histogram gives the same numbers without that memory and without a host sync.
     """
+    # counts[k] = number of latent vectors assigned to code k (histogram over the whole batch)
     counts = torch.zeros(n_embed, device=predicted_indices.device)
     counts.index_add_(0, predicted_indices.reshape(-1), torch.ones_like(predicted_indices.reshape(-1), dtype=counts.dtype))
+    # empirical code distribution p_k; perplexity = exp(H(p)) ranges 1 (collapse) .. n_embed (uniform)
     avg_probs = counts / predicted_indices.numel()
     perplexity = (-(avg_probs * torch.log(avg_probs + 1e-10)).sum()).exp()
+    # codes used at least once in this batch (dead codes lower this, a known VQ failure mode)
     cluster_use = torch.sum(avg_probs > 0)
     return perplexity, cluster_use
 
@@ -459,15 +471,19 @@ class VQLPIPSWithDiscriminator(nn.Module):
             raise ValueError(f"disc_loss must be 'hinge' or 'vanilla', got {disc_loss!r}")
         if pixel_loss not in ("l1", "l2"):
             raise ValueError(f"pixel_loss must be 'l1' or 'l2', got {pixel_loss!r}")
+        # weight of L_VQ (VQGAN Eq. 6 sums L_VQ + lambda L_GAN); 1.0 in every released config
         self.codebook_weight = codebook_weight
         self.pixel_weight = pixelloss_weight  # stored and never used, as in the official code
         self.perceptual_weight = perceptual_weight
         self.pixel_loss = pixel_loss
+        # n_classes = n_embed: the histogram size of measure_perplexity (not a class count)
         self.n_classes = n_classes
         self.lpips_pretrained = lpips_pretrained
         self._lpips = []  # the frozen LPIPS, built on first use; a plain list keeps it out of state_dict()
+        # PatchGAN D of VQGAN Sec. 3.1: one real/fake logit per image patch, not per image
         self.discriminator = NLayerDiscriminator(disc_in_channels, ndf=disc_ndf, n_layers=disc_num_layers)
         self.discriminator.apply(weights_init)
+        # disc_start: global step before which disc_factor is 0 (VQGAN trains the GAN term late)
         self.discriminator_iter_start = disc_start
         self.disc_loss = hinge_d_loss if disc_loss == "hinge" else vanilla_d_loss
         self.disc_factor = disc_factor
@@ -501,10 +517,13 @@ class VQLPIPSWithDiscriminator(nn.Module):
                 predicted_indices=None):
         """(loss, log) for optimizer_idx 0 (autoencoder) or 1 (discriminator); logs are detached."""
         inputs, reconstructions = inputs.float(), reconstructions.float()
+        # 0 before disc_start, self.disc_factor afterwards: gates both the generator and the D loss
         disc_factor = adopt_weight(self.disc_factor, global_step, threshold=self.discriminator_iter_start)
         if optimizer_idx == 0:
+            # None when a quantizer-free path calls the loss; treated as L_VQ = 0
             if codebook_loss is None:
                 codebook_loss = torch.zeros((), device=inputs.device)
+            # L_rec of VQGAN Eq. 4, L1 per element (taming) + LPIPS below; the ldm variant also allows L2
             if self.pixel_loss == "l1":
                 rec_loss = torch.abs(inputs - reconstructions)  # (B, C, H, W)
             else:
@@ -515,20 +534,25 @@ class VQLPIPSWithDiscriminator(nn.Module):
             else:
                 p_loss = torch.zeros((), device=inputs.device)
             nll_loss = torch.mean(rec_loss)  # a mean, unlike the KL loss's sum / B
+            # generator side of the hinge GAN (VQGAN Eq. 5): L_GAN = -E[D(x_rec)], D itself frozen here
             logits_fake = self._discriminate_for_generator(reconstructions)
             g_loss = -torch.mean(logits_fake)
+            # VQGAN Eq. 7: lambda = ||grad_GL L_rec|| / (||grad_GL L_GAN|| + 1e-4), GL = decoder conv_out,
+            # times disc_weight; d_weight * disc_factor scales L_GAN in the total below
             d_weight = calculate_adaptive_weight(nll_loss, g_loss, last_layer, self.discriminator_weight)
             loss = nll_loss + d_weight * disc_factor * g_loss + self.codebook_weight * codebook_loss.mean()
             log = {"total_loss": loss.detach(), "quant_loss": codebook_loss.detach().mean(),
                    "nll_loss": nll_loss.detach(), "rec_loss": rec_loss.detach().mean(),
                    "p_loss": p_loss.detach().mean(), "d_weight": d_weight.detach(),
                    "disc_factor": torch.tensor(float(disc_factor)), "g_loss": g_loss.detach()}
+            # logging only (no_grad): perplexity and used/unused codes detect codebook collapse
             if predicted_indices is not None:  # the ldm variant: codebook usage
                 with torch.no_grad():
                     perplexity, cluster_usage = measure_perplexity(predicted_indices, self.n_classes)
                 log["perplexity"], log["cluster_usage"] = perplexity, cluster_usage
                 log["unused_codes"] = self.n_classes - cluster_usage  # ours: codes no vector picked
             return loss, log
+        # discriminator step: inputs detached so no gradient reaches the autoencoder
         if optimizer_idx == 1:
             logits_real = self.discriminator(inputs.detach()).float()
             logits_fake = self.discriminator(reconstructions.detach()).float()
@@ -568,18 +592,23 @@ class VQModel(nn.Module):
         body = dict(ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks, resolution=resolution,
                     attn_resolutions=tuple(attn_resolutions), z_channels=z_channels, dropout=dropout,
                     attn_type=attn_type)
+        # double_z=False: E outputs z_channels maps (no mean/logvar split as in the KL model)
         self.encoder = Encoder(in_channels=in_channels, double_z=False, **body)
         self.decoder = Decoder(out_ch=out_ch, **body)
+        # n_classes is forced to n_embed so the perplexity histogram matches the codebook size
         self.loss_fn = VQLPIPSWithDiscriminator(**(loss or {"disc_start": 250001}), n_classes=n_embed)
         # beta 0.25 and legacy=True as VQModel constructs it (legacy is never passed, so True)
         self.quantize = VectorQuantizer(n_embed, embed_dim, beta=beta, legacy=legacy)
+        # 1x1 convs map between E/D's z_channels and the codebook dimension embed_dim (equal in all presets)
         self.quant_conv = nn.Conv2d(z_channels, embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
         self.in_channels, self.embed_dim, self.n_embed = in_channels, embed_dim, n_embed
+        # f of Sec. 3.1: one stride-2 Downsample per level but the last, so f = 4, 8, 16 for 3, 4, 5 levels
         self.downsample_factor = 2 ** (len(ch_mult) - 1)
         # 1.0 in every official VQ LDM config; 0 = "not measured yet" (encode/decode use 1 until train.py
         # --ae measures 1/std and stores it here)
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
+        # optimizer settings read by train.py (see _HPARAMS below), not used by the model itself
         self.hparams = dict(hparams or {})
 
     # --- the official VQModel methods --------------------------------------------------------------------
@@ -599,6 +628,7 @@ class VQModel(nn.Module):
 
     def forward(self, x, return_pred_indices=False):
         """(x_rec, codebook loss[, indices]), as VQModel.forward."""
+        # diff = L_VQ of VectorQuantizer (already beta-weighted), ind the (N,) code indices
         quant, diff, (_, _, ind) = self.encode_quant(x)
         dec = self.decode_quant(quant)
         return (dec, diff, ind) if return_pred_indices else (dec, diff)
@@ -610,6 +640,7 @@ class VQModel(nn.Module):
     # --- the contract (VQModelInterface, times scale_factor as LDM's get_first_stage_encoding) -------------
     def _factor(self):
         # 0 means "not measured": use 1 (a tensor op, no host sync)
+        # torch.where keeps this traceable / free of .item(); the buffer is a 0-dim tensor
         return torch.where(self.scale_factor == 0, torch.ones_like(self.scale_factor), self.scale_factor)
 
     def encode(self, x):
@@ -618,13 +649,16 @@ class VQModel(nn.Module):
 
     def decode(self, z, force_not_quantize=False):
         """Scaled latent -> image: divide, quantize to the nearest codes (VQModelInterface.decode), decode."""
+        # undo the LDM scaling (LDM Sec. 4.3.2 unit-variance latent rescaling) before the codebook lookup
         h = z / self._factor()
         check_images(h, self.embed_dim, 1, what="z")
+        # [0] keeps z_q only; the diffusion model's sample is snapped to the nearest codes here
         quant = h if force_not_quantize else self.quantize(h)[0]
         return self.decode_quant(quant)
 
     def optimizer_groups(self, phase=None):
         """{"ae": E, D, codebook, quant_conv, post_quant_conv, "disc": the PatchGAN} (lr_g_factor 1)."""
+        # everything but the loss (PatchGAN; LPIPS is frozen and unregistered) belongs to the AE optimizer
         ae = [p for name, p in self.named_parameters() if not name.startswith("loss_fn.")]
         return {"ae": ae, "disc": list(self.loss_fn.discriminator.parameters())}
 
@@ -635,6 +669,7 @@ class VQModel(nn.Module):
         """
         x = batch["x"]
         if group == "ae":
+            # full forward with gradients: L_rec, L_GAN and L_VQ all flow back into E, codebook and D
             x_rec, qloss, ind = self(x, return_pred_indices=True)
             return self.loss_fn(qloss, x, x_rec, 0, step, last_layer=self.get_last_layer(), predicted_indices=ind)
         if group == "disc":
@@ -658,6 +693,7 @@ _HPARAMS = {"lr": 4.5e-6 * 12, "betas": (0.5, 0.9), "weight_decay": 0.0, "ema_de
 # released models/first_stage_models/vq-*/config.yaml; all hinge, perceptual_weight 1, codebook_weight 1
 CONFIGS = {
     # 55,322,782 | 58,088,415 params; 64x64x3 latents for 256^2 (LDM celebahq/ffhq/lsun_beds/cin256-v2)
+    # f4: ch_mult has 3 levels -> 2 downsamplings; z_channels = embed_dim = 3 (a 3-channel latent)
     "vq-f4": dict(ch=128, ch_mult=(1, 2, 4), num_res_blocks=2, attn_resolutions=(), z_channels=3,
                   embed_dim=3, n_embed=8192, resolution=256, scale_factor=1.0, disc_start=0, disc_weight=0.75),
     # no attention at all (attn_type none), LDM inpainting; 53,219,486 | 55,985,119 params
@@ -665,6 +701,7 @@ CONFIGS = {
                          embed_dim=3, n_embed=8192, resolution=256, attn_type="none", scale_factor=1.0,
                          disc_start=11, disc_weight=0.75),
     # 67,717,295 | 68,380,656 params; 32x32x4 (LDM cin-ldm-vq-f8)
+    # f8 with 16384 codes; the 2-layer PatchGAN sees smaller patches than the default 3
     "vq-f8": dict(ch=128, ch_mult=(1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(32,), z_channels=4,
                   embed_dim=4, n_embed=16384, resolution=256, scale_factor=1.0, disc_start=1, disc_weight=0.6,
                   disc_num_layers=2),
@@ -673,15 +710,18 @@ CONFIGS = {
                        embed_dim=4, n_embed=256, resolution=256, scale_factor=1.0, disc_start=250001,
                        disc_weight=0.75),
     # 69,593,371 | 70,256,732 params; 16x16x8
+    # f16: the strongest compression; disc_start 250001 = the GAN joins only late in training
     "vq-f16": dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,), z_channels=8,
                    embed_dim=8, n_embed=16384, resolution=256, scale_factor=1.0, disc_start=250001,
                    disc_weight=0.75, disc_num_layers=2),
     # CPU-sized: f4, mid attention only, 256 codes, a small PatchGAN; 953,231 | 996,192 params
+    # scale_factor 0.0 = unmeasured (train.py --ae fills it); resolution 32 keeps CPU tests fast
     "tiny": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), z_channels=4, embed_dim=4,
                  n_embed=256, resolution=32, scale_factor=0.0, disc_start=1000, disc_weight=0.75,
                  disc_num_layers=2, disc_ndf=16),
 }
 
+# the split of a flat config: _BODY_KEYS go to VQModel, _LOSS_KEYS to VQLPIPSWithDiscriminator
 _BODY_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "embed_dim", "n_embed",
               "resolution", "in_channels", "out_ch", "dropout", "attn_type", "scale_factor", "beta", "legacy")
 _LOSS_KEYS = ("disc_start", "codebook_weight", "pixelloss_weight", "disc_num_layers", "disc_in_channels",
@@ -691,6 +731,7 @@ _LOSS_KEYS = ("disc_start", "codebook_weight", "pixelloss_weight", "disc_num_lay
 
 def _from_official(kwargs):
     """The official constructor kwargs ({"ddconfig", "lossconfig", "n_embed", "embed_dim", ...}) -> flat."""
+    # ddconfig = the Encoder/Decoder kwargs of the yaml; options we do not implement are rejected loudly
     dd = dict(kwargs["ddconfig"])
     if dd.pop("double_z", False):
         raise ValueError("VQModel needs ddconfig.double_z = False")
@@ -699,8 +740,10 @@ def _from_official(kwargs):
     dd.pop("use_linear_attn", None)
     if kwargs.get("remap") is not None:
         raise ValueError("VQModel remap (index remapping, unused by LDM) is not supported")
+    # embed_dim / n_embed live outside ddconfig in the official yaml (they belong to the quantizer)
     cfg = {**dd, "embed_dim": kwargs["embed_dim"], "n_embed": kwargs["n_embed"]}
     lossconfig = kwargs.get("lossconfig") or {}
+    # LDM's first_stage_config uses torch.nn.Identity as loss; only standalone AE yamls name the VQ loss
     if lossconfig.get("target", "torch.nn.Identity") != "torch.nn.Identity":
         params = dict(lossconfig.get("params", {}))
         if params.pop("use_actnorm", False) or params.pop("disc_conditional", False):
@@ -729,6 +772,7 @@ def create(config="tiny", **overrides):
         cfg = _from_official(config) if "ddconfig" in config else dict(config)
     else:
         raise ValueError(f"config must be a preset name or a dict, got {type(config).__name__}")
+    # train.py passes dataset-level kwargs; an unconditional AE ignores the class count
     overrides.pop("num_classes", None)
     image_size = overrides.pop("image_size", None)
     if "in_channels" in overrides:
@@ -737,15 +781,18 @@ def create(config="tiny", **overrides):
     cfg.update(overrides)
     for k in ("monitor", "disc_conditional"):
         cfg.pop(k, None)
+    # reject typos early instead of silently dropping a key
     unknown = sorted(set(cfg) - set(_BODY_KEYS) - set(_LOSS_KEYS))
     if unknown:
         raise ValueError(f"unknown ae_vq config keys {unknown}")
     widths = [cfg["ch"] * m for m in cfg["ch_mult"]]
     if cfg["ch"] % 32 or any(w % 32 for w in widths):
         raise ValueError(f"channel widths {widths} must be multiples of 32 (GroupNorm with 32 groups)")
+    # same f as VQModel.downsample_factor: images must tile into f x f latent pixels
     f = 2 ** (len(cfg["ch_mult"]) - 1)
     if image_size is not None and image_size % f:
         raise ValueError(f"image_size {image_size} is not a multiple of the downsampling factor {f}")
+    # default disc_start 250001 = the official VQLPIPSWithDiscriminator's usual late GAN start
     loss = {k: cfg.pop(k) for k in _LOSS_KEYS if k in cfg}
     loss.setdefault("disc_start", 250001)
     loss.setdefault("disc_in_channels", cfg.get("in_channels", 3))
@@ -823,5 +870,6 @@ def load_official(path_or_state_dict, config):
     `config`: a CONFIGS name or the official constructor kwargs (first line of a reference keys file).
     loss.discriminator.* loads into loss_fn (strict); loss.perceptual_loss.* is skipped with a printed note.
     """
+    # the keys match the official apart from "loss." -> "loss_fn.", handled by _load_official_into
     model = create(config)
     return _load_official_into(model, _read_state_dict(path_or_state_dict), "ae_vq.load_official")
