@@ -18,7 +18,7 @@ Official code matched (see tests/test_ae_vq.py and ../shared/reference/ae_vq/REA
 
 Map from the papers to this file:
     LDM Sec. 3.1 encoder E / decoder D                        Encoder, Decoder (copied from ae_kl.py)
-    VQGAN Eq. 2, 4: z_q = argmin_k ||z - e_k||, straight-throughVectorQuantizer
+    VQGAN Eq. 2, 4: z_q = argmin_k ||z - e_k||, straight-through   VectorQuantizer
     VQ-VAE/VQGAN Eq. 4 codebook + commitment loss (legacy beta)    VectorQuantizer.forward
     VQGAN Eq. 5-7 / LDM Eq. 25: L1 + LPIPS + PatchGAN, adaptive weight    VQLPIPSWithDiscriminator
     LDM Sec. 3.1 "quantization absorbed by the decoder": diffuse on h before quantization

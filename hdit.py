@@ -76,6 +76,7 @@ def _compute_dtype(*tensors):
 def rms_norm(x, scale, eps):
     """RMSNorm over the last dim: x * scale / sqrt(mean(x^2) + eps), computed in >= float32."""
     dtype = _compute_dtype(x, scale)
+    # Statistics in >= float32: mean(x^2) of bf16 activations under autocast would lose precision.
     mean_sq = torch.mean(x.to(dtype) ** 2, dim=-1, keepdim=True)
     scale = scale.to(dtype) * torch.rsqrt(mean_sq + eps)
     # The official multiplies in x's dtype (the scale is cast down, not x up).
@@ -90,6 +91,7 @@ def scale_for_cosine_sim(q, k, scale, eps):
     dtype = _compute_dtype(q, k, scale)
     sum_sq_q = torch.sum(q.to(dtype) ** 2, dim=-1, keepdim=True)
     sum_sq_k = torch.sum(k.to(dtype) ** 2, dim=-1, keepdim=True)
+    # sqrt on each side, so the product q . k carries the full learnable per-head scale (init 10).
     sqrt_scale = torch.sqrt(scale.to(dtype))
     scale_q = sqrt_scale * torch.rsqrt(sum_sq_q + eps)
     scale_k = sqrt_scale * torch.rsqrt(sum_sq_k + eps)
@@ -100,6 +102,7 @@ class LinearGEGLU(nn.Linear):
     """Sec. 3.2, GEGLU (Shazeer 2020): one bias-free Linear to 2*d_ff; first half = value, second = gate."""
 
     def __init__(self, in_features, out_features, bias=False):
+        # One fused matmul for value and gate: weight (2*d_ff, in), the layout of the official checkpoint.
         super().__init__(in_features, out_features * 2, bias=bias)
         self.out_features = out_features
 
@@ -128,6 +131,7 @@ class AdaRMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.linear = nn.Linear(cond_features, features, bias=False)
+        # Zero init: scale 1 + 0, so at step 0 every block sees a plain RMSNorm whatever sigma / class is.
         nn.init.zeros_(self.linear.weight)
 
     def forward(self, x, cond):
@@ -144,6 +148,8 @@ def make_axial_pos(h, w, device=None):
 
     Always float32 (the official passes no dtype), also in a float64 model.
     """
+    # Non-square grids: the shorter side spans a proportionally shorter range, so tokens are equally
+    # spaced along y and x and RoPE distances mean the same thing on both axes.
     aspect = w / h
     y_max, x_max = (1.0 / aspect, 1.0) if aspect > 1 else (1.0, aspect) if aspect < 1 else (1.0, 1.0)
     y_edges = torch.linspace(-y_max, y_max, h + 1, device=device)  # (h + 1,) cell edges
@@ -157,6 +163,7 @@ def make_axial_pos(h, w, device=None):
 def downscale_pos(pos):
     """Positions of the merged grid: mean of each 2x2 block, averaged in (dy, dx) order like the official."""
     *b, h, w, e = pos.shape
+    # A merged token sits at the centre of its 2x2 children, so positions stay consistent across levels.
     pos = pos.reshape(*b, h // 2, 2, w // 2, 2, e)  # (h, w, 2) -> (h/2, 2, w/2, 2, 2)
     pos = pos.movedim(-4, -3).reshape(*b, h // 2, w // 2, 4, e)  # -> (h/2, w/2, (dy dx), 2)
     return torch.mean(pos, dim=-2)  # (h/2, w/2, 2)
@@ -171,8 +178,11 @@ class AxialRoPE(nn.Module):
 
     def __init__(self, dim, n_heads):
         super().__init__()
+        # dim = d_head // 2 is the rotated part: dim // 2 rotation pairs, half for y and half for x, hence
+        # dim // 4 = d_head // 8 frequencies per axis and head.
         n = n_heads * dim // 4
         freqs = torch.linspace(math.log(math.pi), math.log(10.0 * math.pi), n + 1)[:-1].exp()  # (n,) float32
+        # view(dim // 4, n_heads).T interleaves the ladder: head j gets freqs j, j + n_heads, j + 2 n_heads, ...
         self.register_buffer("freqs", freqs.view(dim // 4, n_heads).T.contiguous())  # (n_heads, dim // 4)
 
     def forward(self, pos):
@@ -194,6 +204,7 @@ def apply_rotary_emb(x, theta, conj=False):
     x1, x2, theta = x1.to(dtype), x2.to(dtype), theta.to(dtype)
     cos, sin = torch.cos(theta), torch.sin(theta)
     sin = -sin if conj else sin
+    # 2-D rotation of each (x1, x2) pair by theta; conj=True rotates by -theta (the inverse).
     y1 = x1 * cos - x2 * sin
     y2 = x2 * cos + x1 * sin
     return torch.cat((y1.to(out_dtype), y2.to(out_dtype), x3), dim=-1)
@@ -213,6 +224,7 @@ def neighborhood_starts(n, kernel_size, device=None):
 
 def neighborhood_index(h, w, kernel_size, device=None):
     """(h, w, K*K) flat key index r*w + c of every neighbour, neighbour a*K + b (row-major), like NATTEN."""
+    # Rows and columns are clamped independently: the K x K window is an outer product of two ranges.
     offsets = torch.arange(kernel_size, device=device)
     rows = neighborhood_starts(h, kernel_size, device)[:, None] + offsets  # (h, K)
     cols = neighborhood_starts(w, kernel_size, device)[:, None] + offsets  # (w, K)
@@ -223,6 +235,7 @@ def neighborhood_index(h, w, kernel_size, device=None):
 def neighborhood_mask(h, w, kernel_size, device=None):
     """(h*w, h*w) bool, True where key (column) lies in the query's (row) neighbourhood; K*K per row."""
     index = neighborhood_index(h, w, kernel_size, device).view(h * w, -1)  # (h*w, K*K)
+    # Dense (h*w)^2 mask: O(N^2) memory, fine for the tests' small grids only.
     mask = torch.zeros(h * w, h * w, dtype=torch.bool, device=device)
     return mask.scatter_(1, index, True)
 
@@ -243,6 +256,7 @@ def neighborhood_attention_reference(q, k, v, kernel_size):
     v_n = v.reshape(b, nh, h * w, e)[:, :, index]  # same gather for the values
     k_n = k_n.view(b, nh, h, w, kernel_size * kernel_size, e)  # -> (B, nh, H, W, K*K, e)
     v_n = v_n.view(b, nh, h, w, kernel_size * kernel_size, e)
+    # K*K logits per query: O(N K^2) work instead of O(N^2), the linear cost Sec. 3.3 relies on at high resolution.
     logits = torch.einsum("bnhwe,bnhwke->bnhwk", q, k_n)  # (B, nh, H, W, K*K), what NATTEN's na2d_qk returns
     attn = torch.softmax(logits, dim=-1).to(v.dtype)
     return torch.einsum("bnhwk,bnhwke->bnhwe", attn, v_n)  # (B, nh, H, W, e)
@@ -272,6 +286,7 @@ def neighborhood_block_mask(h, w, kernel_size, device, block_size=128):
     def mask_mod(b, head, q_idx, kv_idx):
         q_row, q_col = q_idx // w, q_idx % w
         k_row, k_col = kv_idx // w, kv_idx % w
+        # Clamping the centre to [r, n-1-r] equals clamping the window start to [0, n-K] (neighborhood_starts).
         c_row = q_row.clamp(r, h - 1 - r)
         c_col = q_col.clamp(r, w - 1 - r)
         return ((c_row - k_row).abs() <= r) & ((c_col - k_col).abs() <= r)
@@ -291,6 +306,7 @@ def neighborhood_attention_flex(q, k, v, kernel_size, compiled=None):
     global _FLEX_COMPILED
     b, nh, h, w, e = q.shape
     _check_neighborhood(h, w, kernel_size)
+    # Compiled once per process (module-level cache); dynamic=False recompiles per new grid shape.
     compiled = q.is_cuda if compiled is None else compiled
     if compiled and _FLEX_COMPILED is None:
         _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False)
@@ -318,12 +334,14 @@ def make_shifted_window_masks(n_h_w, n_w_w, w_h, w_w, shift, device=None):
     in-window coordinates < shift of the first window row / column and must not mix with the others."""
     ph, pw, qh, qw, kh, kw = torch.meshgrid(
         *[torch.arange(n, device=device) for n in (n_h_w, n_w_w, w_h, w_w, w_h, w_w)], indexing="ij")
+    # With the official +shift roll only the first window row / column holds wrapped-around tokens.
     top, left = ph == 0, pw == 0
     same_rows = (qh < shift) == (kh < shift)
     same_cols = (qw < shift) == (kw < shift)
     m_corner = left & top & same_cols & same_rows
     m_left = left & ~top & same_cols
     m_top = ~left & top & same_rows
+    # Interior windows hold only contiguous tokens: no masking there.
     m_rest = ~left & ~top
     return m_corner | m_left | m_top | m_rest
 
@@ -342,6 +360,7 @@ def apply_window_attention(window_size, window_shift, q, k, v):
         x = x.permute(0, 1, 2, 4, 3, 5, 6)  # -> (B, nh, nH, nW, ws, ws, e)
         return x.reshape(b, nh, n_h, n_w, ws * ws, e)  # -> (B, nh, nH, nW, ws*ws, e)
 
+    # The mask broadcasts over (B, nh); logits again use SDPA scale=1.0 because of the cosine-sim scaling.
     mask = make_shifted_window_masks(n_h, n_w, ws, ws, window_shift, device=q.device)
     mask = mask.reshape(n_h, n_w, ws * ws, ws * ws)  # (nH, nW, ws, ws, ws, ws) -> (nH, nW, ws*ws, ws*ws)
     out = F.scaled_dot_product_attention(to_windows(q), to_windows(k), to_windows(v), mask, scale=1.0)
@@ -369,6 +388,7 @@ class SelfAttentionBlock(nn.Module):
         self.norm = AdaRMSNorm(d_model, cond_features)
         self.qkv_proj = nn.Linear(d_model, d_model * 3, bias=False)
         self.scale = nn.Parameter(torch.full([self.n_heads], 10.0))  # learnable per-head logit scale, init 10
+        # RoPE rotates only the first half of each head (d_head // 2 dims); the rest is position-free.
         self.pos_emb = AxialRoPE(d_head // 2, self.n_heads)
         self.dropout = nn.Dropout(dropout)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
@@ -384,6 +404,7 @@ class SelfAttentionBlock(nn.Module):
         qkv = self.qkv_proj(x)  # (B, H, W, C) -> (B, H, W, 3C), features ordered (t, head, e)
         qkv = qkv.view(b, h, w, 3, self.n_heads, self.d_head)  # -> (B, H, W, 3, nh, e)
         q, k, v = qkv.permute(3, 0, 4, 1, 2, 5)  # -> 3 x (B, nh, H, W, e)
+        # Per-head scale (nh,) -> (nh, 1, 1, 1) broadcasts over (B, nh, H, W, e).
         q, k = scale_for_cosine_sim(q, k, self.scale[:, None, None, None], 1e-6)
         if self.kind == "global":
             # Official quirk: the global block casts pos to qkv's dtype before the RoPE product (bf16 under
@@ -400,6 +421,7 @@ class SelfAttentionBlock(nn.Module):
         else:
             x = apply_window_attention(self.window_size, self.window_shift, q, k, v)  # (B, nh, H, W, e)
         x = x.permute(0, 2, 3, 1, 4).reshape(b, h, w, c)  # (B, nh, H, W, e) -> (B, H, W, nh*e)
+        # Dropout sits before the zero-initialised out_proj, in the official order.
         x = self.dropout(x)
         return self.out_proj(x) + skip
 
@@ -413,6 +435,7 @@ class FeedForwardBlock(nn.Module):
         self.up_proj = LinearGEGLU(d_model, d_ff, bias=False)
         self.dropout = nn.Dropout(dropout)
         self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+        # Zero-init output: the block starts as the identity, like the attention block's out_proj.
         nn.init.zeros_(self.down_proj.weight)
 
     def forward(self, x, cond):
@@ -444,6 +467,7 @@ class TransformerLayer(nn.Module):
 
     def forward(self, x, pos, cond):
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            # Activation checkpointing: one extra forward per layer in backward instead of storing its activations.
             return torch.utils.checkpoint.checkpoint(self._forward, x, pos, cond, use_reentrant=False)
         return self._forward(x, pos, cond)
 
@@ -469,6 +493,7 @@ class FourierFeatures(nn.Module):
 
     def __init__(self, in_features, out_features, std=1.0):
         super().__init__()
+        # (out/2, in) Gaussian frequencies; drawn at init, then fixed (official default std 1).
         self.register_buffer("weight", torch.randn([out_features // 2, in_features]) * std)
 
     def forward(self, x):
@@ -485,6 +510,7 @@ class MappingFeedForwardBlock(nn.Module):
         self.up_proj = LinearGEGLU(d_model, d_ff, bias=False)
         self.dropout = nn.Dropout(dropout)
         self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+        # Zero-init output: the block starts as the identity, like the attention block's out_proj.
         nn.init.zeros_(self.down_proj.weight)
 
     def forward(self, x):
@@ -501,6 +527,7 @@ class MappingNetwork(nn.Module):
         self.out_norm = RMSNorm(d_model)
 
     def forward(self, x):
+        # in_norm first: the summed noise / augmentation / class embeddings have unrelated scales.
         x = self.in_norm(x)
         for block in self.blocks:
             x = block(x)
@@ -535,6 +562,7 @@ class TokenMerge(nn.Module):
     def __init__(self, in_features, out_features, patch_size=(2, 2)):
         super().__init__()
         self.h, self.w = patch_size
+        # A Linear on the packed ph*pw*C features is a stride-p conv, i.e. ViT-style patch embedding (Sec. 3.1).
         self.proj = nn.Linear(in_features * self.h * self.w, out_features, bias=False)
 
     def forward(self, x):
@@ -564,10 +592,12 @@ class TokenSplit(nn.Module):
         super().__init__()
         self.h, self.w = patch_size
         self.proj = nn.Linear(in_features, out_features * self.h * self.w, bias=False)
+        # One scalar shared by all channels, init 0.5: skip and upsampled branch mixed equally.
         self.fac = nn.Parameter(torch.ones(1) * 0.5)
 
     def forward(self, x, skip):
         x = _split_tokens(self.proj(x), self.h, self.w)  # (B, h, w, in) -> (B, 2h, 2w, out)
+        # lerp(skip, x, fac) = skip + fac * (x - skip); fac is cast so bf16 activations stay bf16.
         return torch.lerp(skip, x, self.fac.to(x.dtype))
 
 
@@ -582,12 +612,15 @@ def cosine_interpolated_sigma(u, image_d, noise_d_low, noise_d_high, sigma_data,
     lo = -2 * math.log(min_value / sigma_data)  # log-SNR at the smallest sigma (large)
     hi = -2 * math.log(max_value / sigma_data)  # log-SNR at the largest sigma (negative)
 
+    # Cosine schedule logSNR(t) = -2 log tan(pi t / 2), truncated to [hi, lo] through the atan bounds a, b,
+    # then shifted by 2 log(noise_d / image_d) (simple diffusion's resolution-shifted cosine).
     def logsnr_shifted(noise_d):
         shift = 2 * math.log(noise_d / image_d)
         a = math.atan(math.exp(-(hi - shift) / 2))
         b = math.atan(math.exp(-(lo - shift) / 2))
         return -2 * torch.log(torch.tan(a + u * (b - a))) + shift
 
+    # Interpolate from the schedule shifted for noise_d_low (32) to the unshifted one (noise_d_high = image_d).
     logsnr = torch.lerp(logsnr_shifted(noise_d_low), logsnr_shifted(noise_d_high), u)
     return sigma_data * torch.exp(-logsnr / 2)
 
@@ -604,13 +637,16 @@ def stratified_uniform(n, device=None, generator=None):
 
 def get_sigmas_karras(n, sigma_min, sigma_max, rho=7.0, device="cpu"):
     """Karras et al. 2022 Eq. (5): n levels from sigma_max to sigma_min, plus a final 0 (float32)."""
+    # rho = 7 (EDM's choice) puts the steps densely near sigma_min, where fine detail is decided.
     ramp = torch.linspace(0, 1, n)
     min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     sigmas = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+    # The trailing 0 makes the last step return the denoised estimate itself.
     return torch.cat([sigmas, sigmas.new_zeros([1])]).to(device)
 
 
 def _sigma_list(sigmas):
+    # One transfer up front; the per-step coefficients are then host floats (no GPU syncs in the loop).
     return [float(s) for s in sigmas.cpu()] if torch.is_tensor(sigmas) else [float(s) for s in sigmas]
 
 
@@ -639,6 +675,7 @@ def sample_dpmpp_2m(denoiser, x, sigmas):
             else:
                 r = (math.log(s[i - 1]) - math.log(s[i])) / h  # h_last / h
                 d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+            # Exponential-integrator step in data-prediction form: x' = (sigma'/sigma) x + (1 - e^-h) d.
             x = (s[i + 1] / s[i]) * x - math.expm1(-h) * d
         old_denoised = denoised
     return x
@@ -655,6 +692,7 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, eta=0.0, noise_sampler=None, solver
         else:
             h = math.log(s[i]) - math.log(s[i + 1])
             eta_h = eta * h
+            # First-order part; with eta > 0 the extra exp(-eta h) removes what the injected noise below adds back.
             x = s[i + 1] / s[i] * math.exp(-eta_h) * x + (-math.expm1(-h - eta_h)) * denoised
             if old_denoised is not None:
                 r = h_last / h
@@ -663,6 +701,7 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, eta=0.0, noise_sampler=None, solver
                 else:  # midpoint
                     x = x + 0.5 * (-math.expm1(-h - eta_h)) * (1 / r) * (denoised - old_denoised)
             if eta:
+                # Noise std sigma' sqrt(1 - e^(-2 eta h)) keeps the marginal at noise level sigma'.
                 x = x + noise_sampler(s[i], s[i + 1]) * s[i + 1] * math.sqrt(-math.expm1(-2 * eta_h))
             h_last = h
         old_denoised = denoised
@@ -683,6 +722,7 @@ def sample_dpmpp_3m_sde(denoiser, x, sigmas, eta=1.0, s_noise=1.0, noise_sampler
             h_eta = h * (eta + 1)
             x = math.exp(-h_eta) * x + (-math.expm1(-h_eta)) * denoised
             phi_2 = math.expm1(-h_eta) / h_eta + 1
+            # Third order needs two earlier denoised estimates; the second step falls back to second order.
             if h_2 is not None:
                 r0, r1 = h_1 / h, h_2 / h
                 d1_0 = (denoised - denoised_1) / r0
@@ -695,6 +735,7 @@ def sample_dpmpp_3m_sde(denoiser, x, sigmas, eta=1.0, s_noise=1.0, noise_sampler
                 x = x + phi_2 * (denoised - denoised_1) / (h_1 / h)
             if eta:
                 x = x + noise_sampler(s[i], s[i + 1]) * s[i + 1] * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise
+        # Shift the history (also on the final sigma = 0 step, where it is unused).
         denoised_1, denoised_2 = denoised, denoised_1
         h_1, h_2 = h, h_1
     return x
@@ -717,6 +758,7 @@ def loss_weighting(sigma, sigma_data, weighting):
     soft-min-snr: (sigma*sd)^2 / (sigma^2 + sd^2)^2 = SNR / (1 + SNR)^2, SNR = sd^2 / sigma^2; in denoised
     space this is ||D - x0||^2 / (sigma^2 + sd^2), the paper's 1 / (sigma^2 + gamma^-1) with gamma = sd^-2.
     """
+    # karras: weight 1 in F space, which is EDM's lambda(sigma) = 1 / c_out^2 in denoised space.
     if weighting == "karras":
         return torch.ones_like(sigma)
     if weighting == "snr":
@@ -752,6 +794,8 @@ class HDiT(nn.Module):
                                      if cfg["mapping_cond_dim"] else None)
         self.mapping = MappingNetwork(cfg["mapping_depth"], mw, cfg["mapping_d_ff"], cfg["mapping_dropout_rate"])
 
+        # Every level but the last gets a down level and a mirrored up level at the same resolution (Sec. 3.1);
+        # the last (coarsest) level is mid_level.
         self.down_levels, self.up_levels = nn.ModuleList(), nn.ModuleList()
         for i, (width, depth, d_ff, attn, drop) in enumerate(zip(widths, depths, d_ffs, attns, drops)):
             layer = functools.partial(TransformerLayer, width, d_ff, mw, attn, dropout=drop)
@@ -760,6 +804,7 @@ class HDiT(nn.Module):
                 self.up_levels.append(Level([layer(j + depth) for j in range(depth)]))  # indices depth..2*depth-1
             else:
                 self.mid_level = Level([layer(j) for j in range(depth)])
+        # merges[i] / splits[i] link level i and i + 1: 2x2 merges, so each level has 1/4 of the tokens.
         self.merges = nn.ModuleList([TokenMerge(a, b) for a, b in zip(widths[:-1], widths[1:])])
         self.splits = nn.ModuleList([TokenSplit(b, a) for a, b in zip(widths[:-1], widths[1:])])
         self.out_norm = RMSNorm(widths[0])
@@ -772,6 +817,7 @@ class HDiT(nn.Module):
         """Raw network F: x (B, C, H, W) already scaled by c_in, sigma (B,) the RAW noise level."""
         x = x.movedim(-3, -1)  # (B, C, H, W) -> (B, H, W, C)
         x = self.patch_in(x)  # -> (B, H/p, W/p, width_0)
+        # pos (h, w, 2) of the patched grid; the coarser levels' positions come from downscale_pos.
         pos = make_axial_pos(x.shape[-3], x.shape[-2], device=x.device).view(x.shape[-3], x.shape[-2], 2)
 
         # Mapping network input: noise level + augmentation + class (+ optional extra conditioning).
@@ -798,10 +844,12 @@ class HDiT(nn.Module):
             x = merge(x)  # (B, h, w, C_i) -> (B, h/2, w/2, C_{i+1})
             pos = downscale_pos(pos)  # (h, w, 2) -> (h/2, w/2, 2)
         x = self.mid_level(x, pos, cond)
+        # Up levels in reverse order, each reusing the skip and positions of its down level.
         for up_level, split, skip, pos in reversed(list(zip(self.up_levels, self.splits, skips, poses))):
             x = split(x, skip)  # (B, h/2, w/2, C_{i+1}) -> (B, h, w, C_i)
             x = up_level(x, pos, cond)
 
+        # Final RMSNorm, then the zero-init unpatching projection.
         x = self.patch_out(self.out_norm(x))  # (B, h, w, width_0) -> (B, H, W, C)
         return x.movedim(-1, -3)  # (B, H, W, C) -> (B, C, H, W)
 
@@ -811,6 +859,7 @@ class HDiT(nn.Module):
         """c_skip, c_out, c_in for (B,) sigma, in float32 or better."""
         sigma = sigma.to(torch.promote_types(sigma.dtype, torch.float32))
         sd2 = self.sigma_data ** 2
+        # EDM Table 1: c_in gives F a unit-variance input, c_skip / c_out a unit-variance training target.
         c_skip = sd2 / (sigma ** 2 + sd2)
         c_out = sigma * self.sigma_data / (sigma ** 2 + sd2) ** 0.5
         c_in = 1 / (sigma ** 2 + sd2) ** 0.5
@@ -825,6 +874,7 @@ class HDiT(nn.Module):
     def loss_per_sample(self, x0, noise, sigma, weighting=None, **cond):
         """Official Denoiser.loss: weighted MSE between F and its target (B,) in float32."""
         c_skip, c_out, c_in = [c[:, None, None, None] for c in self.get_scalings(sigma)]  # each (B, 1, 1, 1)
+        # Variance-exploding corruption of EDM: x = x0 + sigma * n, n ~ N(0, I).
         x_noisy = x0 + noise * sigma[:, None, None, None].to(x0.dtype)
         model_output = self(x_noisy * c_in, sigma, **cond).to(c_out.dtype)
         target = (x0 - c_skip * x_noisy) / c_out  # the F that makes D(x_noisy) = x0
@@ -837,6 +887,7 @@ class HDiT(nn.Module):
         if density["type"] == "cosine-interpolated":
             image_d = max(self.image_size)
             u = stratified_uniform(n, device=device)
+            # The official widens the density's range to at least [1e-3, 1e3], whatever the sampling sigma range.
             return cosine_interpolated_sigma(u, image_d, density.get("noise_d_low", 32),
                                              density.get("noise_d_high", image_d), self.sigma_data,
                                              min(self.cfg["sigma_min"], 1e-3), max(self.cfg["sigma_max"], 1e3))
@@ -853,6 +904,7 @@ class HDiT(nn.Module):
         groups = {name: [] for name in ("wd", "no_wd", "mapping_wd", "mapping_no_wd")}
         for name, p in self.named_parameters():
             groups[official_param_group(name)].append(p)
+        # mapping_lr_scale = 1/3, the official default for all conditioning weights.
         scale = self.cfg["mapping_lr_scale"]
         return {"model": [{"params": groups["wd"], "lr_scale": 1.0},
                           {"params": groups["no_wd"], "lr_scale": 1.0, "weight_decay": 0.0},
@@ -871,10 +923,12 @@ class HDiT(nn.Module):
         cond = {"aug_cond": batch.get("aug_cond")}
         if self.class_emb is not None:
             y = batch["y"]
+            # Label dropout for CFG: dropped labels become the null row `num_classes` of class_emb.
             drop = torch.rand(b, device=x0.device) < self.cfg["cond_dropout_rate"]
             cond["class_cond"] = torch.where(drop, torch.full_like(y, self.num_classes), y)
         noise = torch.randn_like(x0)
         sigma = self.sample_sigma(b, x0.device)
+        # Targets in float32 whatever the data dtype, as the official Denoiser; the network itself may run in bf16.
         losses = self.loss_per_sample(x0.float(), noise.float(), sigma, **cond)  # (B,) float32
         loss = losses.mean()
         return loss, {"sigma_mean": sigma.mean().detach()}
@@ -896,6 +950,7 @@ class HDiT(nn.Module):
         gen_device = generator.device if generator is not None else device
         sigmas = get_sigmas_karras(steps, sigma_min or self.cfg["sigma_min"], sigma_max or self.cfg["sigma_max"])
         shape = (n, self.in_channels, *self.image_size)
+        # x ~ N(0, sigma_max^2 I), drawn on the generator's device so a CPU generator gives device-independent samples.
         x = torch.randn(shape, generator=generator, device=gen_device).to(device) * float(sigmas[0])
         extra = {}
         if self.class_emb is not None:
@@ -906,6 +961,8 @@ class HDiT(nn.Module):
                 raise ValueError(f"labels must be (n,) in [0, {self.num_classes}), got {tuple(labels.shape)}")
             extra["class_cond"] = labels
         denoiser = self._cfg_denoiser(extra, cfg)
+        # eta defaults: 0 for 2M SDE (official demo / FID), 1 for 3M SDE. The noise sampler ignores (s, s_next):
+        # i.i.d. noise per step stands in for the official Brownian tree.
         kwargs = {}
         if sampler in ("dpmpp_2m_sde", "dpmpp_3m_sde"):
             kwargs["eta"] = (0.0 if sampler == "dpmpp_2m_sde" else 1.0) if eta is None else eta
@@ -920,6 +977,7 @@ class HDiT(nn.Module):
         if "class_cond" not in extra or cfg == 1.0:
             return lambda x, sigma: self.denoise(x, sigma, **extra).float()
         labels = extra["class_cond"]
+        # The null label is the dropped-class row that training saw with probability cond_dropout_rate.
         null = torch.full_like(labels, self.num_classes)
 
         def denoiser(x, sigma):
@@ -939,6 +997,7 @@ class HDiT(nn.Module):
 def official_param_group(name):
     """Which of the official 4 AdamW groups a parameter belongs to (official tag_param/apply_wd rules):
     'mapping' = inside `mapping` or an AdaRMSNorm linear; 'wd' = `.weight` of a Linear (not embeddings)."""
+    # Matched by name prefix / suffix exactly as the official tagging, so the groups equal the official optimizer's.
     mapping = name.startswith("mapping.") or name.endswith("norm.linear.weight")
     no_wd = (name.endswith("scale") or name.endswith("fac") or name.startswith("time_in_proj")
              or name.startswith("aug_in_proj") or name.startswith("class_emb")
@@ -1049,8 +1108,10 @@ def _resolve(config, overrides):
     cfg["patch_size"] = tuple(cfg["patch_size"]) if isinstance(cfg["patch_size"], (list, tuple)) \
         else (cfg["patch_size"],) * 2
     cfg["input_size"] = tuple(cfg["input_size"])
+    # Official default d_ff = 3 * width (GEGLU: the up projection then has 6 * width outputs).
     cfg["mapping_d_ff"] = cfg["mapping_d_ff"] or 3 * cfg["mapping_width"]
     cfg["d_ffs"] = cfg["d_ffs"] or [3 * w for w in cfg["widths"]]
+    # Default: neighborhood attention on every level but the innermost, which is global (Sec. 3.3).
     cfg["self_attns"] = cfg["self_attns"] or [_na()] * (n - 1) + [_glob()]
     if not isinstance(cfg["dropout_rate"], (list, tuple)):
         cfg["dropout_rate"] = [cfg["dropout_rate"]] * n
@@ -1070,6 +1131,7 @@ def _validate(cfg):
     if H % ph or W % pw:
         raise ValueError(f"image size {H}x{W} is not divisible by the patch size {ph}x{pw}")
     h, w = H // ph, W // pw
+    # Walk the levels, halving the token grid after each merge, and check each level's attention fits its grid.
     for i, (width, attn) in enumerate(zip(cfg["widths"], cfg["self_attns"])):
         if attn["type"] not in ("global", "neighborhood", "shifted-window", "none"):
             raise ValueError(f"level {i}: unknown attention type {attn['type']!r}")
@@ -1132,6 +1194,7 @@ def config_from_official(kwargs):
             cfg[key] = js[key]
     if "input_size" in js:
         cfg["input_size"] = tuple(js["input_size"])
+    # The denoiser kwargs win over the model JSON; the fallbacks are the official defaults.
     cfg["sigma_data"] = den.get("sigma_data", cfg.get("sigma_data", 1.0 if not js else 0.5))
     cfg["loss_weighting"] = den.get("weighting", cfg.get("loss_weighting", "karras"))
     return cfg
@@ -1170,6 +1233,7 @@ def load_official(path_or_state_dict, config):
     if isinstance(sd, str):
         sd = read_safetensors(sd) if sd.endswith(".safetensors") else torch.load(sd, map_location="cpu",
                                                                                   weights_only=True)
+    # Prefer the EMA weights, the ones the official demo grids and FID evaluations use.
     if "model_ema" in sd or "model" in sd and isinstance(sd["model"], dict):
         sd = sd.get("model_ema") or sd["model"]
     sd = {OFFICIAL_RENAMES.get(k, k): v for k, v in sd.items()}
@@ -1182,5 +1246,6 @@ def load_official(path_or_state_dict, config):
     if missing or unexpected or wrong:
         raise ValueError(f"checkpoint does not match HDiT config: missing {missing[:5]}, unexpected "
                          f"{unexpected[:5]}, wrong shape {wrong[:5]}")
+    # Released weights may be bf16 / fp16; the model is built in float32.
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, strict=True)
     return model
