@@ -235,7 +235,6 @@ def neighborhood_index(h, w, kernel_size, device=None):
 def neighborhood_mask(h, w, kernel_size, device=None):
     """(h*w, h*w) bool, True where key (column) lies in the query's (row) neighbourhood; K*K per row."""
     index = neighborhood_index(h, w, kernel_size, device).view(h * w, -1)  # (h*w, K*K)
-    # Dense (h*w)^2 mask: O(N^2) memory, fine for the tests' small grids only.
     mask = torch.zeros(h * w, h * w, dtype=torch.bool, device=device)
     return mask.scatter_(1, index, True)
 
@@ -306,7 +305,6 @@ def neighborhood_attention_flex(q, k, v, kernel_size, compiled=None):
     global _FLEX_COMPILED
     b, nh, h, w, e = q.shape
     _check_neighborhood(h, w, kernel_size)
-    # Compiled once per process (module-level cache); dynamic=False recompiles per new grid shape.
     compiled = q.is_cuda if compiled is None else compiled
     if compiled and _FLEX_COMPILED is None:
         _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False)
@@ -341,7 +339,6 @@ def make_shifted_window_masks(n_h_w, n_w_w, w_h, w_w, shift, device=None):
     m_corner = left & top & same_cols & same_rows
     m_left = left & ~top & same_cols
     m_top = ~left & top & same_rows
-    # Interior windows hold only contiguous tokens: no masking there.
     m_rest = ~left & ~top
     return m_corner | m_left | m_top | m_rest
 
@@ -404,7 +401,6 @@ class SelfAttentionBlock(nn.Module):
         qkv = self.qkv_proj(x)  # (B, H, W, C) -> (B, H, W, 3C), features ordered (t, head, e)
         qkv = qkv.view(b, h, w, 3, self.n_heads, self.d_head)  # -> (B, H, W, 3, nh, e)
         q, k, v = qkv.permute(3, 0, 4, 1, 2, 5)  # -> 3 x (B, nh, H, W, e)
-        # Per-head scale (nh,) -> (nh, 1, 1, 1) broadcasts over (B, nh, H, W, e).
         q, k = scale_for_cosine_sim(q, k, self.scale[:, None, None, None], 1e-6)
         if self.kind == "global":
             # Official quirk: the global block casts pos to qkv's dtype before the RoPE product (bf16 under
@@ -421,7 +417,6 @@ class SelfAttentionBlock(nn.Module):
         else:
             x = apply_window_attention(self.window_size, self.window_shift, q, k, v)  # (B, nh, H, W, e)
         x = x.permute(0, 2, 3, 1, 4).reshape(b, h, w, c)  # (B, nh, H, W, e) -> (B, H, W, nh*e)
-        # Dropout sits before the zero-initialised out_proj, in the official order.
         x = self.dropout(x)
         return self.out_proj(x) + skip
 
@@ -510,7 +505,6 @@ class MappingFeedForwardBlock(nn.Module):
         self.up_proj = LinearGEGLU(d_model, d_ff, bias=False)
         self.dropout = nn.Dropout(dropout)
         self.down_proj = nn.Linear(d_ff, d_model, bias=False)
-        # Zero-init output: the block starts as the identity, like the attention block's out_proj.
         nn.init.zeros_(self.down_proj.weight)
 
     def forward(self, x):
@@ -527,7 +521,6 @@ class MappingNetwork(nn.Module):
         self.out_norm = RMSNorm(d_model)
 
     def forward(self, x):
-        # in_norm first: the summed noise / augmentation / class embeddings have unrelated scales.
         x = self.in_norm(x)
         for block in self.blocks:
             x = block(x)
@@ -646,7 +639,6 @@ def get_sigmas_karras(n, sigma_min, sigma_max, rho=7.0, device="cpu"):
 
 
 def _sigma_list(sigmas):
-    # One transfer up front; the per-step coefficients are then host floats (no GPU syncs in the loop).
     return [float(s) for s in sigmas.cpu()] if torch.is_tensor(sigmas) else [float(s) for s in sigmas]
 
 
@@ -735,7 +727,6 @@ def sample_dpmpp_3m_sde(denoiser, x, sigmas, eta=1.0, s_noise=1.0, noise_sampler
                 x = x + phi_2 * (denoised - denoised_1) / (h_1 / h)
             if eta:
                 x = x + noise_sampler(s[i], s[i + 1]) * s[i + 1] * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise
-        # Shift the history (also on the final sigma = 0 step, where it is unused).
         denoised_1, denoised_2 = denoised, denoised_1
         h_1, h_2 = h, h_1
     return x
@@ -817,7 +808,6 @@ class HDiT(nn.Module):
         """Raw network F: x (B, C, H, W) already scaled by c_in, sigma (B,) the RAW noise level."""
         x = x.movedim(-3, -1)  # (B, C, H, W) -> (B, H, W, C)
         x = self.patch_in(x)  # -> (B, H/p, W/p, width_0)
-        # pos (h, w, 2) of the patched grid; the coarser levels' positions come from downscale_pos.
         pos = make_axial_pos(x.shape[-3], x.shape[-2], device=x.device).view(x.shape[-3], x.shape[-2], 2)
 
         # Mapping network input: noise level + augmentation + class (+ optional extra conditioning).
@@ -844,12 +834,10 @@ class HDiT(nn.Module):
             x = merge(x)  # (B, h, w, C_i) -> (B, h/2, w/2, C_{i+1})
             pos = downscale_pos(pos)  # (h, w, 2) -> (h/2, w/2, 2)
         x = self.mid_level(x, pos, cond)
-        # Up levels in reverse order, each reusing the skip and positions of its down level.
         for up_level, split, skip, pos in reversed(list(zip(self.up_levels, self.splits, skips, poses))):
             x = split(x, skip)  # (B, h/2, w/2, C_{i+1}) -> (B, h, w, C_i)
             x = up_level(x, pos, cond)
 
-        # Final RMSNorm, then the zero-init unpatching projection.
         x = self.patch_out(self.out_norm(x))  # (B, h, w, width_0) -> (B, H, W, C)
         return x.movedim(-1, -3)  # (B, H, W, C) -> (B, C, H, W)
 
@@ -904,7 +892,6 @@ class HDiT(nn.Module):
         groups = {name: [] for name in ("wd", "no_wd", "mapping_wd", "mapping_no_wd")}
         for name, p in self.named_parameters():
             groups[official_param_group(name)].append(p)
-        # mapping_lr_scale = 1/3, the official default for all conditioning weights.
         scale = self.cfg["mapping_lr_scale"]
         return {"model": [{"params": groups["wd"], "lr_scale": 1.0},
                           {"params": groups["no_wd"], "lr_scale": 1.0, "weight_decay": 0.0},
@@ -1131,7 +1118,6 @@ def _validate(cfg):
     if H % ph or W % pw:
         raise ValueError(f"image size {H}x{W} is not divisible by the patch size {ph}x{pw}")
     h, w = H // ph, W // pw
-    # Walk the levels, halving the token grid after each merge, and check each level's attention fits its grid.
     for i, (width, attn) in enumerate(zip(cfg["widths"], cfg["self_attns"])):
         if attn["type"] not in ("global", "neighborhood", "shifted-window", "none"):
             raise ValueError(f"level {i}: unknown attention type {attn['type']!r}")
@@ -1194,7 +1180,6 @@ def config_from_official(kwargs):
             cfg[key] = js[key]
     if "input_size" in js:
         cfg["input_size"] = tuple(js["input_size"])
-    # The denoiser kwargs win over the model JSON; the fallbacks are the official defaults.
     cfg["sigma_data"] = den.get("sigma_data", cfg.get("sigma_data", 1.0 if not js else 0.5))
     cfg["loss_weighting"] = den.get("weighting", cfg.get("loss_weighting", "karras"))
     return cfg
@@ -1233,7 +1218,6 @@ def load_official(path_or_state_dict, config):
     if isinstance(sd, str):
         sd = read_safetensors(sd) if sd.endswith(".safetensors") else torch.load(sd, map_location="cpu",
                                                                                   weights_only=True)
-    # Prefer the EMA weights, the ones the official demo grids and FID evaluations use.
     if "model_ema" in sd or "model" in sd and isinstance(sd["model"], dict):
         sd = sd.get("model_ema") or sd["model"]
     sd = {OFFICIAL_RENAMES.get(k, k): v for k, v in sd.items()}
@@ -1246,6 +1230,5 @@ def load_official(path_or_state_dict, config):
     if missing or unexpected or wrong:
         raise ValueError(f"checkpoint does not match HDiT config: missing {missing[:5]}, unexpected "
                          f"{unexpected[:5]}, wrong shape {wrong[:5]}")
-    # Released weights may be bf16 / fp16; the model is built in float32.
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, strict=True)
     return model
