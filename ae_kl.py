@@ -281,18 +281,22 @@ class DiagonalGaussianDistribution:
     """
 
     def __init__(self, parameters, deterministic=False):
+        # fp16/bf16 moments are upcast: exp(logvar) and the summed KL lose precision in half precision
         low = parameters.dtype in (torch.float16, torch.bfloat16)
         self.parameters = parameters.float() if low else parameters
         self.mean, self.logvar = torch.chunk(self.parameters, 2, dim=1)  # (B, 2C, h, w) -> 2 x (B, C, h, w)
+        # clamp as the official: exp(20) ~ 4.9e8 and exp(-30) ~ 9e-14 keep var finite and nonzero
         self.logvar = torch.clamp(self.logvar, -30.0, 20.0)
         self.deterministic = deterministic
         self.std = torch.exp(0.5 * self.logvar)
         self.var = torch.exp(self.logvar)
+        # deterministic: a point mass at the mean, so sample() == mode() and kl() == 0
         if deterministic:
             self.var = self.std = torch.zeros_like(self.mean)
 
     def sample(self, noise=None):
         """mean + std * eps. eps from the global RNG on the latent's device (or given, for tests)."""
+        # reparameterisation trick: gradients reach mean and std, not the noise eps
         if noise is None:
             noise = torch.randn(self.mean.shape, device=self.mean.device, dtype=self.mean.dtype)
         return self.mean + self.std * noise.to(self.mean)
@@ -304,6 +308,7 @@ class DiagonalGaussianDistribution:
         if other is None:
             # 0.5 * sum(mu^2 + sigma^2 - 1 - log sigma^2), the closed form of KL(N(mu, sigma^2) || N(0, 1))
             return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
+        # general KL between two diagonal Gaussians (unused by the autoencoder, kept as the official)
         return 0.5 * torch.sum((self.mean - other.mean).pow(2) / other.var + self.var / other.var - 1.0
                                - self.logvar + other.logvar, dim=[1, 2, 3])
 
@@ -311,9 +316,11 @@ class DiagonalGaussianDistribution:
         """-log N(sample; mean, var) summed over `dims`."""
         if self.deterministic:
             return torch.tensor([0.0])
+        # per element 0.5 * (log 2pi + log sigma^2 + (x - mu)^2 / sigma^2), the Gaussian NLL
         logtwopi = math.log(2.0 * math.pi)
         return 0.5 * torch.sum(logtwopi + self.logvar + (sample - self.mean).pow(2) / self.var, dim=list(dims))
 
+    # the mode of a Gaussian is its mean: the deterministic encoding (forward(sample_posterior=False))
     def mode(self):
         return self.mean
 
@@ -438,8 +445,10 @@ class LPIPSWithDiscriminator(nn.Module):
                  disc_in_channels=3, disc_factor=1.0, disc_weight=1.0, perceptual_weight=1.0, disc_loss="hinge",
                  disc_ndf=64, lpips_pretrained=True, learn_logvar=False):
         super().__init__()
+        # taming's two choices: hinge (every released config) or the non-saturating softplus loss
         if disc_loss not in ("hinge", "vanilla"):
             raise ValueError(f"disc_loss must be 'hinge' or 'vanilla', got {disc_loss!r}")
+        # weight of L_reg: 1e-6 in the released configs, the "slight KL-penalty" of Sec. 3.1
         self.kl_weight = kl_weight
         self.pixel_weight = pixelloss_weight  # stored and never used, as in the official code
         self.perceptual_weight = perceptual_weight
@@ -449,10 +458,13 @@ class LPIPSWithDiscriminator(nn.Module):
         self.logvar = nn.Parameter(torch.ones(size=()) * logvar_init, requires_grad=learn_logvar)
         # the official LPIPSWithDiscriminator has no ndf argument (always 64); disc_ndf is our extension
         self.discriminator = NLayerDiscriminator(disc_in_channels, ndf=disc_ndf, n_layers=disc_num_layers)
+        # DCGAN-style N(0, 0.02) init, applied after construction as in taming
         self.discriminator.apply(weights_init)
+        # the GAN term starts at step disc_start (adopt_weight), once reconstructions are reasonable
         self.discriminator_iter_start = disc_start
         self.disc_loss = hinge_d_loss if disc_loss == "hinge" else vanilla_d_loss
         self.disc_factor = disc_factor
+        # the constant delta that multiplies the adaptive weight lambda (VQGAN Eq. 7)
         self.discriminator_weight = disc_weight
 
     def _apply(self, fn, *args, **kwargs):
@@ -465,15 +477,18 @@ class LPIPSWithDiscriminator(nn.Module):
         """LPIPS(x, x_rec), shape (B, 1, 1, 1). Builds the network on first use, on x's device."""
         if not self._lpips:
             self._lpips.append(build_lpips(self.lpips_pretrained).to(x.device))
+        # lpips takes inputs in [-1, 1] (normalize=False), the range x and x_rec already have
         return self._lpips[0](x.contiguous(), x_rec.contiguous()).float()
 
     def _discriminate_for_generator(self, x_rec):
         """D(x_rec) with D's parameters frozen for this call (Lightning's toggle_optimizer): the
         autoencoder step must not leave gradients in the discriminator. The input still gets gradients."""
+        # remember the flags so that a discriminator frozen by the caller stays frozen afterwards
         flags = [p.requires_grad for p in self.discriminator.parameters()]
         for p in self.discriminator.parameters():
             p.requires_grad_(False)
         try:
+            # (B, 1, H', W') patch logits; finally restores the flags even if D raises
             return self.discriminator(x_rec.contiguous()).float()
         finally:
             for p, f in zip(self.discriminator.parameters(), flags):
@@ -484,26 +499,33 @@ class LPIPSWithDiscriminator(nn.Module):
         """(loss, log) for optimizer_idx 0 (autoencoder) or 1 (discriminator); logs are detached."""
         # losses in float32 whatever the autocast dtype of the network
         inputs, reconstructions = inputs.float(), reconstructions.float()
+        # disc_factor = self.disc_factor from step disc_start on, 0 before (taming's adopt_weight)
         disc_factor = adopt_weight(self.disc_factor, global_step, threshold=self.discriminator_iter_start)
         if optimizer_idx == 0:
             rec_loss = torch.abs(inputs - reconstructions)  # (B, C, H, W)
             if self.perceptual_weight > 0:
                 p_loss = self.perceptual_loss(inputs, reconstructions)  # (B, 1, 1, 1), broadcast to every pixel
                 rec_loss = rec_loss + self.perceptual_weight * p_loss
+            # one learned scale for all pixels: rec / exp(logvar) + logvar; logvar 0 gives plain L1 + LPIPS
             nll_loss = rec_loss / torch.exp(self.logvar) + self.logvar
             weighted_nll_loss = nll_loss if weights is None else weights * nll_loss
             weighted_nll_loss = torch.sum(weighted_nll_loss) / weighted_nll_loss.shape[0]  # sum / B
             nll_loss = torch.sum(nll_loss) / nll_loss.shape[0]
+            # L_reg: kl() is (B,), already summed over C, h, w; averaged over the batch like the nll
             kl_loss = posteriors.kl()
             kl_loss = torch.sum(kl_loss) / kl_loss.shape[0]
+            # generator side of Eq. 25: the decoder is pushed to raise D(x_rec) on every patch
             logits_fake = self._discriminate_for_generator(reconstructions)
             g_loss = -torch.mean(logits_fake)  # -L_adv
             if self.disc_factor > 0.0:
                 # on the UNweighted nll (as the official), even before disc_start
                 d_weight = calculate_adaptive_weight(nll_loss, g_loss, last_layer, self.discriminator_weight)
             else:
+                # disc_factor 0: no GAN at all, and no autograd.grad through last_layer
                 d_weight = torch.zeros((), device=inputs.device)
+            # Eq. 25 without the discriminator's own term: L_rec + kl_weight * L_reg + lambda * L_adv
             loss = weighted_nll_loss + self.kl_weight * kl_loss + d_weight * disc_factor * g_loss
+            # rec_loss is logged as a per-element mean (L1 + LPIPS), unlike the summed nll
             log = {"total_loss": loss.detach(), "logvar": self.logvar.detach(), "kl_loss": kl_loss.detach(),
                    "nll_loss": nll_loss.detach(), "rec_loss": rec_loss.detach().mean(),
                    "d_weight": d_weight.detach(), "disc_factor": torch.tensor(float(disc_factor)),
@@ -513,6 +535,7 @@ class LPIPSWithDiscriminator(nn.Module):
             # two separate calls (matters for BatchNorm in train mode)
             logits_real = self.discriminator(inputs.detach()).float()
             logits_fake = self.discriminator(reconstructions.detach()).float()
+            # hinge: 0.5 * (mean relu(1 - D(x)) + mean relu(1 + D(x_rec))), 0 before disc_start
             d_loss = disc_factor * self.disc_loss(logits_real, logits_fake)
             log = {"disc_loss": d_loss.detach(), "logits_real": logits_real.detach().mean(),
                    "logits_fake": logits_fake.detach().mean()}
@@ -544,6 +567,7 @@ class AutoencoderKL(nn.Module):
                  resolution=256, in_channels=3, out_ch=3, dropout=0.0, attn_type="vanilla", scale_factor=0.0,
                  loss=None, hparams=None):
         super().__init__()
+        # E and D share every hyperparameter except their in/out channels (mirror images)
         body = dict(ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks, resolution=resolution,
                     attn_resolutions=tuple(attn_resolutions), z_channels=z_channels, dropout=dropout,
                     attn_type=attn_type)
@@ -553,6 +577,7 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1)  # moments: (mean, logvar) per channel
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
         self.in_channels, self.embed_dim = in_channels, embed_dim
+        # f of Sec. 3.1: one Downsample per level but the last
         self.downsample_factor = 2 ** (len(ch_mult) - 1)
         # Sec. 4.3.2 / App. D.1: z is rescaled to unit variance before diffusion. 0 = "not measured yet":
         # encode/decode then use 1 and train.py --ae measures 1/std and stores it here (in every checkpoint).
@@ -562,6 +587,7 @@ class AutoencoderKL(nn.Module):
     # --- the official AutoencoderKL methods -------------------------------------------------------------
     def encode_posterior(self, x):
         """Official `AutoencoderKL.encode`: q_E(z | x) as a DiagonalGaussianDistribution (unscaled)."""
+        # H, W must be multiples of f: Downsample floors odd sizes and D(E(x)) would not match x
         check_images(x, self.in_channels, self.downsample_factor)
         moments = self.quant_conv(self.encoder(x))  # (B, C, H, W) -> (B, 2*embed_dim, H/f, W/f)
         return DiagonalGaussianDistribution(moments)
@@ -574,6 +600,7 @@ class AutoencoderKL(nn.Module):
     def forward(self, x, sample_posterior=True, noise=None):
         """(reconstruction, posterior): decode a posterior sample (or its mode), as in training."""
         posterior = self.encode_posterior(x)
+        # training decodes a posterior sample; sample_posterior=False decodes the mean
         z = posterior.sample(noise) if sample_posterior else posterior.mode()
         return self.decode_latent(z), posterior
 
@@ -596,7 +623,9 @@ class AutoencoderKL(nn.Module):
 
     def optimizer_groups(self, phase=None):
         """{"ae": E, D, quant_conv, post_quant_conv (+ logvar if learn_logvar), "disc": the PatchGAN}."""
+        # everything but the loss module (PatchGAN, logvar); LPIPS is not a registered module
         ae = [p for name, p in self.named_parameters() if not name.startswith("loss_fn.")]
+        # logvar joins only with learn_logvar=True (the official never optimizes it)
         if self.loss_fn.logvar.requires_grad:
             ae.append(self.loss_fn.logvar)
         return {"ae": ae, "disc": list(self.loss_fn.discriminator.parameters())}
@@ -604,6 +633,7 @@ class AutoencoderKL(nn.Module):
     def loss(self, group, batch, step):
         """One training step's loss for `group` ("ae" = optimizer_idx 0, "disc" = 1), as training_step."""
         x = batch["x"]
+        # optimizer_idx 0: grads flow through D(x_rec) into the decoder, D itself stays untouched
         if group == "ae":
             x_rec, posterior = self(x)
             return self.loss_fn(x, x_rec, posterior, 0, step, last_layer=self.get_last_layer())
@@ -651,6 +681,7 @@ CONFIGS = {
                  disc_num_layers=2, disc_ndf=16),
 }
 
+# create() splits a flat config: network constructor keys vs. LPIPSWithDiscriminator keys
 _BODY_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "embed_dim", "resolution",
               "in_channels", "out_ch", "dropout", "attn_type", "scale_factor")
 _LOSS_KEYS = ("disc_start", "logvar_init", "kl_weight", "pixelloss_weight", "disc_num_layers",
@@ -660,11 +691,13 @@ _LOSS_KEYS = ("disc_start", "logvar_init", "kl_weight", "pixelloss_weight", "dis
 
 def _from_official(kwargs):
     """The official constructor kwargs ({"ddconfig", "lossconfig", "embed_dim", ...}) -> our flat config."""
+    # ddconfig: the official Encoder/Decoder config, shared by both
     dd = dict(kwargs["ddconfig"])
     if not dd.pop("double_z", True):
         raise ValueError("AutoencoderKL needs ddconfig.double_z = True (mean and logvar)")
     if dd.pop("tanh_out", False) or dd.pop("give_pre_end", False) or dd.pop("resamp_with_conv", True) is False:
         raise ValueError("tanh_out / give_pre_end / resamp_with_conv=False are not supported")
+    # an official ddconfig flag, dropped unread (attn_type decides the attention here)
     dd.pop("use_linear_attn", None)
     cfg = {**dd, "embed_dim": kwargs["embed_dim"]}
     lossconfig = kwargs.get("lossconfig") or {}
@@ -674,6 +707,7 @@ def _from_official(kwargs):
             raise ValueError("use_actnorm / disc_conditional discriminators are not supported")
         cfg.update(params)
     else:
+        # LDM configs embed the first stage with an Identity loss: use the released loss settings
         cfg.update(_RELEASED_LOSS)
     return cfg
 
@@ -693,22 +727,27 @@ def create(config="tiny", **overrides):
         cfg = _from_official(config) if "ddconfig" in config else dict(config)
     else:
         raise ValueError(f"config must be a preset name or a dict, got {type(config).__name__}")
+    # train.py passes num_classes / image_size to every model; only the size check uses image_size
     overrides.pop("num_classes", None)
     image_size = overrides.pop("image_size", None)
+    # one channel count for encoder input, decoder output and discriminator input (e.g. grayscale)
     if "in_channels" in overrides:
         c = overrides.pop("in_channels")
         cfg.update(in_channels=c, out_ch=c, disc_in_channels=c)
     cfg.update(overrides)
+    # Lightning's checkpoint metric, present in official kwargs, no role here
     cfg.pop("monitor", None)
     unknown = sorted(set(cfg) - set(_BODY_KEYS) - set(_LOSS_KEYS))
     if unknown:
         raise ValueError(f"unknown ae_kl config keys {unknown}")
+    # GroupNorm(32) in Normalize needs every level width to be a multiple of 32
     widths = [cfg["ch"] * m for m in cfg["ch_mult"]]
     if cfg["ch"] % 32 or any(w % 32 for w in widths):
         raise ValueError(f"channel widths {widths} must be multiples of 32 (GroupNorm with 32 groups)")
     f = 2 ** (len(cfg["ch_mult"]) - 1)
     if image_size is not None and image_size % f:
         raise ValueError(f"image_size {image_size} is not a multiple of the downsampling factor {f}")
+    # disc_start is required by the official constructor; 50001 is the released value
     loss = {k: cfg.pop(k) for k in _LOSS_KEYS if k in cfg}
     loss.setdefault("disc_start", 50001)
     loss.setdefault("disc_in_channels", cfg.get("in_channels", 3))
@@ -787,5 +826,6 @@ def load_official(path_or_state_dict, config):
     with a printed note. Checkpoints hold no LPIPS download: the model is built with lpips_pretrained as
     the config says and LPIPS is only built when the loss first runs.
     """
+    # the config fixes the architecture; the checkpoint must then match it key for key
     model = create(config)
     return _load_official_into(model, _read_state_dict(path_or_state_dict), "ae_kl.load_official")
