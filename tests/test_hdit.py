@@ -229,6 +229,20 @@ def test_neighborhood_reference_equals_dense():
         assert err < 1e-12
 
 
+def test_neighborhood_dispatch_cpu(monkeypatch):
+    """On CPU the dispatcher takes the dense kernel up to DENSE_MAX_TOKENS and the gather above; same values."""
+    calls = []
+    for name in ("neighborhood_attention_dense", "neighborhood_attention_reference"):
+        fn = getattr(hdit, name)
+        monkeypatch.setattr(hdit, name, lambda *a, _fn=fn, _name=name: calls.append(_name) or _fn(*a))
+    monkeypatch.setattr(hdit, "DENSE_MAX_TOKENS", 9 * 13)
+    for h, w in [(9, 13), (9, 14)]:
+        q, key, v = _qkv(h, w, 7)
+        out = hdit.neighborhood_attention(q, key, v, 7)
+        assert_close(out, hdit.neighborhood_attention_dense(q, key, v, 7), atol=1e-12, what=f"dispatch {h}x{w}")
+    assert calls[0] == "neighborhood_attention_dense" and calls[2] == "neighborhood_attention_reference"
+
+
 def test_neighborhood_flex_equals_reference_cpu():
     """(b) flex_attention block-mask path == (a), forward on CPU (torch's eager flex; backward is CUDA-only)."""
     pytest.importorskip("torch.nn.attention.flex_attention")
