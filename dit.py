@@ -239,12 +239,15 @@ class DiT(nn.Module):
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True,
-                 cfg_all_channels=False):
+                 cfg_all_channels=False, clip_denoised=False):
         super().__init__()
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.num_classes, self.learn_sigma = num_classes, learn_sigma
         self.out_channels = in_channels * 2 if learn_sigma else in_channels  # eps (+ v)
         self.cfg_all_channels = cfg_all_channels  # False = the official 3-channel quirk (forward_with_cfg)
+        # Sampling only: clip the predicted x0 to [-1, 1] at every step. The official DiT samples latents and does
+        # not (sample.py: clip_denoised=False); pixel presets do, as improved-diffusion's image sampler does.
+        self.clip_denoised = clip_denoised
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
@@ -345,12 +348,14 @@ class DiT(nn.Module):
 
     @torch.no_grad()
     def sample(self, n, labels=None, steps=None, cfg=1.0, sampler=None, generator=None, eta=0.0,
-               clip_denoised=False):
+               clip_denoised=None):
         """n latents (n, C, H, W) by ancestral DDPM with the learned variance ("ddpm", 250 respaced steps,
         the official sample.py) or DDIM ("ddim", eta = 0 by default). cfg > 1: the official doubled batch
         with the null label and forward_with_cfg; only the conditional half is returned.
-        Initial noise, random labels and per-step noise come from `generator` (None = global RNG)."""
+        Initial noise, random labels and per-step noise come from `generator` (None = global RNG).
+        clip_denoised: clip the predicted x0 to [-1, 1] (None = the preset's setting, off for the paper's)."""
         sampler = sampler or "ddpm"
+        clip_denoised = self.clip_denoised if clip_denoised is None else clip_denoised
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"unknown sampler {sampler!r}: dit offers 'ddpm' and 'ddim'")
         # 250 respaced DDPM steps: the paper's setting for all reported FIDs (official sample.py default)
@@ -657,8 +662,9 @@ CONFIGS = {
     # files' config): 183,200 params, 0.0017 Gflops
     "tiny": dict(_COMMON, input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=10),
     # not in the paper: the README's CPU demo, 32x32 RGB pixels of the built-in `shapes` data (64 tokens)
+    # pixels, so sampling clips x0 to [-1, 1] (unclipped, 250 ancestral steps saturate to flat colours after minutes)
     "demo": dict(_COMMON, input_size=32, in_channels=3, patch_size=4, hidden_size=128, depth=6, num_heads=4,
-                 num_classes=4),
+                 num_classes=4, clip_denoised=True),
 }
 
 # Official train.py: AdamW(lr=1e-4, weight_decay=0), global batch 256, EMA 0.9999, no warm-up and NO
@@ -671,7 +677,7 @@ HPARAMS = dict(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, ema_decay=0.9999, 
 PRESET_HPARAMS = {"demo": dict(lr=1.5e-3, warmup_steps=200, ema_decay=0.995, grad_clip=1.0, batch_size=32)}
 
 _KWARGS = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio",
-           "class_dropout_prob", "num_classes", "learn_sigma", "cfg_all_channels")
+           "class_dropout_prob", "num_classes", "learn_sigma", "cfg_all_channels", "clip_denoised")
 
 
 def _resolve_config(config, overrides):

@@ -373,6 +373,19 @@ def test_sample_loop_matches_steps():
     assert torch.equal(got, x[:2])
 
 
+def test_sample_clips_x0_as_the_preset_says(monkeypatch):
+    """clip_denoised=None follows the preset: off for the paper's latent presets (official sample.py), on for the
+    pixel-space demo; an explicit argument wins."""
+    seen = []
+    real = dit.GaussianDiffusion.p_sample
+    monkeypatch.setattr(dit.GaussianDiffusion, "p_sample",
+                        lambda self, *a, clip_denoised, **k: seen.append(clip_denoised) or real(self, *a, clip_denoised=clip_denoised, **k))
+    for name, override, expected in [("tiny", None, False), ("demo", None, True), ("demo", False, False)]:
+        seen.clear()
+        dit.create(name).sample(1, steps=2, clip_denoised=override)
+        assert seen == [expected] * 2, (name, override, seen)
+
+
 def test_load_official_checkpoint_formats(tmp_path):
     torch.manual_seed(0)
     model = dit.create("tiny")
