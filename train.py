@@ -1,7 +1,7 @@
 """train.py: the one training loop for every model file in this repository.
 
     python train.py --model dit --config demo --data shapes --image-size 32 --steps 3000
-    torchrun --nproc_per_node 8 train.py --model hdit --config ffhq-1024 --data ffhq
+    torchrun --nproc_per_node 8 train.py --model hdit --config hdit_ffhq1024 --data ffhq --image-size 1024
 
 It knows only the model-file contract (README.md, "Model file contract"): `create`, `optimizer_groups`,
 `loss`, `hparams`, and `sample` / `encode` / `decode` for the grids. Everything else here is plumbing that
@@ -21,8 +21,7 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from sample import (IMAGE_EXTS, build_model, fail, fit_scale_factor, load_autoencoder, load_checkpoint, load_weights,
-                    save_grid)
+from sample import IMAGE_EXTS, build_model, fail, fit_scale_factor, load_autoencoder, load_checkpoint, load_weights, save_grid
 
 DEFAULTS = dict(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, ema_decay=0.9999, warmup_steps=0, grad_clip=1.0, batch_size=64)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
@@ -119,8 +118,7 @@ def center_crop_transform(image_size):
 
 
 class Examples(torch.utils.data.Dataset):
-    """source.image(i) -> transform -> dict of tensors. An unreadable image is skipped (the next one is used),
-    announced by one warning line per worker and counted in batch["skipped"]."""
+    """source.image(i) -> transform -> tensors; an unreadable image is skipped (one warning line, then counted)."""
 
     def __init__(self, source, transform):
         self.source, self.transform, self.warned = source, transform, False
@@ -176,8 +174,7 @@ def ema_update(ema_params, params, decay):
 
 
 class LossCall(torch.nn.Module):
-    """model.loss as forward(): DDP syncs gradients only through forward(). A weights file the loss needs and
-    cannot download (LPIPS's VGG16) is the model's FileNotFoundError, which names the file and folder: one line."""
+    """model.loss as forward() (DDP syncs gradients only through forward()); a missing weights file is one line."""
     def __init__(self, m):
         super().__init__()
         self.m = m
@@ -229,7 +226,7 @@ def parse_args(argv=None):
     for name, default, what in [("steps", 10_000, "optimizer steps"), ("grad-accum", 1, "micro-batches per step"),
                                 ("warmup-steps", None, "linear LR warm-up"), ("seed", 0, "data order and RNG"),
                                 ("workers", min(4, os.cpu_count() or 1), "data loader processes"),
-                                ("log-every", 10, "steps"), ("sample-every", 1000, "steps"), ("ckpt-every", 1000, "steps"),
+                                ("log-every", 10, "steps"), ("sample-every", 1000, "steps (0: no grids)"), ("ckpt-every", 1000, "steps"),
                                 ("sample-steps", None, "sampler steps for the grids")]:
         p.add_argument(f"--{name}", type=int, default=default, help=what)
     for name in ("lr", "weight-decay", "ema-decay", "grad-clip"):
@@ -242,6 +239,7 @@ def parse_args(argv=None):
     p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="create() overrides")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="autocast dtype on CUDA")
     p.add_argument("--compile", action="store_true", help="torch.compile the loss")
+    p.add_argument("--grad-checkpoint", action="store_true", help="recompute each layer in backward (saves memory)")
     p.add_argument("--cpu", action="store_true", help="do not use CUDA even if present")
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: known GPUs)")
     args = p.parse_args(argv)
@@ -306,6 +304,8 @@ def main(argv=None):
         model = build_model(spec)
     except ValueError as e:
         fail(f"--ae latent shape {shape} does not fit {args.model} {args.config}: {e}" if args.ae else str(e))
+    if args.grad_checkpoint:  # activation checkpointing, where the model file offers it (HDiT)
+        getattr(model, "set_grad_checkpointing", lambda: fail(f"--grad-checkpoint: {args.model} does not support it"))()
     if args.init:
         load_weights(model, load_checkpoint(args.init)["ema"], f"--init {args.init}")
     model.to(device)
@@ -353,8 +353,10 @@ def main(argv=None):
 
     first = torch.utils.data.default_collate([Examples(source, transform)[(j, j)] for j in (0, 1)])
     first = prepare({k: v for k, v in first.items() if k != "skipped"})
+    # FlopCounterMode's module hooks keep every activation alive, undoing --grad-checkpoint: no count where no MFU shows
+    count = main_proc and (cuda or args.peak_tflops or not args.grad_checkpoint)
     try:
-        flops = count_flops(LossCall(model), first, list(groups), start) if main_proc else None
+        flops = count_flops(LossCall(model), first, list(groups), start) if count else None
     except Exception as e:  # noqa: BLE001 (an op FlopCounterMode does not know: report no MFU, train anyway)
         flops, _ = None, print(f"note: FLOP count failed ({type(e).__name__}); MFU not reported")
     # Wrapped only now: DDP hooks every parameter's gradient, and the FLOP count's backward is not a DDP step.
@@ -368,7 +370,7 @@ def main(argv=None):
     if main_proc:
         out.mkdir(parents=True, exist_ok=True)
         print(f"{args.model} {args.config}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, input {shape}, "
-              f"{(flops or 0) / 1e9:.3g} GFLOP/sample/step, {len(source)} images, {num_classes} classes, "
+              f"{f'{flops / 1e9:.3g}' if flops else '-'} GFLOP/sample/step, {len(source)} images, {num_classes} classes, "
               f"{world} process(es), global batch {batch} = {shards} x {batch // shards}, {device}")
 
     bad = torch.zeros((), dtype=torch.bool, device=device)
@@ -442,7 +444,7 @@ def main(argv=None):
                 mfu = f"{100 * rec['mfu']:.1f}%" if rec["mfu"] is not None else "-"
                 pbar.set_postfix_str(f"loss {rec[keys[0]]:.4f} | {rate:.1f} img/s | MFU {mfu} | mem {rec['peak_mem_gb']:.1f}G")
             sums, n_steps, t0 = {}, 0, time.time()
-        if main_proc and (done % args.sample_every == 0 or done == args.steps):
+        if main_proc and args.sample_every > 0 and (done % args.sample_every == 0 or done == args.steps):
             with autocast:
                 save_grid(preview(ema, ae, fixed, args, num_classes, device), out / "samples" / f"step_{done:07d}.png")
         if done % args.ckpt_every == 0 or done == args.steps:

@@ -7,6 +7,7 @@
 - DDP with two optimizer groups (ae_kl: autoencoder + discriminator) equals one process;
 - DC-AE's phases through train.py --phase / --init: frozen parameters do not move;
 - the hparams train.py honours for HDiT (lr_scale per group, k-diffusion's EMA warm-up power).
+- --grad-checkpoint gives the same weights; --sample-every 0 writes no grid.
 
 All runs are `tiny` presets at 32x32 (latents 4x4 to 8x8) for 1-2 steps, so each takes a second or two.
 """
@@ -198,3 +199,15 @@ def test_text_context_from_the_command_line(tmp_path):
         sample.main(args[:-1] + [str(tmp_path / "bad.pt"), "--out", str(tmp_path / "d.png")])
     with pytest.raises(SystemExit, match="needs context"):
         sample.main([str(tmp_path / "ckpt.pt"), "--n", "2", "--steps", "2", "--out", str(tmp_path / "e.png")])
+
+
+def test_grad_checkpoint_and_no_grids(tmp_path):
+    """--grad-checkpoint (HDiT's per-layer activation checkpointing) trains to the same weights as without it;
+    a model that has no checkpointing says so in one line; --sample-every 0 writes no grid."""
+    run("hdit", tmp_path / "plain", "--steps", "2", "--sample-every", "0")
+    run("hdit", tmp_path / "recompute", "--steps", "2", "--sample-every", "0", "--grad-checkpoint")
+    plain, recompute = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["model"] for d in ("plain", "recompute"))
+    assert all(torch.allclose(plain[k], recompute[k], rtol=0, atol=1e-6) for k in plain)
+    assert not (tmp_path / "plain" / "samples").exists()
+    with pytest.raises(SystemExit, match="^error: --grad-checkpoint: dit does not support it$"):
+        run("dit", tmp_path / "dit", "--steps", "1", "--grad-checkpoint")
