@@ -47,7 +47,8 @@ Contract notes (README "Model file contract")
     train.py's demo-grid / FID sampler.
 
 Deliberately left out
-  * NATTEN (a CUDA extension): replaced by a pure-PyTorch gather reference and a flex_attention fast path.
+  * NATTEN (a CUDA extension): replaced by a pure-PyTorch gather reference, a flex_attention fast path (CUDA)
+    and, on CPU for grids up to 64x64 tokens, masked dense SDPA (neighborhood_attention dispatches).
   * flash-attn 2 and torch.compile of the small kernels: PyTorch SDPA does the dense attention instead.
   * The official non-leaky augmentation pipeline (k_diffusion/augmentation.py): `aug_cond` is zeros unless
     the batch carries an "aug_cond" (B, 9) tensor, exactly what the official code does with augment_prob 0.
