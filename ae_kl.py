@@ -283,13 +283,13 @@ class DiagonalGaussianDistribution:
     def __init__(self, parameters, deterministic=False):
         # fp16/bf16 moments are upcast: exp(logvar) and the summed KL lose precision in half precision
         low = parameters.dtype in (torch.float16, torch.bfloat16)
-        self.parameters = parameters.float() if low else parameters
+        self.parameters = parameters.float() if low else parameters  # (B, 2C, h, w)
         self.mean, self.logvar = torch.chunk(self.parameters, 2, dim=1)  # (B, 2C, h, w) -> 2 x (B, C, h, w)
         # clamp as the official: exp(20) ~ 4.9e8 and exp(-30) ~ 9e-14 keep var finite and nonzero
         self.logvar = torch.clamp(self.logvar, -30.0, 20.0)
         self.deterministic = deterministic
-        self.std = torch.exp(0.5 * self.logvar)
-        self.var = torch.exp(self.logvar)
+        self.std = torch.exp(0.5 * self.logvar)  # sigma = exp(logvar / 2), (B, C, h, w)
+        self.var = torch.exp(self.logvar)  # sigma^2, (B, C, h, w)
         # deterministic: a point mass at the mean, so sample() == mode() and kl() == 0
         if deterministic:
             self.var = self.std = torch.zeros_like(self.mean)
@@ -298,8 +298,9 @@ class DiagonalGaussianDistribution:
         """mean + std * eps. eps from the global RNG on the latent's device (or given, for tests)."""
         # reparameterisation trick: gradients reach mean and std, not the noise eps
         if noise is None:
+            # eps ~ N(0, I) with the latent's shape (B, C, h, w)
             noise = torch.randn(self.mean.shape, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + self.std * noise.to(self.mean)
+        return self.mean + self.std * noise.to(self.mean)  # (B, C, h, w); a given noise is cast to mean's dtype/device
 
     def kl(self, other=None):
         """KL(q || N(0, I)) (or KL(q || other)) summed over C, H, W: shape (B,). The L_reg of Sec. 3.1."""
@@ -307,8 +308,10 @@ class DiagonalGaussianDistribution:
             return torch.tensor([0.0])  # the official returns a CPU float32 (1,) tensor here
         if other is None:
             # 0.5 * sum(mu^2 + sigma^2 - 1 - log sigma^2), the closed form of KL(N(mu, sigma^2) || N(0, 1))
+            # sum over dim=[1, 2, 3]: (B, C, h, w) -> (B,)
             return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
         # general KL between two diagonal Gaussians (unused by the autoencoder, kept as the official)
+        # KL(N(m1, v1) || N(m2, v2)) = 0.5 * sum((m1 - m2)^2 / v2 + v1 / v2 - 1 - log v1 + log v2): (B,)
         return 0.5 * torch.sum((self.mean - other.mean).pow(2) / other.var + self.var / other.var - 1.0
                                - self.logvar + other.logvar, dim=[1, 2, 3])
 
@@ -318,6 +321,7 @@ class DiagonalGaussianDistribution:
             return torch.tensor([0.0])
         # per element 0.5 * (log 2pi + log sigma^2 + (x - mu)^2 / sigma^2), the Gaussian NLL
         logtwopi = math.log(2.0 * math.pi)
+        # (B, C, h, w) -> (B,) with the default dims (1, 2, 3)
         return 0.5 * torch.sum(logtwopi + self.logvar + (sample - self.mean).pow(2) / self.var, dim=list(dims))
 
     # the mode of a Gaussian is its mean: the deterministic encoding (forward(sample_posterior=False))
@@ -457,11 +461,13 @@ class LPIPSWithDiscriminator(nn.Module):
         # output log variance: the reconstruction is scored as a Laplace likelihood with a learned scale
         self.logvar = nn.Parameter(torch.ones(size=()) * logvar_init, requires_grad=learn_logvar)
         # the official LPIPSWithDiscriminator has no ndf argument (always 64); disc_ndf is our extension
+        # n_layers=3 is pix2pix's 70x70 PatchGAN (each output logit sees a 70x70 input patch)
         self.discriminator = NLayerDiscriminator(disc_in_channels, ndf=disc_ndf, n_layers=disc_num_layers)
         # DCGAN-style N(0, 0.02) init, applied after construction as in taming
         self.discriminator.apply(weights_init)
         # the GAN term starts at step disc_start (adopt_weight), once reconstructions are reasonable
         self.discriminator_iter_start = disc_start
+        # the discriminator's term of Eq. 25 (log D_psi(x) side), hinge or softplus form
         self.disc_loss = hinge_d_loss if disc_loss == "hinge" else vanilla_d_loss
         self.disc_factor = disc_factor
         # the constant delta that multiplies the adaptive weight lambda (VQGAN Eq. 7)
@@ -478,6 +484,7 @@ class LPIPSWithDiscriminator(nn.Module):
         if not self._lpips:
             self._lpips.append(build_lpips(self.lpips_pretrained).to(x.device))
         # lpips takes inputs in [-1, 1] (normalize=False), the range x and x_rec already have
+        # two (B, C, H, W) images -> (B, 1, 1, 1): lpips (spatial=False) averages its distance map over H, W
         return self._lpips[0](x.contiguous(), x_rec.contiguous()).float()
 
     def _discriminate_for_generator(self, x_rec):
@@ -502,28 +509,33 @@ class LPIPSWithDiscriminator(nn.Module):
         # disc_factor = self.disc_factor from step disc_start on, 0 before (taming's adopt_weight)
         disc_factor = adopt_weight(self.disc_factor, global_step, threshold=self.discriminator_iter_start)
         if optimizer_idx == 0:
+            # L_rec of Eq. 25: pixel L1 plus the perceptual loss (VQGAN Sec. 3.1 replaces L2 by a perceptual loss)
             rec_loss = torch.abs(inputs - reconstructions)  # (B, C, H, W)
             if self.perceptual_weight > 0:
                 p_loss = self.perceptual_loss(inputs, reconstructions)  # (B, 1, 1, 1), broadcast to every pixel
-                rec_loss = rec_loss + self.perceptual_weight * p_loss
+                rec_loss = rec_loss + self.perceptual_weight * p_loss  # (B, C, H, W) + (B, 1, 1, 1) -> (B, C, H, W)
             # one learned scale for all pixels: rec / exp(logvar) + logvar; logvar 0 gives plain L1 + LPIPS
+            # for the L1 part: the Laplace NLL with scale b = exp(logvar), |x - x_rec| / b + log b (minus log 2)
             nll_loss = rec_loss / torch.exp(self.logvar) + self.logvar
+            # `weights` (per-element) is None in training: loss() never passes it
             weighted_nll_loss = nll_loss if weights is None else weights * nll_loss
             weighted_nll_loss = torch.sum(weighted_nll_loss) / weighted_nll_loss.shape[0]  # sum / B
-            nll_loss = torch.sum(nll_loss) / nll_loss.shape[0]
+            nll_loss = torch.sum(nll_loss) / nll_loss.shape[0]  # unweighted, (B, C, H, W) -> scalar
             # L_reg: kl() is (B,), already summed over C, h, w; averaged over the batch like the nll
             kl_loss = posteriors.kl()
-            kl_loss = torch.sum(kl_loss) / kl_loss.shape[0]
+            kl_loss = torch.sum(kl_loss) / kl_loss.shape[0]  # (B,) -> scalar
             # generator side of Eq. 25: the decoder is pushed to raise D(x_rec) on every patch
-            logits_fake = self._discriminate_for_generator(reconstructions)
+            logits_fake = self._discriminate_for_generator(reconstructions)  # (B, 1, H', W')
             g_loss = -torch.mean(logits_fake)  # -L_adv
             if self.disc_factor > 0.0:
                 # on the UNweighted nll (as the official), even before disc_start
+                # lambda = ||grad_W nll|| / (||grad_W g_loss|| + 1e-4) at W = last_layer, clamped, times disc_weight
                 d_weight = calculate_adaptive_weight(nll_loss, g_loss, last_layer, self.discriminator_weight)
             else:
                 # disc_factor 0: no GAN at all, and no autograd.grad through last_layer
                 d_weight = torch.zeros((), device=inputs.device)
             # Eq. 25 without the discriminator's own term: L_rec + kl_weight * L_reg + lambda * L_adv
+            # disc_factor is 0 before disc_start, so the first disc_start steps train E, D on L_rec + L_reg only
             loss = weighted_nll_loss + self.kl_weight * kl_loss + d_weight * disc_factor * g_loss
             # rec_loss is logged as a per-element mean (L1 + LPIPS), unlike the summed nll
             log = {"total_loss": loss.detach(), "logvar": self.logvar.detach(), "kl_loss": kl_loss.detach(),
@@ -533,8 +545,9 @@ class LPIPSWithDiscriminator(nn.Module):
             return loss, log
         if optimizer_idx == 1:
             # two separate calls (matters for BatchNorm in train mode)
-            logits_real = self.discriminator(inputs.detach()).float()
-            logits_fake = self.discriminator(reconstructions.detach()).float()
+            # detached inputs: this step trains D_psi only, E and D receive no gradient
+            logits_real = self.discriminator(inputs.detach()).float()  # (B, C, H, W) -> (B, 1, H', W')
+            logits_fake = self.discriminator(reconstructions.detach()).float()  # (B, C, H, W) -> (B, 1, H', W')
             # hinge: 0.5 * (mean relu(1 - D(x)) + mean relu(1 + D(x_rec))), 0 before disc_start
             d_loss = disc_factor * self.disc_loss(logits_real, logits_fake)
             log = {"disc_loss": d_loss.detach(), "logits_real": logits_real.detach().mean(),
@@ -571,11 +584,12 @@ class AutoencoderKL(nn.Module):
         body = dict(ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks, resolution=resolution,
                     attn_resolutions=tuple(attn_resolutions), z_channels=z_channels, dropout=dropout,
                     attn_type=attn_type)
+        # E: double_z=True, so it outputs 2*z_channels channels (mean and logvar halves)
         self.encoder = Encoder(in_channels=in_channels, double_z=True, **body)
-        self.decoder = Decoder(out_ch=out_ch, **body)
+        self.decoder = Decoder(out_ch=out_ch, **body)  # D: z_channels -> out_ch
         self.loss_fn = LPIPSWithDiscriminator(**(loss or {"disc_start": 50001}))
         self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1)  # moments: (mean, logvar) per channel
-        self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
+        self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)  # (B, embed_dim, h, w) -> (B, z_channels, h, w)
         self.in_channels, self.embed_dim = in_channels, embed_dim
         # f of Sec. 3.1: one Downsample per level but the last
         self.downsample_factor = 2 ** (len(ch_mult) - 1)
@@ -590,23 +604,24 @@ class AutoencoderKL(nn.Module):
         # H, W must be multiples of f: Downsample floors odd sizes and D(E(x)) would not match x
         check_images(x, self.in_channels, self.downsample_factor)
         moments = self.quant_conv(self.encoder(x))  # (B, C, H, W) -> (B, 2*embed_dim, H/f, W/f)
+        # chunked along dim 1: (B, 2*embed_dim, h, w) -> mean, logvar, each (B, embed_dim, h, w)
         return DiagonalGaussianDistribution(moments)
 
     def decode_latent(self, z):
         """Official `AutoencoderKL.decode`: unscaled z (B, embed_dim, h, w) -> image (B, out_ch, h*f, w*f)."""
         check_images(z, self.embed_dim, 1, what="z")
-        return self.decoder(self.post_quant_conv(z))
+        return self.decoder(self.post_quant_conv(z))  # -> (B, z_channels, h, w) -> (B, out_ch, h*f, w*f)
 
     def forward(self, x, sample_posterior=True, noise=None):
         """(reconstruction, posterior): decode a posterior sample (or its mode), as in training."""
         posterior = self.encode_posterior(x)
         # training decodes a posterior sample; sample_posterior=False decodes the mean
-        z = posterior.sample(noise) if sample_posterior else posterior.mode()
+        z = posterior.sample(noise) if sample_posterior else posterior.mode()  # (B, embed_dim, h, w)
         return self.decode_latent(z), posterior
 
     def get_last_layer(self):
         """W of the adaptive weight (VQGAN Eq. 7): the decoder's last conv weight."""
-        return self.decoder.conv_out.weight
+        return self.decoder.conv_out.weight  # (out_ch, ch * ch_mult[0], 3, 3)
 
     # --- the contract ------------------------------------------------------------------------------------
     def _factor(self):
@@ -615,10 +630,12 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, x):
         """x in [-1, 1] -> z * scale_factor. Like LDM's get_first_stage_encoding: a posterior SAMPLE."""
+        # scaled so that the diffusion model sees latents of about unit variance (Sec. 4.3.2)
         return self.encode_posterior(x).sample() * self._factor()
 
     def decode(self, z):
         """Scaled latent -> image in (about) [-1, 1]: LDM's decode_first_stage (divide, then decode)."""
+        # undo encode's scaling before D
         return self.decode_latent(z / self._factor())
 
     def optimizer_groups(self, phase=None):
@@ -635,11 +652,13 @@ class AutoencoderKL(nn.Module):
         x = batch["x"]
         # optimizer_idx 0: grads flow through D(x_rec) into the decoder, D itself stays untouched
         if group == "ae":
-            x_rec, posterior = self(x)
+            x_rec, posterior = self(x)  # sampled z (sample_posterior=True), as training_step
+            # L_rec + kl_weight * L_reg + lambda * L_adv; last_layer = W of the adaptive weight (VQGAN Eq. 7)
             return self.loss_fn(x, x_rec, posterior, 0, step, last_layer=self.get_last_layer())
         if group == "disc":
             with torch.no_grad():  # the official reruns the AE forward; only detached outputs are used
                 x_rec, posterior = self(x)
+            # the discriminator's loss: hinge(D(x), D(x_rec)) from x vs. the detached x_rec
             return self.loss_fn(x, x_rec, posterior, 1, step)
         raise ValueError(f"unknown optimizer group {group!r}; expected 'ae' or 'disc'")
 
@@ -658,24 +677,30 @@ _RELEASED_LOSS = {"disc_start": 50001, "kl_weight": 1e-6, "disc_weight": 0.5}
 # does not rescale lr with --batch-size: pass --lr 4.5e-6*global_batch to follow the official rule.
 # The official trains the autoencoder without EMA and without gradient clipping: ema_decay 0 makes the EMA
 # copy equal the raw weights; grad_clip inf makes clipping a no-op (the norm is still measured).
+# both optimizers (opt_ae, opt_disc) use these Adam betas in the official configure_optimizers
 _HPARAMS = {"lr": 4.5e-6 * 12, "betas": (0.5, 0.9), "weight_decay": 0.0, "ema_decay": 0.0,
             "warmup_steps": 0, "grad_clip": float("inf"), "batch_size": 12}
 
 CONFIGS = {
     # 55,312,063 | 58,077,697 params; 64x64x3 latents for 256^2
+    # f = 4: three levels in ch_mult, so two Downsamples
     "kl-f4": dict(ch=128, ch_mult=(1, 2, 4), num_res_blocks=2, attn_resolutions=(), z_channels=3,
                   embed_dim=3, resolution=256, scale_factor=0.0, **_RELEASED_LOSS),
     # the Stable Diffusion VAE layout; 83,653,863 | 86,419,497 params; 32x32x4 latents for 256^2;
     # scale 0.18215 as in txt2img-1p4B-eval.yaml / Stable Diffusion
+    # f = 8: four levels
     "kl-f8": dict(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, attn_resolutions=(), z_channels=4,
                   embed_dim=4, resolution=256, scale_factor=0.18215, **_RELEASED_LOSS),
     # 69,610,963 | 72,376,597 params; 16x16x16; scale from retrieval-augmented-diffusion/768x768.yaml
+    # f = 16: five levels; attention at nominal resolution 16 = 256 / 16, the lowest level
     "kl-f16": dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,), z_channels=16,
                    embed_dim=16, resolution=256, scale_factor=0.22765929, **_RELEASED_LOSS),
     # 103,880,131 | 106,645,765 params; 8x8x64
+    # f = 32: six levels; attention at the two lowest levels (16 and 8)
     "kl-f32": dict(ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_resolutions=(16, 8),
                    z_channels=64, embed_dim=64, resolution=256, scale_factor=0.0, **_RELEASED_LOSS),
     # CPU-sized: f4, attention in the mid blocks only, a small PatchGAN; 954,567 | 997,529 params
+    # level widths 32, 64, 64: the smallest ones GroupNorm(32) allows
     "tiny": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), z_channels=4, embed_dim=4,
                  resolution=32, scale_factor=0.0, disc_start=1000, kl_weight=1e-6, disc_weight=0.5,
                  disc_num_layers=2, disc_ndf=16),
@@ -695,17 +720,19 @@ def _from_official(kwargs):
     dd = dict(kwargs["ddconfig"])
     if not dd.pop("double_z", True):
         raise ValueError("AutoencoderKL needs ddconfig.double_z = True (mean and logvar)")
+    # options this file leaves out (module docstring, "Deliberately left out")
     if dd.pop("tanh_out", False) or dd.pop("give_pre_end", False) or dd.pop("resamp_with_conv", True) is False:
         raise ValueError("tanh_out / give_pre_end / resamp_with_conv=False are not supported")
     # an official ddconfig flag, dropped unread (attn_type decides the attention here)
     dd.pop("use_linear_attn", None)
-    cfg = {**dd, "embed_dim": kwargs["embed_dim"]}
+    cfg = {**dd, "embed_dim": kwargs["embed_dim"]}  # flat: ddconfig keys + embed_dim
     lossconfig = kwargs.get("lossconfig") or {}
     if lossconfig.get("target", "torch.nn.Identity") != "torch.nn.Identity":  # Identity: no loss (LDM stage)
         params = dict(lossconfig.get("params", {}))
+        # ActNorm / conditional D: not in any released config, not implemented
         if params.pop("use_actnorm", False) or params.pop("disc_conditional", False):
             raise ValueError("use_actnorm / disc_conditional discriminators are not supported")
-        cfg.update(params)
+        cfg.update(params)  # create() splits these off again by _LOSS_KEYS
     else:
         # LDM configs embed the first stage with an Identity loss: use the released loss settings
         cfg.update(_RELEASED_LOSS)
@@ -724,6 +751,7 @@ def create(config="tiny", **overrides):
             raise ValueError(f"unknown ae_kl preset {config!r}; choose from {sorted(CONFIGS)}")
         cfg = dict(CONFIGS[config])
     elif isinstance(config, dict):
+        # official kwargs are recognised by their "ddconfig" key
         cfg = _from_official(config) if "ddconfig" in config else dict(config)
     else:
         raise ValueError(f"config must be a preset name or a dict, got {type(config).__name__}")
@@ -737,6 +765,7 @@ def create(config="tiny", **overrides):
     cfg.update(overrides)
     # Lightning's checkpoint metric, present in official kwargs, no role here
     cfg.pop("monitor", None)
+    # reject misspelt keys instead of silently ignoring them
     unknown = sorted(set(cfg) - set(_BODY_KEYS) - set(_LOSS_KEYS))
     if unknown:
         raise ValueError(f"unknown ae_kl config keys {unknown}")
@@ -744,14 +773,14 @@ def create(config="tiny", **overrides):
     widths = [cfg["ch"] * m for m in cfg["ch_mult"]]
     if cfg["ch"] % 32 or any(w % 32 for w in widths):
         raise ValueError(f"channel widths {widths} must be multiples of 32 (GroupNorm with 32 groups)")
-    f = 2 ** (len(cfg["ch_mult"]) - 1)
+    f = 2 ** (len(cfg["ch_mult"]) - 1)  # Sec. 3.1's downsampling factor f = 2^m
     if image_size is not None and image_size % f:
         raise ValueError(f"image_size {image_size} is not a multiple of the downsampling factor {f}")
     # disc_start is required by the official constructor; 50001 is the released value
     loss = {k: cfg.pop(k) for k in _LOSS_KEYS if k in cfg}
     loss.setdefault("disc_start", 50001)
-    loss.setdefault("disc_in_channels", cfg.get("in_channels", 3))
-    hparams = dict(_HPARAMS)
+    loss.setdefault("disc_in_channels", cfg.get("in_channels", 3))  # D_psi sees images: encoder input channels
+    hparams = dict(_HPARAMS)  # a copy: a model's hparams never alias the module dict
     return AutoencoderKL(**cfg, loss=loss, hparams=hparams)
 
 
@@ -827,5 +856,6 @@ def load_official(path_or_state_dict, config):
     the config says and LPIPS is only built when the loss first runs.
     """
     # the config fixes the architecture; the checkpoint must then match it key for key
-    model = create(config)
+    model = create(config)  # loss_fn / LPIPS come from the config
+    # renames loss.* -> loss_fn.*, takes the checkpoint's scale_factor when present
     return _load_official_into(model, _read_state_dict(path_or_state_dict), "ae_kl.load_official")

@@ -375,6 +375,7 @@ def build_lpips(pretrained=True):
 # Sec. 3.1 VQ-reg: the vector quantizer (taming/modules/vqvae/quantize.py VectorQuantizer2)
 # ----------------------------------------------------------------------------------------------------------
 
+# VQ-VAE Sec. 3.1, Eq. 1-2: a one-hot posterior on the nearest code, z_q(x) = e_k, k = argmin_j ||z_e(x) - e_j||
 class VectorQuantizer(nn.Module):
     """Nearest-codebook-entry quantization with the straight-through gradient (VQ-VAE; VQGAN Eq. 4, 5).
 
@@ -399,33 +400,41 @@ class VectorQuantizer(nn.Module):
     def forward(self, z):
         # float32 even under AMP: near-ties in d would flip the argmin in bf16 (see the class docstring)
         with torch.autocast(z.device.type, enabled=False):
+            # channels-last first, so that each latent pixel's C-vector becomes one row to quantize
             z = z.float().permute(0, 2, 3, 1).contiguous()  # (B, C, H, W) -> (B, H, W, C)
             z_flattened = z.view(-1, self.e_dim)  # (B, H, W, C) -> (N, C), N = B*H*W
             # e: (n_e, C); fp32 copy so the distance matmul runs at full precision
             e = self.embedding.weight.float()
             # squared distances ||z||^2 + ||e||^2 - 2 z.e, the expanded form of the official: (N, n_e)
+            # (N, 1) + (n_e,) - (N, C) @ (C, n_e) -> (N, n_e) by broadcasting
             d = (torch.sum(z_flattened ** 2, dim=1, keepdim=True) + torch.sum(e ** 2, dim=1)
                  - 2 * z_flattened @ e.t())
             # VQGAN Eq. 2: z_q = argmin_k ||z_ij - e_k||, one code per latent pixel
             min_encoding_indices = torch.argmin(d, dim=1)  # (N,), the first minimum on ties
+            # lookup in e (a differentiable cast of the weight): z_q is float32 and the codebook term reaches the weight
             z_q = F.embedding(min_encoding_indices, e).view(z.shape)  # (N,) -> (B, H, W, C)
             # VQGAN Eq. 4 terms: sg[z_q] - z pulls the encoder to the codes, z_q - sg[z] moves the codes
             if self.legacy:  # commitment weight 1, codebook weight beta (official default)
+                # first term: commitment (gradient to E only); second: codebook (gradient to the codes only), times beta
                 loss = torch.mean((z_q.detach() - z) ** 2) + self.beta * torch.mean((z_q - z.detach()) ** 2)
             else:  # VQ-VAE Eq. 3: codebook weight 1, commitment weight beta
+                # VQ-VAE Eq. 3: ||sg[z_e] - e||^2 + beta ||z_e - sg[e]||^2; VQ-VAE uses beta = 0.25 in all experiments
                 loss = self.beta * torch.mean((z_q.detach() - z) ** 2) + torch.mean((z_q - z.detach()) ** 2)
             # straight-through estimator: forward value z_q, gradient passed to z unchanged
             # argmin has no gradient, so d(z_q)/d(z) := I: the decoder's gradient is copied onto E's output
-            z_q = z + (z_q - z).detach()
+            # VQ-VAE Sec. 3.2: "copy gradients from decoder input z_q(x) to encoder output z_e(x)"
+            z_q = z + (z_q - z).detach()  # (B, H, W, C); value z_q (up to rounding), d z_q / d z = I
             z_q = z_q.permute(0, 3, 1, 2).contiguous()  # (B, H, W, C) -> (B, C, H, W)
         # (N,) indices by default (official); (B, H, W) only when asked, e.g. for a transformer prior
         if self.sane_index_shape:
+            # (N,) -> (B, H, W), the latent grid layout of the codes
             min_encoding_indices = min_encoding_indices.reshape(z_q.shape[0], z_q.shape[2], z_q.shape[3])
         # the two Nones stand in for the official's perplexity / one-hot encodings slots, never used by LDM
         return z_q, loss, (None, None, min_encoding_indices)
 
     def get_codebook_entry(self, indices, shape=None):
         """Codebook lookup; `shape` = (B, H, W, C) gives (B, C, H, W), None keeps (N, C)."""
+        # decode from indices, e.g. sampled by a prior over codes (VQGAN Sec. 3.2 transformer); no straight-through
         z_q = self.embedding(indices)  # (N,) -> (N, C)
         if shape is not None:
             z_q = z_q.view(shape).permute(0, 3, 1, 2).contiguous()  # (N, C) -> (B, H, W, C) -> (B, C, H, W)
@@ -439,13 +448,14 @@ def measure_perplexity(predicted_indices, n_embed):
     scatter-add histogram gives the same numbers without that memory and without a host sync.
     """
     # counts[k] = number of latent vectors assigned to code k (histogram over the whole batch)
-    counts = torch.zeros(n_embed, device=predicted_indices.device)
+    counts = torch.zeros(n_embed, device=predicted_indices.device)  # (n_embed,)
+    # flatten: (N,) or (B, H, W) -> (N,); index_add_ adds one count at counts[index] for every vector
     counts.index_add_(0, predicted_indices.reshape(-1), torch.ones_like(predicted_indices.reshape(-1), dtype=counts.dtype))
     # empirical code distribution p_k; perplexity = exp(H(p)) ranges 1 (collapse) .. n_embed (uniform)
-    avg_probs = counts / predicted_indices.numel()
-    perplexity = (-(avg_probs * torch.log(avg_probs + 1e-10)).sum()).exp()
+    avg_probs = counts / predicted_indices.numel()  # (n_embed,), sums to 1
+    perplexity = (-(avg_probs * torch.log(avg_probs + 1e-10)).sum()).exp()  # (n_embed,) -> (), exp(entropy)
     # codes used at least once in this batch (dead codes lower this, a known VQ failure mode)
-    cluster_use = torch.sum(avg_probs > 0)
+    cluster_use = torch.sum(avg_probs > 0)  # (n_embed,) -> (), an integer count
     return perplexity, cluster_use
 
 
@@ -499,7 +509,7 @@ class VQLPIPSWithDiscriminator(nn.Module):
         """LPIPS(x, x_rec), shape (B, 1, 1, 1). Builds the network on first use, on x's device."""
         if not self._lpips:
             self._lpips.append(build_lpips(self.lpips_pretrained).to(x.device))
-        return self._lpips[0](x.contiguous(), x_rec.contiguous()).float()
+        return self._lpips[0](x.contiguous(), x_rec.contiguous()).float()  # (B, 1, 1, 1)
 
     def _discriminate_for_generator(self, x_rec):
         """D(x_rec) with D's parameters frozen for this call (Lightning's toggle_optimizer): the
@@ -508,7 +518,7 @@ class VQLPIPSWithDiscriminator(nn.Module):
         for p in self.discriminator.parameters():
             p.requires_grad_(False)
         try:
-            return self.discriminator(x_rec.contiguous()).float()
+            return self.discriminator(x_rec.contiguous()).float()  # (B, 1, H', W') patch logits
         finally:
             for p, f in zip(self.discriminator.parameters(), flags):
                 p.requires_grad_(f)
@@ -516,30 +526,32 @@ class VQLPIPSWithDiscriminator(nn.Module):
     def forward(self, codebook_loss, inputs, reconstructions, optimizer_idx, global_step, last_layer=None,
                 predicted_indices=None):
         """(loss, log) for optimizer_idx 0 (autoencoder) or 1 (discriminator); logs are detached."""
-        inputs, reconstructions = inputs.float(), reconstructions.float()
+        inputs, reconstructions = inputs.float(), reconstructions.float()  # fp32 loss math under AMP
         # 0 before disc_start, self.disc_factor afterwards: gates both the generator and the D loss
         disc_factor = adopt_weight(self.disc_factor, global_step, threshold=self.discriminator_iter_start)
         if optimizer_idx == 0:
             # None when a quantizer-free path calls the loss; treated as L_VQ = 0
             if codebook_loss is None:
-                codebook_loss = torch.zeros((), device=inputs.device)
+                codebook_loss = torch.zeros((), device=inputs.device)  # ()
             # L_rec of VQGAN Eq. 4, L1 per element (taming) + LPIPS below; the ldm variant also allows L2
             if self.pixel_loss == "l1":
                 rec_loss = torch.abs(inputs - reconstructions)  # (B, C, H, W)
             else:
-                rec_loss = (inputs - reconstructions) ** 2
+                rec_loss = (inputs - reconstructions) ** 2  # (B, C, H, W), the ldm variant's pixel_loss 'l2'
             if self.perceptual_weight > 0:
                 p_loss = self.perceptual_loss(inputs, reconstructions)  # (B, 1, 1, 1), broadcast
-                rec_loss = rec_loss + self.perceptual_weight * p_loss
+                rec_loss = rec_loss + self.perceptual_weight * p_loss  # (B, C, H, W) + (B, 1, 1, 1) -> (B, C, H, W)
             else:
-                p_loss = torch.zeros((), device=inputs.device)
+                p_loss = torch.zeros((), device=inputs.device)  # (), logged only
+            # (B, C, H, W) -> (): LPIPS is broadcast over C, H, W, so the mean adds perceptual_weight * mean(LPIPS)
             nll_loss = torch.mean(rec_loss)  # a mean, unlike the KL loss's sum / B
             # generator side of the hinge GAN (VQGAN Eq. 5): L_GAN = -E[D(x_rec)], D itself frozen here
-            logits_fake = self._discriminate_for_generator(reconstructions)
-            g_loss = -torch.mean(logits_fake)
+            logits_fake = self._discriminate_for_generator(reconstructions)  # (B, 1, H', W') patch logits
+            g_loss = -torch.mean(logits_fake)  # (B, 1, H', W') -> ()
             # VQGAN Eq. 7: lambda = ||grad_GL L_rec|| / (||grad_GL L_GAN|| + 1e-4), GL = decoder conv_out,
             # times disc_weight; d_weight * disc_factor scales L_GAN in the total below
             d_weight = calculate_adaptive_weight(nll_loss, g_loss, last_layer, self.discriminator_weight)
+            # VQGAN Eq. 6 for E, D and the codebook: L_rec + L_VQ + lambda * L_GAN (lambda = 0 before disc_start)
             loss = nll_loss + d_weight * disc_factor * g_loss + self.codebook_weight * codebook_loss.mean()
             log = {"total_loss": loss.detach(), "quant_loss": codebook_loss.detach().mean(),
                    "nll_loss": nll_loss.detach(), "rec_loss": rec_loss.detach().mean(),
@@ -554,9 +566,10 @@ class VQLPIPSWithDiscriminator(nn.Module):
             return loss, log
         # discriminator step: inputs detached so no gradient reaches the autoencoder
         if optimizer_idx == 1:
-            logits_real = self.discriminator(inputs.detach()).float()
-            logits_fake = self.discriminator(reconstructions.detach()).float()
-            d_loss = disc_factor * self.disc_loss(logits_real, logits_fake)
+            logits_real = self.discriminator(inputs.detach()).float()  # (B, 1, H', W')
+            logits_fake = self.discriminator(reconstructions.detach()).float()  # (B, 1, H', W')
+            # D maximises VQGAN Eq. 5 (LDM Eq. 25's log D_psi(x) term); hinge form in the released configs
+            d_loss = disc_factor * self.disc_loss(logits_real, logits_fake)  # (), 0 before disc_start
             log = {"disc_loss": d_loss.detach(), "logits_real": logits_real.detach().mean(),
                    "logits_fake": logits_fake.detach().mean()}
             return d_loss, log
@@ -600,8 +613,8 @@ class VQModel(nn.Module):
         # beta 0.25 and legacy=True as VQModel constructs it (legacy is never passed, so True)
         self.quantize = VectorQuantizer(n_embed, embed_dim, beta=beta, legacy=legacy)
         # 1x1 convs map between E/D's z_channels and the codebook dimension embed_dim (equal in all presets)
-        self.quant_conv = nn.Conv2d(z_channels, embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
+        self.quant_conv = nn.Conv2d(z_channels, embed_dim, 1)  # (B, z_channels, h, w) -> (B, embed_dim, h, w)
+        self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)  # (B, embed_dim, h, w) -> (B, z_channels, h, w)
         self.in_channels, self.embed_dim, self.n_embed = in_channels, embed_dim, n_embed
         # f of Sec. 3.1: one stride-2 Downsample per level but the last, so f = 4, 8, 16 for 3, 4, 5 levels
         self.downsample_factor = 2 ** (len(ch_mult) - 1)
@@ -615,27 +628,27 @@ class VQModel(nn.Module):
     def encode_to_prequant(self, x):
         """h = quant_conv(E(x)), the continuous pre-quantization latent (B, embed_dim, H/f, W/f)."""
         check_images(x, self.in_channels, self.downsample_factor)
-        return self.quant_conv(self.encoder(x))
+        return self.quant_conv(self.encoder(x))  # (B, C, H, W) -> (B, embed_dim, H/f, W/f)
 
     def encode_quant(self, x):
         """Official `VQModel.encode`: (z_q, codebook loss, (None, None, indices))."""
-        return self.quantize(self.encode_to_prequant(x))
+        return self.quantize(self.encode_to_prequant(x))  # z_q (B, embed_dim, H/f, W/f), indices (N,)
 
     def decode_quant(self, quant):
         """Official `VQModel.decode`: z_q -> image."""
         check_images(quant, self.embed_dim, 1, what="z")
-        return self.decoder(self.post_quant_conv(quant))
+        return self.decoder(self.post_quant_conv(quant))  # (B, embed_dim, h, w) -> (B, out_ch, h*f, w*f)
 
     def forward(self, x, return_pred_indices=False):
         """(x_rec, codebook loss[, indices]), as VQModel.forward."""
         # diff = L_VQ of VectorQuantizer (already beta-weighted), ind the (N,) code indices
         quant, diff, (_, _, ind) = self.encode_quant(x)
-        dec = self.decode_quant(quant)
+        dec = self.decode_quant(quant)  # (B, embed_dim, H/f, W/f) -> (B, out_ch, H, W)
         return (dec, diff, ind) if return_pred_indices else (dec, diff)
 
     def get_last_layer(self):
         """W of the adaptive weight (VQGAN Eq. 7): the decoder's last conv weight."""
-        return self.decoder.conv_out.weight
+        return self.decoder.conv_out.weight  # (out_ch, ch * ch_mult[0], 3, 3)
 
     # --- the contract (VQModelInterface, times scale_factor as LDM's get_first_stage_encoding) -------------
     def _factor(self):
@@ -645,16 +658,16 @@ class VQModel(nn.Module):
 
     def encode(self, x):
         """x in [-1, 1] -> h * scale_factor, h the PRE-quantization latent (what the official LDM diffuses)."""
-        return self.encode_to_prequant(x) * self._factor()
+        return self.encode_to_prequant(x) * self._factor()  # (B, embed_dim, H/f, W/f) times a 0-dim factor
 
     def decode(self, z, force_not_quantize=False):
         """Scaled latent -> image: divide, quantize to the nearest codes (VQModelInterface.decode), decode."""
         # undo the LDM scaling (LDM Sec. 4.3.2 unit-variance latent rescaling) before the codebook lookup
-        h = z / self._factor()
+        h = z / self._factor()  # () broadcast over (B, embed_dim, h, w)
         check_images(h, self.embed_dim, 1, what="z")
         # [0] keeps z_q only; the diffusion model's sample is snapped to the nearest codes here
-        quant = h if force_not_quantize else self.quantize(h)[0]
-        return self.decode_quant(quant)
+        quant = h if force_not_quantize else self.quantize(h)[0]  # (B, embed_dim, h, w), same shape
+        return self.decode_quant(quant)  # (B, out_ch, h*f, w*f)
 
     def optimizer_groups(self, phase=None):
         """{"ae": E, D, codebook, quant_conv, post_quant_conv, "disc": the PatchGAN} (lr_g_factor 1)."""
@@ -670,11 +683,12 @@ class VQModel(nn.Module):
         x = batch["x"]
         if group == "ae":
             # full forward with gradients: L_rec, L_GAN and L_VQ all flow back into E, codebook and D
-            x_rec, qloss, ind = self(x, return_pred_indices=True)
+            x_rec, qloss, ind = self(x, return_pred_indices=True)  # x_rec (B, C, H, W), ind (N,)
             return self.loss_fn(qloss, x, x_rec, 0, step, last_layer=self.get_last_layer(), predicted_indices=ind)
         if group == "disc":
             with torch.no_grad():  # the official reruns the AE forward; only detached outputs are used
                 x_rec, qloss = self(x)
+            # D step of VQGAN Eq. 6 (max over D); the loss detaches its inputs again
             return self.loss_fn(qloss, x, x_rec, 1, step)
         raise ValueError(f"unknown optimizer group {group!r}; expected 'ae' or 'disc'")
 
@@ -691,6 +705,7 @@ _HPARAMS = {"lr": 4.5e-6 * 12, "betas": (0.5, 0.9), "weight_decay": 0.0, "ema_de
             "warmup_steps": 0, "grad_clip": float("inf"), "batch_size": 12}
 
 # released models/first_stage_models/vq-*/config.yaml; all hinge, perceptual_weight 1, codebook_weight 1
+# f = 2^(len(ch_mult) - 1); a 256^2 image gives (256/f)^2 latent pixels of embed_dim channels; n_embed = |Z|
 CONFIGS = {
     # 55,322,782 | 58,088,415 params; 64x64x3 latents for 256^2 (LDM celebahq/ffhq/lsun_beds/cin256-v2)
     # f4: ch_mult has 3 levels -> 2 downsamplings; z_channels = embed_dim = 3 (a 3-channel latent)
@@ -705,6 +720,7 @@ CONFIGS = {
     "vq-f8": dict(ch=128, ch_mult=(1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(32,), z_channels=4,
                   embed_dim=4, n_embed=16384, resolution=256, scale_factor=1.0, disc_start=1, disc_weight=0.6,
                   disc_num_layers=2),
+    # f8 with only 256 codes; the GAN joins at step 250001
     # 67,652,783 | 70,418,416 params
     "vq-f8-n256": dict(ch=128, ch_mult=(1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(32,), z_channels=4,
                        embed_dim=4, n_embed=256, resolution=256, scale_factor=1.0, disc_start=250001,
@@ -733,6 +749,7 @@ def _from_official(kwargs):
     """The official constructor kwargs ({"ddconfig", "lossconfig", "n_embed", "embed_dim", ...}) -> flat."""
     # ddconfig = the Encoder/Decoder kwargs of the yaml; options we do not implement are rejected loudly
     dd = dict(kwargs["ddconfig"])
+    # double_z is the KL model's mean/logvar split; a VQ encoder outputs z itself
     if dd.pop("double_z", False):
         raise ValueError("VQModel needs ddconfig.double_z = False")
     if dd.pop("tanh_out", False) or dd.pop("give_pre_end", False) or dd.pop("resamp_with_conv", True) is False:
@@ -785,7 +802,7 @@ def create(config="tiny", **overrides):
     unknown = sorted(set(cfg) - set(_BODY_KEYS) - set(_LOSS_KEYS))
     if unknown:
         raise ValueError(f"unknown ae_vq config keys {unknown}")
-    widths = [cfg["ch"] * m for m in cfg["ch_mult"]]
+    widths = [cfg["ch"] * m for m in cfg["ch_mult"]]  # channel width of each encoder level
     if cfg["ch"] % 32 or any(w % 32 for w in widths):
         raise ValueError(f"channel widths {widths} must be multiples of 32 (GroupNorm with 32 groups)")
     # same f as VQModel.downsample_factor: images must tile into f x f latent pixels

@@ -115,7 +115,7 @@ class ConvLayer(nn.Module):
         self.act = build_act(act)
 
     def forward(self, x):
-        x = self.conv(x)
+        x = self.conv(x)  # (B, C_in, H, W) -> (B, C_out, H/stride, W/stride)
         if self.norm is not None:
             x = self.norm(x)
         if self.act is not None:
@@ -138,7 +138,7 @@ class ResidualBlock(nn.Module):
     def forward(self, x):
         if self.shortcut is None:
             return self.main(x)
-        return self.main(x) + self.shortcut(x)
+        return self.main(x) + self.shortcut(x)  # both branches (B, C_out, H', W'): shapes must agree
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -162,14 +162,17 @@ class ChannelAveragingShortcut(nn.Module):
         super().__init__()
         if (in_ch * factor**2) % out_ch != 0:
             raise ValueError(f"averaging shortcut: in_ch*factor^2={in_ch * factor**2} not divisible by {out_ch}")
+        # parameter-free: no weights or buffers, so no state-dict entries (as in the official key lists)
         self.factor = factor
         self.out_ch = out_ch
         # g = 2 for the usual C -> 2C stage transition (4C unshuffled channels averaged in pairs)
         self.group_size = in_ch * factor**2 // out_ch
 
+    # Sec. 3.2: the paper attributes the accuracy drop of high-compression AEs to optimisation
+    # difficulty; this parameter-free shortcut gives the learned down-sampling layer a residual target
     def forward(self, x):
         x = F.pixel_unshuffle(x, self.factor)  # (B, C, H, W) -> (B, C*r*r, H/r, W/r)
-        B, _, H, W = x.shape
+        B, _, H, W = x.shape  # H, W here are the unshuffled sizes H/r, W/r
         # view, not reshape: pixel_unshuffle output is contiguous, so grouping consecutive channels is free
         x = x.view(B, self.out_ch, self.group_size, H, W)  # (B, C*r*r, h, w) -> (B, C_out, g, h, w)
         return x.mean(dim=2)  # (B, C_out, g, h, w) -> (B, C_out, h, w)
@@ -194,8 +197,10 @@ class ChannelDuplicatingShortcut(nn.Module):
             raise ValueError(f"duplicating shortcut: out_ch*factor^2={out_ch * factor**2} not divisible by {in_ch}")
         self.factor = factor
         # R = 2 for the usual 2C -> C transition (2C*2 copies = 4C channels, then 4 of them per 2x2 block)
+        # like the averaging shortcut, parameter-free: nothing to learn, nothing in the state dict
         self.repeats = out_ch * factor**2 // in_ch
 
+    # Sec. 3.2: the decoder-side counterpart; the learned up-sampling layer adds a residual on top
     def forward(self, x):
         # repeat_interleave (not repeat/tile) so the copy layout mirrors the averaging shortcut's consecutive groups
         x = x.repeat_interleave(self.repeats, dim=1)  # (B, C, h, w) -> (B, C*R, h, w)
@@ -220,6 +225,7 @@ class ConvPixelUnshuffleDownsample(nn.Module):
 
     def forward(self, x):
         x = self.conv(x)  # (B, C_in, H, W) -> (B, C_out/4, H, W)
+        # space-to-channel keeps every conv output value as a channel (no samples dropped, unlike stride 2)
         return F.pixel_unshuffle(x, self.factor)  # -> (B, C_out, H/2, W/2)
 
 
@@ -234,6 +240,7 @@ class ConvPixelShuffleUpsample(nn.Module):
 
     def forward(self, x):
         x = self.conv(x)  # (B, C_in, h, w) -> (B, 4*C_out, h, w)
+        # channel-to-space: each input pixel's 4*C_out values fill its 2x2 output block
         return F.pixel_shuffle(x, self.factor)  # -> (B, C_out, 2h, 2w)
 
 
@@ -243,11 +250,12 @@ class InterpolateConvUpsample(nn.Module):
     def __init__(self, in_ch, out_ch, factor=2):
         super().__init__()
         self.factor = factor
-        self.conv = ConvLayer(in_ch, out_ch, 3, bias=True)
+        self.conv = ConvLayer(in_ch, out_ch, 3, bias=True)  # (B, C_in, 2h, 2w) -> (B, C_out, 2h, 2w)
 
     def forward(self, x):
+        # nearest x2 copies each pixel into a 2x2 block; the 3x3 conv then mixes the copies
         x = F.interpolate(x, scale_factor=self.factor, mode="nearest")  # (B, C, h, w) -> (B, C, 2h, 2w)
-        return self.conv(x)
+        return self.conv(x)  # (B, C, 2h, 2w) -> (B, C_out, 2h, 2w)
 
 
 def build_downsample(block_type, in_ch, out_ch, shortcut):
@@ -256,6 +264,7 @@ def build_downsample(block_type, in_ch, out_ch, shortcut):
         # plain strided conv (SANA AE); ConvPixelUnshuffle (in/mix releases) keeps all pixels in channels
         main = ConvLayer(in_ch, out_ch, 3, stride=2, bias=True)  # 3x3 stride-2 conv, padding 1
     elif block_type == "ConvPixelUnshuffle":
+        # (B, C_in, H, W) -> conv -> (B, C_out/4, H, W) -> pixel_unshuffle -> (B, C_out, H/2, W/2)
         main = ConvPixelUnshuffleDownsample(in_ch, out_ch)
     else:
         raise ValueError(f"unknown downsample_block_type {block_type!r} (expected 'Conv' or 'ConvPixelUnshuffle')")
@@ -264,14 +273,17 @@ def build_downsample(block_type, in_ch, out_ch, shortcut):
     if shortcut != "averaging":
         raise ValueError(f"unknown downsample shortcut {shortcut!r} (expected 'averaging' or None)")
     # learned branch + non-parametric shortcut: the layer only learns the residual on top of space-to-channel (Sec. 3.2)
+    # both branches: (B, C_in, H, W) -> (B, C_out, H/2, W/2)
     return ResidualBlock(main, ChannelAveragingShortcut(in_ch, out_ch, 2))
 
 
 def build_upsample(block_type, in_ch, out_ch, shortcut):
     """Decoder up-sampling block: learned layer (+ duplicating shortcut, Sec. 3.2) (official build_upsample_block)."""
     if block_type == "ConvPixelShuffle":
+        # (B, C_in, h, w) -> conv -> (B, 4*C_out, h, w) -> pixel_shuffle -> (B, C_out, 2h, 2w)
         main = ConvPixelShuffleUpsample(in_ch, out_ch)
     elif block_type == "InterpolateConv":
+        # SANA AE; it keeps the default duplicating shortcut around this layer
         main = InterpolateConvUpsample(in_ch, out_ch)
     else:
         raise ValueError(f"unknown upsample_block_type {block_type!r} (expected 'ConvPixelShuffle' or 'InterpolateConv')")
@@ -280,6 +292,7 @@ def build_upsample(block_type, in_ch, out_ch, shortcut):
     if shortcut != "duplicating":
         raise ValueError(f"unknown upsample shortcut {shortcut!r} (expected 'duplicating' or None)")
     # learned branch + channel-to-space shortcut: the layer learns only the residual on top of it (Sec. 3.2)
+    # both branches: (B, C_in, h, w) -> (B, C_out, 2h, 2w)
     return ResidualBlock(main, ChannelDuplicatingShortcut(in_ch, out_ch, 2))
 
 
@@ -297,7 +310,7 @@ class ResBlock(nn.Module):
         self.conv2 = ConvLayer(channels, channels, 3, bias=False, norm=norm, act=None)
 
     def forward(self, x):
-        return self.conv2(self.conv1(x))
+        return self.conv2(self.conv1(x))  # (B, C, H, W) -> (B, C, H, W), shape-preserving
 
 
 class GLUMBConv(nn.Module):
@@ -315,6 +328,7 @@ class GLUMBConv(nn.Module):
         # depthwise 3x3 gives the FFN local spatial mixing, which linear attention lacks (EfficientViT, Cai et al.)
         self.depth_conv = ConvLayer(2 * mid, 2 * mid, 3, groups=2 * mid, bias=True, norm=None, act=None)
         self.glu_act = build_act(act)
+        # (B, 4C, H, W) -> (B, C, H, W); norm after the projection, no act (the residual add follows)
         self.point_conv = ConvLayer(mid, channels, 1, bias=False, norm=norm, act=None)
 
     def forward(self, x):
@@ -346,10 +360,12 @@ class LiteMLA(nn.Module):
         self.dim, self.eps = dim, eps
         # total_dim = C for heads_ratio 1: q, k, v each have C channels, so qkv has 3C
         total_dim = heads * dim
+        # (B, C, H, W) -> (B, 3*total_dim, H, W): q, k, v of all heads from one 1x1 conv
         self.qkv = ConvLayer(in_ch, 3 * total_dim, 1, bias=use_bias[0], norm=norm[0], act=act[0])
         # multi-scale aggregation: depthwise s x s, then 1x1 with groups = 3*heads (one q/k/v slice of one head each)
         self.aggreg = nn.ModuleList([
             nn.Sequential(
+                # both convs keep (B, 3*total_dim, H, W): padding s//2, stride 1
                 nn.Conv2d(3 * total_dim, 3 * total_dim, s, padding=s // 2, groups=3 * total_dim, bias=use_bias[0]),
                 nn.Conv2d(3 * total_dim, 3 * total_dim, 1, groups=3 * heads, bias=use_bias[0]),
             )
@@ -362,7 +378,7 @@ class LiteMLA(nn.Module):
         """ReLU linear attention on the (multi-scale) qkv map (B, 3*G*dim, H, W) -> (B, G*dim, H, W).
 
         quadratic=None picks the branch like the official forward (tokens H*W <= dim -> quadratic)."""
-        B, _, H, W = qkv.shape
+        B, _, H, W = qkv.shape  # N = H*W tokens
         if quadratic is None:
             # cost: linear branch O(N dim^2), quadratic O(N^2 dim); pick the smaller (same result)
             quadratic = H * W <= self.dim
@@ -372,7 +388,9 @@ class LiteMLA(nn.Module):
                 qkv = qkv.float()
             qkv = qkv.reshape(B, -1, 3 * self.dim, H * W)  # (B, 3*G*dim, H, W) -> (B, G, 3*dim, N)
             q, k, v = qkv.split(self.dim, dim=2)  # 3 x (B, G, dim, N)
+            # ReLU instead of softmax's exp: the similarity factorises, so the matmuls can be reordered
             q, k = F.relu(q), F.relu(k)  # ReLU kernel feature map
+            # associativity: (v k^T) q == v (k^T q); the linear order never forms the N x N map (EfficientViT)
             if not quadratic:
                 # linear branch: pad v with a row of ones so one matmul also gives the normaliser sum_m k_m . q_n
                 v = F.pad(v, (0, 0, 0, 1), mode="constant", value=1.0)  # (B, G, dim, N) -> (B, G, dim+1, N)
@@ -383,15 +401,16 @@ class LiteMLA(nn.Module):
                 # quadratic branch (few tokens): explicit N x N map normalised over the key axis
                 att = k.transpose(-1, -2) @ q  # (B, G, N, dim) @ (B, G, dim, N) -> (B, G, N_key, N_query)
                 # the same normaliser sum_m k_m . q_n as the ones-row trick of the linear branch
-                att = att / (att.sum(dim=2, keepdim=True) + self.eps)
+                att = att / (att.sum(dim=2, keepdim=True) + self.eps)  # sum over keys: (B, G, 1, N)
                 out = v @ att  # (B, G, dim, N_key) @ (B, G, N_key, N) -> (B, G, dim, N)
         return out.reshape(B, -1, H, W)  # (B, G, dim, N) -> (B, G*dim, H, W)
 
     def forward(self, x):
         qkv = self.qkv(x)  # (B, C, H, W) -> (B, 3*heads*dim, H, W)
+        # multi-scale: each aggregation mixes nearby tokens' q/k/v, giving extra head groups (EfficientViT)
         qkv = torch.cat([qkv] + [op(qkv) for op in self.aggreg], dim=1)  # -> (B, 3*heads*dim*(1+S), H, W)
         # G = heads*(1+S): attention runs independently per head of every scale
-        out = self.attention(qkv).to(x.dtype)
+        out = self.attention(qkv).to(x.dtype)  # (B, G*dim, H, W), back in the input dtype
         return self.proj(out)  # (B, G*dim, H, W) -> (B, C_out, H, W)
 
 
@@ -407,7 +426,7 @@ class EfficientViTBlock(nn.Module):
         self.local_module = ResidualBlock(GLUMBConv(channels, norm, act, expand_ratio), nn.Identity())
 
     def forward(self, x):
-        return self.local_module(self.context_module(x))
+        return self.local_module(self.context_module(x))  # (B, C, H, W) -> (B, C, H, W)
 
 
 def build_block(block_type, channels, norm, act):
@@ -416,8 +435,10 @@ def build_block(block_type, channels, norm, act):
         # identity skip around the two convs (the high-resolution stages, where attention is too costly)
         return ResidualBlock(ResBlock(channels, norm, act), nn.Identity())
     if block_type == "EViT_GLU":
+        # EViT_GLU: single-scale linear attention (the in/mix releases)
         return EfficientViTBlock(channels, norm, act, scales=())
     if block_type == "EViTS5_GLU":
+        # EViTS5_GLU: + one 5x5 aggregation scale (the SANA AE)
         return EfficientViTBlock(channels, norm, act, scales=(5,))
     raise ValueError(f"unknown block_type {block_type!r} (expected 'ResBlock', 'EViT_GLU' or 'EViTS5_GLU')")
 
@@ -477,6 +498,7 @@ class Encoder(nn.Module):
             self.project_in = ConvLayer(cfg["in_channels"], widths[0], 3, bias=True)
         else:
             # no shortcut: averaging 3 RGB channels*4 into widths[1] channels is not divisible in general
+            # (B, in_channels, H, W) -> (B, width_list[1], H/2, W/2)
             self.project_in = build_downsample(cfg["downsample_block_type"], cfg["in_channels"], widths[1], None)
         stages = []
         for i in range(n):
@@ -485,6 +507,7 @@ class Encoder(nn.Module):
             # the last stage has no down-sampling; n stages -> n-1 halvings -> f = 2^(n-1)
             if i < n - 1 and depths[i] > 0:
                 # Sec. 3.2: the down-sampling block ends the stage, with the space-to-channel averaging shortcut
+                # (B, width_list[i], h, w) -> (B, width_list[i+1], h/2, w/2)
                 blocks.append(build_downsample(cfg["downsample_block_type"], widths[i], widths[i + 1],
                                                cfg["downsample_shortcut"]))
             stages.append(nn.Sequential(*blocks))  # an empty stage is an empty Sequential (identity)
@@ -496,6 +519,7 @@ class Encoder(nn.Module):
         if cfg["out_shortcut"] is None:
             self.project_out = main
         elif cfg["out_shortcut"] == "averaging":
+            # Sec. 3.2 at the latent: conv(x) + channel-group mean of x (factor 1: no spatial change)
             self.project_out = ResidualBlock(main, ChannelAveragingShortcut(widths[-1], cfg["latent_channels"], 1))
         else:
             raise ValueError(f"unknown encoder out_shortcut {cfg['out_shortcut']!r} (expected 'averaging' or None)")
@@ -505,6 +529,7 @@ class Encoder(nn.Module):
         return [self.project_in] + [s for s in self.stages if len(s) > 0] + [self.project_out]
 
     def forward(self, x):
+        # (B, in_channels, H, W) -> ... -> (B, latent_channels, H/f, W/f)
         for step in self.steps():
             x = step(x)
         return x
@@ -531,6 +556,7 @@ class Decoder(nn.Module):
         if cfg["in_shortcut"] is None:
             self.project_in = proj
         elif cfg["in_shortcut"] == "duplicating":
+            # Sec. 3.2 at the latent: conv(z) + z's channels repeated up to width_list[-1] (factor 1)
             self.project_in = ResidualBlock(proj, ChannelDuplicatingShortcut(cfg["latent_channels"], widths[-1], 1))
         else:
             raise ValueError(f"unknown decoder in_shortcut {cfg['in_shortcut']!r} (expected 'duplicating' or None)")
@@ -539,19 +565,23 @@ class Decoder(nn.Module):
             blocks = []
             if i < n - 1 and depths[i] > 0:
                 # Sec. 3.2: the up-sampling block starts the stage, with the duplicating channel-to-space shortcut
+                # (B, width_list[i+1], h, w) -> (B, width_list[i], 2h, 2w)
                 blocks.append(build_upsample(cfg["upsample_block_type"], widths[i + 1], widths[i],
                                              cfg["upsample_shortcut"]))
             blocks += build_stage(widths[i], depths[i], _per_stage(cfg["block_type"], i),
                                   _per_stage(cfg["norm"], i), _per_stage(cfg["act"], i))
+            # stage i: (B, width_list[i+1], h, w) -> up-sample -> (B, width_list[i], 2h, 2w) -> blocks
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.ModuleList(stages)
         # channels reaching the head: widths[0] only if stage 0 was built
         c = widths[0] if depths[0] > 0 else widths[1]
         head = [build_norm(cfg["out_norm"], c), build_act(cfg["out_act"])]
         if depths[0] > 0:
+            # (B, c, H, W) -> (B, in_channels, H, W)
             head.append(ConvLayer(c, cfg["in_channels"], 3, bias=True))
         else:
             # the last x2 up-sampling is the output layer itself (mirror of the encoder's project_in)
+            # (B, c, H/2, W/2) -> (B, in_channels, H, W)
             head.append(build_upsample(cfg["upsample_block_type"], c, cfg["in_channels"], None))
         # official OpSequential drops None entries: with norm and act the final layer is index 2
         self.project_out = nn.Sequential(*[m for m in head if m is not None])
@@ -561,6 +591,7 @@ class Decoder(nn.Module):
         return [self.project_in] + [s for s in reversed(self.stages) if len(s) > 0] + [self.project_out]
 
     def forward(self, z):
+        # (B, latent_channels, h, w) -> ... -> (B, in_channels, h*f, w*f)
         for step in self.steps():
             z = step(z)
         return z
@@ -730,17 +761,18 @@ class DCAE(nn.Module):
     def encode(self, x):
         """Images in [-1, 1] (B, C, H, W) -> scaled latents (B, latent_channels, H/f, W/f)."""
         self._check_images(x)
-        return self.encoder(x) * self._scale()
+        # the factor brings latents near unit variance for the diffusion model (LDM convention)
+        return self.encoder(x) * self._scale()  # (B, C, H, W) -> (B, latent, H/f, W/f)
 
     def decode(self, z):
         """Scaled latents -> images (B, C, H*f, W*f), roughly in [-1, 1]."""
         if z.ndim != 4 or z.shape[1] != self.latent_channels:
             raise ValueError(f"expected latents (B, {self.latent_channels}, h, w), got shape {tuple(z.shape)}")
-        return self.decoder(z / self._scale())
+        return self.decoder(z / self._scale())  # (B, latent, h, w) -> (B, C, h*f, w*f)
 
     def forward(self, x):
         """Reconstruction decode(encode(x)) (the official forward also returns a dummy loss and info dict)."""
-        return self.decoder(self.encoder(x))
+        return self.decoder(self.encoder(x))  # (B, C, H, W) -> unscaled latent -> (B, C, H, W)
 
     # ---- Sec. 3.2 decoupled high-resolution adaptation: which parameters train in which phase ------------------
 
@@ -759,6 +791,7 @@ class DCAE(nn.Module):
         enc = [s for s in self.encoder.stages if len(s) > 0]  # encoder order
         dec = [s for s in reversed(self.decoder.stages) if len(s) > 0]  # decoder execution order
         if phase == 1:
+            # phase 1 (Sec. 3.2): everything trains at low resolution, L1 + LPIPS only (no GAN loss yet)
             return [self.encoder, self.decoder]
         if phase == 2:
             # phase 2 (Sec. 3.2): only the layers nearest the latent see high-res images, so the generalisation
@@ -790,6 +823,7 @@ class DCAE(nn.Module):
         for m in modules:
             for p in m.parameters():
                 p.requires_grad_(True)
+        # phase 3 (Sec. 3.2): the PatchGAN trains with the decoder head, as its own 'disc' group
         if phase == 3:
             for p in self.disc.parameters():
                 p.requires_grad_(True)
@@ -824,6 +858,7 @@ class DCAE(nn.Module):
         with torch.no_grad():
             for step in steps[: self._first_trainable]:
                 x = step(x)
+        # trainable suffix: ordinary autograd from the first trainable module on
         for step in steps[self._first_trainable:]:
             x = step(x)
         return x
@@ -832,7 +867,7 @@ class DCAE(nn.Module):
         """Mean LPIPS-VGG distance in float32 (LPIPS is frozen and shared; gradients flow to x_hat only)."""
         net = get_lpips(self.train_cfg["lpips_pretrained"], x.device)
         with no_autocast(x.device):
-            return net(x_hat.float(), x.float()).mean()
+            return net(x_hat.float(), x.float()).mean()  # (B, 1, 1, 1) per-image distances -> scalar
 
     def _last_layer(self):
         """Weight of the decoder's final conv (where LDM's adaptive GAN weight compares gradient norms)."""
@@ -845,13 +880,16 @@ class DCAE(nn.Module):
         x = batch["x"]
         self._check_images(x)
         tc = self.train_cfg
+        # the GAN term belongs to phase 3 only (Sec. 3.2 low-resolution local refinement)
         gan_on = self.phase == 3 and step >= tc["disc_start"]
         if group == "ae":
+            # (B, C, H, W) -> (B, C, H, W); the frozen prefix runs under no_grad (phases 2/3)
             x_hat = self._reconstruct(x)
             # float32 loss math so bf16 autocast does not round small reconstruction errors away
-            l1 = (x_hat.float() - x.float()).abs().mean()
+            l1 = (x_hat.float() - x.float()).abs().mean()  # (B, C, H, W) -> scalar
             # lpips_weight 0 skips the VGG entirely (fast tests); a Python float, so no host sync
             lp = self._lpips_loss(x_hat, x) if tc["lpips_weight"] else torch.zeros((), device=x.device)
+            # reconstruction objective of every phase: L1 + perceptual LPIPS
             rec = tc["l1_weight"] * l1 + tc["lpips_weight"] * lp
             logs = {"l1": l1.detach(), "lpips": lp.detach(), "rec": rec.detach()}
             if not gan_on:
@@ -859,11 +897,13 @@ class DCAE(nn.Module):
             # generator term; the discriminator runs with detached weights so this loss gives no gradient
             # to its parameters (they belong to the "disc" group)
             params = {n: p.detach() for n, p in self.disc.named_parameters()}
+            # (B, C, H, W) -> (B, 1, H', W') patch logits
             logits_fake = torch.func.functional_call(self.disc, params, (x_hat,), strict=False).float()
             # hinge generator loss: raise the discriminator's logit on reconstructions
-            g_loss = -logits_fake.mean()
+            g_loss = -logits_fake.mean()  # (B, 1, H', W') -> scalar
             # LDM/taming: balance ||grad rec|| / ||grad g_loss|| at the decoder's last layer
             d_weight = calculate_adaptive_weight(rec, g_loss, self._last_layer(), tc["disc_weight"])
+            # L_rec + lambda * L_GAN, lambda from calculate_adaptive_weight (0 without a graph)
             loss = rec + d_weight * g_loss
             logs.update(g_loss=g_loss.detach(), d_weight=d_weight.detach())
             return loss, logs
@@ -873,8 +913,9 @@ class DCAE(nn.Module):
             # the discriminator step needs no gradient through the autoencoder
             with torch.no_grad():
                 x_hat = self._reconstruct(x)
-            logits_real = self.disc(x.detach()).float()
-            logits_fake = self.disc(x_hat.detach()).float()
+            # both inputs detached: this loss only updates the discriminator
+            logits_real = self.disc(x.detach()).float()  # (B, C, H, W) -> (B, 1, H', W')
+            logits_fake = self.disc(x_hat.detach()).float()  # (B, C, H, W) -> (B, 1, H', W')
             # hinge loss; before disc_start it is multiplied by 0 (the group still steps, harmlessly)
             d_loss = hinge_d_loss(logits_real, logits_fake) * float(gan_on)
             logs = {"d_loss": d_loss.detach(), "logits_real": logits_real.mean().detach(),
@@ -913,6 +954,7 @@ TRAIN_DEFAULTS = {
 
 def _in_mix(latent, n_stages, scale_factor):
     """dc-ae-f{32,64,128}c{latent}-{in,mix}-1.0: ResBlock x3 then EViT_GLU stages, BN+ReLU in the decoder ResBlock stages."""
+    # ResBlocks in the 3 highest-resolution stages, EfficientViT blocks in the low-resolution ones
     # f = 2^(n_stages-1): 6 -> f32, 7 -> f64, 8 -> f128; deeper stages reuse the wide channel counts
     widths = [128, 256, 512, 512, 1024, 1024, 2048, 2048][:n_stages]
     blocks = ["ResBlock"] * 3 + ["EViT_GLU"] * (n_stages - 3)
@@ -1094,8 +1136,11 @@ def load_official(path_or_state_dict, config):
     official key must map onto an encoder/decoder key of ours with the same shape and vice versa; `disc.*`
     (our PatchGAN) and `scale_factor` are ours only and keep their initial / preset values.
     """
+    # same architecture as the official config; disc/scale_factor come from our defaults
     model = create(config)
+    # official names -> ours (".op_list." -> "."), tensors untouched
     sd = {official_to_ours(k): v for k, v in _read_state_dict(path_or_state_dict).items()}
+    # disc.* (our PatchGAN) and scale_factor are not in official checkpoints
     ours = {k: v for k, v in model.state_dict().items() if not k.startswith("disc.") and k != "scale_factor"}
     # strict key match both ways, checked before load_state_dict for a readable error
     missing, unexpected = sorted(set(ours) - set(sd)), sorted(set(sd) - set(ours))

@@ -79,7 +79,7 @@ class PatchEmbed(nn.Module):
 
 def get_1d_sincos_pos_embed(embed_dim, pos):
     """1-D sin-cos table (Vaswani et al. / MAE): [sin(pos * omega_m)] ++ [cos(pos * omega_m)], float64."""
-    omega = torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2.0)
+    omega = torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2.0)  # (embed_dim/2,): m / (embed_dim/2)
     omega = 1.0 / 10000**omega  # (D/4,) with D the full width: omega_m = 1 / 10000^(m / (D/4))
     out = pos.reshape(-1, 1).double() * omega[None]  # (M,) x (D/4,) -> (M, D/4)
     return torch.cat([torch.sin(out), torch.cos(out)], dim=1)  # (M, D/2): sin FIRST here
@@ -91,8 +91,9 @@ def get_2d_sincos_pos_embed(embed_dim, grid_size):
     Returns (G*G, D) float64, row k = r*G + s for token row r, column s. Quirk of the official code
     (np.meshgrid's default 'xy' indexing): features [0, D/2) encode the COLUMN s, [D/2, D) the ROW r.
     """
-    coords = torch.arange(grid_size, dtype=torch.float64)
+    coords = torch.arange(grid_size, dtype=torch.float64)  # (G,)
     grid_col, grid_row = torch.meshgrid(coords, coords, indexing="xy")  # each (G, G): [r, s] -> s and -> r
+    # pos.reshape(-1) inside flattens the (G, G) grids row-major, so row k = r*G + s
     emb_first = get_1d_sincos_pos_embed(embed_dim // 2, grid_col)  # (G*G, D/2) encodes the column
     emb_second = get_1d_sincos_pos_embed(embed_dim // 2, grid_row)  # (G*G, D/2) encodes the row
     return torch.cat([emb_first, emb_second], dim=1)  # (G*G, D)
@@ -118,6 +119,7 @@ class TimestepEmbedder(nn.Module):
         where float64 would move the outputs by ~1e-5 (more than the golden tolerance allows).
         """
         half = dim // 2
+        # (half,) geometric frequencies f_m = max_period^(-m/half): from 1 down to just above 1/max_period
         freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         args = t[:, None].float() * freqs[None]  # (N, 1) * (1, half) -> (N, half)
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, 2*half)
@@ -139,6 +141,7 @@ class LabelEmbedder(nn.Module):
         super().__init__()
         # CFG needs one extra learned "null" row; with no dropout the table has exactly num_classes rows (official)
         use_cfg_embedding = dropout_prob > 0
+        # (num_classes [+ 1 null], D)
         self.embedding_table = nn.Embedding(num_classes + int(use_cfg_embedding), hidden_size)
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
@@ -149,8 +152,8 @@ class LabelEmbedder(nn.Module):
             # per-sample Bernoulli(dropout_prob) mask: 10% of labels dropped, so one network also learns p(x)
             drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
         else:
-            drop_ids = force_drop_ids == 1
-        return torch.where(drop_ids, self.num_classes, labels)
+            drop_ids = force_drop_ids == 1  # caller-chosen mask (sample.py style): 1 = drop
+        return torch.where(drop_ids, self.num_classes, labels)  # (N,): dropped labels -> null index num_classes
 
     def forward(self, labels, train, force_drop_ids=None):
         if (train and self.dropout_prob > 0) or (force_drop_ids is not None):
@@ -164,16 +167,16 @@ class Attention(nn.Module):
     def __init__(self, dim, num_heads):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=True)
-        self.proj = nn.Linear(dim, dim, bias=True)
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)  # q, k, v in one matmul: (N, T, D) -> (N, T, 3D)
+        self.proj = nn.Linear(dim, dim, bias=True)  # merges the H heads: (N, T, D) -> (N, T, D)
 
     def forward(self, x):
-        N, T, D = x.shape
+        N, T, D = x.shape  # T = number of patch tokens
         qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, D // self.num_heads)  # (N, T, 3D) -> (N, T, 3, H, D/H)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # -> 3 x (N, H, T, D/H)
         x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(D/H)) v, (N, H, T, D/H)
         x = x.transpose(1, 2).reshape(N, T, D)  # (N, H, T, D/H) -> (N, T, D)
-        return self.proj(x)
+        return self.proj(x)  # (N, T, D) -> (N, T, D)
 
 
 class Mlp(nn.Module):
@@ -202,8 +205,8 @@ class DiTBlock(nn.Module):
         # no affine: gamma/beta are regressed from c by adaLN_modulation instead of learned per channel (Sec. 3.2)
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)  # same, for the MLP branch
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))  # hidden width 4D (mlp_ratio 4)
         # index 1 in the state dict because index 0 is the parameter-free SiLU
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
@@ -211,7 +214,9 @@ class DiTBlock(nn.Module):
         # (N, D) -> 6 x (N, D), in the official order
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         # x + alpha1 * Attn(LN(x) * (1 + gamma1) + beta1): "1 +" so a zero regression output leaves plain LN
+        # gate_msa.unsqueeze(1): (N, D) -> (N, 1, D), one gate per channel shared by all T tokens
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        # x + alpha2 * MLP(LN(x) * (1 + gamma2) + beta2); alpha = 0 at init, so the residual branch starts off
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
@@ -222,6 +227,7 @@ class FinalLayer(nn.Module):
     def __init__(self, hidden_size, patch_size, out_channels):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        # per token: one p x p x Cout patch
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         # 2D outputs (shift, scale) only: the decoder has no residual branch, hence no gate alpha
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
@@ -248,19 +254,20 @@ class DiT(nn.Module):
         # Sampling only: clip the predicted x0 to [-1, 1] at every step. The official DiT samples latents and does
         # not (sample.py: clip_denoised=False); pixel presets do, as improved-diffusion's image sampler does.
         self.clip_denoised = clip_denoised
-        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)  # (N, C, I, I) -> (N, T, D)
+        self.t_embedder = TimestepEmbedder(hidden_size)  # (N,) -> (N, D)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)  # (N,) -> (N, D)
         # T = (I/p)^2 tokens: halving p quadruples T and so at least quadruples the Gflops (Sec. 3.2, Fig. 4)
         num_patches = (input_size // patch_size) ** 2
         # Fixed sin-cos table, stored as a frozen Parameter (so it is in the official state dict):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+        # depth N blocks of width d (Table 1); the token count T stays the same through all of them
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)  # (N, T, D) -> (N, T, p*p*Cout)
         self.initialize_weights()
         # The process DiT trains with: 1000 linear-beta steps, no respacing (train.py: create_diffusion("")).
         self.diffusion = GaussianDiffusion("", learn_sigma=learn_sigma)
-        self.hparams = dict(HPARAMS)
+        self.hparams = dict(HPARAMS)  # Sec. 4 training defaults (see HPARAMS)
 
     def initialize_weights(self):
         """Official init: xavier Linears, N(0, .02) embeddings, and ZERO adaLN / final layer (adaLN-Zero)."""
@@ -270,18 +277,20 @@ class DiT(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.constant_(module.bias, 0)
         self.apply(_basic_init)
-        grid = int(self.x_embedder.input_size // self.patch_size)
+        grid = int(self.x_embedder.input_size // self.patch_size)  # G = I/p tokens per side
         pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid).float()  # (T, D)
         self.pos_embed.data.copy_(pos_embed.unsqueeze(0))  # (T, D) -> (1, T, D)
         w = self.x_embedder.proj.weight.data  # the patch conv initialised like a Linear
         nn.init.xavier_uniform_(w.view([w.shape[0], -1]))  # (D, C, p, p) -> (D, C*p*p)
         nn.init.constant_(self.x_embedder.proj.bias, 0)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)  # N(0, 0.02^2), official init
+        # timestep MLP: both Linear weights N(0, 0.02^2) (mlp[1] is the SiLU); biases stay 0 from _basic_init
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         for block in self.blocks:  # adaLN-Zero: every block starts as the identity
             nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
             nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+        # final adaLN (shift, scale) zero too: the decoder starts as a plain non-affine LayerNorm + Linear
         nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
         nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
         nn.init.constant_(self.final_layer.linear.weight, 0)  # so the untrained model outputs exactly 0
@@ -290,7 +299,7 @@ class DiT(nn.Module):
     def unpatchify(self, x):
         """(N, T, p*p*Cout) -> (N, Cout, H, W); feature index f = (i*p + j)*Cout + ch inside each patch."""
         c, p = self.out_channels, self.patch_size
-        h = w = int(x.shape[1] ** 0.5)
+        h = w = int(x.shape[1] ** 0.5)  # h = w = sqrt(T) = I/p (square grids only)
         x = x.reshape(x.shape[0], h, w, p, p, c)  # (N, T, p*p*C) -> (N, h, w, p, p, C)
         x = torch.einsum("nhwpqc->nchpwq", x)  # -> (N, C, h, p, w, p)
         return x.reshape(x.shape[0], c, h * p, w * p)  # -> (N, C, H, W)
@@ -314,15 +323,15 @@ class DiT(nn.Module):
         """
         if cfg_all_channels is None:
             cfg_all_channels = self.cfg_all_channels
-        half = x[: len(x) // 2]
+        half = x[: len(x) // 2]  # (N, C, H, W) -> (N/2, C, H, W): the z of cat([z, z])
         combined = torch.cat([half, half], dim=0)  # (N/2, C, H, W) -> (N, C, H, W)
         model_out = self.forward(combined, t, y)  # (N, Cout, H, W)
         # as official models.py: eps, rest = model_out[:, :3], model_out[:, 3:]
         n_guided = self.in_channels if cfg_all_channels else 3
-        eps, rest = model_out[:, :n_guided], model_out[:, n_guided:]
+        eps, rest = model_out[:, :n_guided], model_out[:, n_guided:]  # (N, n_guided, H, W), (N, Cout - n_guided, H, W)
         cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)  # 2 x (N/2, n_guided, H, W)
         # Sec. 3.1: eps(x, null) + s (eps(x, c) - eps(x, null)); s = 1 would give the plain conditional eps
-        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)  # (N/2, n_guided, H, W)
         eps = torch.cat([half_eps, half_eps], dim=0)  # (N, n_guided, H, W)
         return torch.cat([eps, rest], dim=1)  # (N, Cout, H, W)
 
@@ -339,12 +348,12 @@ class DiT(nn.Module):
         """
         if group != "model":
             raise ValueError(f"dit has one optimizer group 'model', got {group!r}")
-        x_start = batch["x"].float()
+        x_start = batch["x"].float()  # (N, C, H, W)
         # one uniform t per sample: an unbiased one-term estimate of the sum over t in L_vlb (IDDPM Eq. 4-6)
         t = torch.randint(0, self.diffusion.num_timesteps, (x_start.shape[0],), device=x_start.device)
         terms = self.diffusion.training_losses(self, x_start, t, model_kwargs=dict(y=batch["y"]))
         logs = {"mse": terms["mse"].mean().detach(), "vb": terms["vb"].mean().detach()}
-        return terms["loss"].mean(), logs
+        return terms["loss"].mean(), logs  # (N,) -> scalar: mean over the batch
 
     @torch.no_grad()
     def sample(self, n, labels=None, steps=None, cfg=1.0, sampler=None, generator=None, eta=0.0,
@@ -361,12 +370,14 @@ class DiT(nn.Module):
         # 250 respaced DDPM steps: the paper's setting for all reported FIDs (official sample.py default)
         steps = 250 if steps is None else int(steps)
         device = self.pos_embed.device
-        diffusion = GaussianDiffusion(str(steps), learn_sigma=self.learn_sigma)
+        diffusion = GaussianDiffusion(str(steps), learn_sigma=self.learn_sigma)  # respaced chain, e.g. "250"
         # sample_ddp.py order: noise first, then random classes
+        # z = x_T ~ N(0, I): (n, C, I, I)
         z = torch.randn(n, self.in_channels, self.input_size, self.input_size, generator=generator, device=device)
         if labels is None:
+            # (n,) uniform random classes when none are given
             labels = torch.randint(0, self.num_classes, (n,), generator=generator, device=device)
-        labels = torch.as_tensor(labels, device=device).long().reshape(-1)
+        labels = torch.as_tensor(labels, device=device).long().reshape(-1)  # int / list / tensor -> (n,) long
         if labels.shape[0] != n or int(labels.min()) < 0 or int(labels.max()) >= self.num_classes:
             raise ValueError(f"labels must be {n} class indices in [0, {self.num_classes}), got {labels.tolist()}")
         if cfg > 1.0:  # sample.py: x = cat([z, z]), y = cat([labels, null])
@@ -381,7 +392,7 @@ class DiT(nn.Module):
             step_fn = diffusion.p_sample if sampler == "ddpm" else partial(diffusion.ddim_sample, eta=eta)
             # i = T'-1 .. 0 of the respaced chain, starting from x_T = z ~ N(0, I)
             for i in reversed(range(diffusion.num_timesteps)):  # p_sample_loop / ddim_sample_loop
-                t = torch.full((x.shape[0],), i, device=device, dtype=torch.long)
+                t = torch.full((x.shape[0],), i, device=device, dtype=torch.long)  # (n,), or (2n,) under CFG
                 x = step_fn(model_fn, x, t, clip_denoised=clip_denoised, model_kwargs=dict(y=y),
                             generator=generator)["sample"]
         finally:
@@ -394,7 +405,7 @@ class DiT(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 def linear_beta_schedule(num_timesteps=1000):
     """DDPM's linear betas, scaled so any T gives the same curve as T = 1000 (IDDPM code). float64."""
-    scale = 1000 / num_timesteps
+    scale = 1000 / num_timesteps  # 1 for T = 1000
     # beta_1 = 1e-4 .. beta_T = 0.02 (DDPM); DiT does not use IDDPM's cosine schedule
     return np.linspace(scale * 0.0001, scale * 0.02, num_timesteps, dtype=np.float64)
 
@@ -413,9 +424,9 @@ def space_timesteps(num_timesteps, section_counts):
                 if len(range(0, num_timesteps, i)) == desired_count:
                     return set(range(0, num_timesteps, i))
             raise ValueError(f"cannot create exactly {desired_count} steps with an integer stride")
-        section_counts = [int(x) for x in section_counts.split(",")]
-    size_per = num_timesteps // len(section_counts)
-    extra = num_timesteps % len(section_counts)
+        section_counts = [int(x) for x in section_counts.split(",")]  # "10,15,20" -> [10, 15, 20]
+    size_per = num_timesteps // len(section_counts)  # original steps per section
+    extra = num_timesteps % len(section_counts)  # the first `extra` sections get one step more
     start_idx = 0
     all_steps = []
     for i, section_count in enumerate(section_counts):
@@ -429,11 +440,12 @@ def space_timesteps(num_timesteps, section_counts):
             all_steps.append(start_idx + round(cur_idx))  # Python round: half to even
             cur_idx += frac_stride
         start_idx += size
-    return set(all_steps)
+    return set(all_steps)  # original step indices to keep
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
+    # closed form for diagonal Gaussians: (log s2 - log s1 + (s1 + (m1 - m2)^2) / s2 - 1) / 2, s = variance
     return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
                   + ((mean1 - mean2) ** 2) * torch.exp(-logvar2))
 
@@ -449,10 +461,11 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
     over the bin [x - 1/255, x + 1/255] (data assumed in [-1, 1]; DiT applies it to latents as-is),
     with the edge bins extended to -inf / +inf. Arguments of the logs are clamped at 1e-12."""
     # 1/255 is half a bin: 8-bit values 0..255 mapped to [-1, 1] have bin width 2/255
-    centered_x = x - means
-    inv_stdv = torch.exp(-log_scales)
+    centered_x = x - means  # (N, C, H, W)
+    inv_stdv = torch.exp(-log_scales)  # 1 / sigma
     cdf_plus = approx_standard_normal_cdf(inv_stdv * (centered_x + 1.0 / 255.0))
     cdf_min = approx_standard_normal_cdf(inv_stdv * (centered_x - 1.0 / 255.0))
+    # log Phi(+) for the lowest bin, log(1 - Phi(-)) for the highest, log(Phi(+) - Phi(-)) elsewhere
     log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
     log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
     log_cdf_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
@@ -476,25 +489,26 @@ class GaussianDiffusion:
     """
 
     def __init__(self, timestep_respacing="", learn_sigma=True, diffusion_steps=1000):
-        base_alphas_cumprod = np.cumprod(1.0 - linear_beta_schedule(diffusion_steps))
+        base_alphas_cumprod = np.cumprod(1.0 - linear_beta_schedule(diffusion_steps))  # (1000,) abar_t
         if not timestep_respacing:
             timestep_respacing = [diffusion_steps]
-        use_timesteps = space_timesteps(diffusion_steps, timestep_respacing)
+        use_timesteps = space_timesteps(diffusion_steps, timestep_respacing)  # set of kept original indices
         self.timestep_map, betas, last_alpha_cumprod = [], [], 1.0
         for i, alpha_cumprod in enumerate(base_alphas_cumprod):
             if i in use_timesteps:
                 # beta'_i = 1 - abar[map[i]] / abar[map[i-1]]: the respaced chain keeps abar exactly at the kept steps
                 betas.append(1 - alpha_cumprod / last_alpha_cumprod)
                 last_alpha_cumprod = alpha_cumprod
-                self.timestep_map.append(i)
+                self.timestep_map.append(i)  # respaced index -> original step
         if len(betas) < 2:  # the official posterior_log_variance_clipped is empty then (IndexError)
             raise ValueError(f"respacing {timestep_respacing!r} keeps {len(betas)} step; DiT needs at least 2")
         self.learn_sigma = learn_sigma
         self.num_timesteps = len(betas)
         b = self.betas = np.array(betas, dtype=np.float64)
-        alphas = 1.0 - b
+        alphas = 1.0 - b  # alpha_t = 1 - beta_t
         ac = self.alphas_cumprod = np.cumprod(alphas)  # abar_t
         ac_prev = self.alphas_cumprod_prev = np.append(1.0, ac[:-1])  # abar_{t-1}, abar_{-1} = 1
+        # coefficients of IDDPM Eq. 9 (q_sample) and of x_0 from eps (p_mean_variance); each (T',)
         self.sqrt_alphas_cumprod = np.sqrt(ac)
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - ac)
         self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / ac)
@@ -503,6 +517,7 @@ class GaussianDiffusion:
         self.posterior_variance = b * (1.0 - ac_prev) / (1.0 - ac)  # beta~_t; 0 at t = 0
         # log(beta~_t) with t = 0 replaced by t = 1 (beta~_0 = 0 would give -inf)
         self.posterior_log_variance_clipped = np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
+        # mu~_t = coef1 x_0 + coef2 x_t (IDDPM Eq. 11)
         self.posterior_mean_coef1 = b * np.sqrt(ac_prev) / (1.0 - ac)
         self.posterior_mean_coef2 = (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac)
         # log beta_t: the upper end of the learned-variance interpolation (IDDPM Eq. 15)
@@ -513,12 +528,12 @@ class GaussianDiffusion:
 
     def _extract(self, name, t, ndim):
         """arr[t] as float32 on t's device, shaped (N, 1, 1, 1) (official _extract_into_tensor)."""
-        key = (name, t.device)
+        key = (name, t.device)  # one cached tensor per table and device
         if key not in self._cache:
             arr = self.timestep_map if name == "timestep_map" else getattr(self, name)
             dtype = torch.long if name == "timestep_map" else torch.float32
             self._cache[key] = torch.as_tensor(np.asarray(arr), dtype=dtype).to(t.device)
-        out = self._cache[key][t]
+        out = self._cache[key][t]  # gather: (T',)[t] with t (N,) -> (N,)
         return out.reshape(out.shape + (1,) * (ndim - 1))  # (N,) -> (N, 1, 1, 1)
 
     # ----- forward process ------------------------------------------------------------------------
@@ -542,24 +557,25 @@ class GaussianDiffusion:
         `t` indexes THIS (possibly respaced) process; the network is called with timestep_map[t].
         """
         if model_output is None:
-            model_output = model_fn(x, self._extract("timestep_map", t, 1), **(model_kwargs or {}))
+            model_output = model_fn(x, self._extract("timestep_map", t, 1), **(model_kwargs or {}))  # ndim 1: (N,)
         model_output = model_output.float()  # diffusion math in float32 (bf16 autocast safe)
-        C = x.shape[1]
+        C = x.shape[1]  # input channels of x_t (latent or pixel)
         if self.learn_sigma:
             eps, v = torch.split(model_output, C, dim=1)  # (N, 2C, H, W) -> 2 x (N, C, H, W): eps FIRST
             # IDDPM Eq. 15 range: min_log = log beta~_t (t = 0 uses beta~_1), max_log = log beta_t
             min_log = self._extract("posterior_log_variance_clipped", t, x.ndim)
             max_log = self._extract("log_betas", t, x.ndim)
-            frac = (v + 1) / 2
+            frac = (v + 1) / 2  # v in [-1, 1] -> v' in [0, 1]
             model_log_variance = frac * max_log + (1 - frac) * min_log  # IDDPM Eq. 15
         else:
             eps = model_output
+            # (N, 1, 1, 1) -> (N, C, H, W), the same shape as in the learned case
             model_log_variance = self._extract("fixed_large_log_variance", t, x.ndim).expand_as(x)
         # x_0-hat = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps, i.e. IDDPM Eq. 9 solved for x_0
         pred_xstart = (self._extract("sqrt_recip_alphas_cumprod", t, x.ndim) * x
                        - self._extract("sqrt_recipm1_alphas_cumprod", t, x.ndim) * eps)
         if clip_denoised:
-            pred_xstart = pred_xstart.clamp(-1, 1)
+            pred_xstart = pred_xstart.clamp(-1, 1)  # only with clip_denoised (pixel presets)
         mean = self.q_posterior_mean(pred_xstart, x, t)  # plug x_0-hat into Eq. 11
         return {"mean": mean, "log_variance": model_log_variance, "pred_xstart": pred_xstart, "eps": eps}
 
@@ -572,6 +588,7 @@ class GaussianDiffusion:
         noise = self._noise_like(x, noise, generator)
         # the final step (t = 0) returns the mean mu_theta(x_1) without noise
         nonzero_mask = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))  # (N,) -> (N, 1, 1, 1)
+        # sigma = exp(log variance / 2); the mask zeroes the noise term at t = 0
         sample = out["mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"], "mean": out["mean"],
                 "log_variance": out["log_variance"]}
@@ -581,6 +598,7 @@ class GaussianDiffusion:
         """One DDIM step (Song et al. 2021, Eq. 12). The learned variance is unused. Official detail: eps is
         RE-DERIVED from the (possibly clipped) x_0-hat, so clipping changes the direction too."""
         out = self.p_mean_variance(model_fn, x, t, clip_denoised, model_kwargs)
+        # eps = (x_t / sqrt(abar_t) - x_0-hat) / sqrt(1/abar_t - 1): IDDPM Eq. 9 solved for eps
         eps = ((self._extract("sqrt_recip_alphas_cumprod", t, x.ndim) * x - out["pred_xstart"])
                / self._extract("sqrt_recipm1_alphas_cumprod", t, x.ndim))
         alpha_bar = self._extract("alphas_cumprod", t, x.ndim)
@@ -588,6 +606,7 @@ class GaussianDiffusion:
         # sigma_t(eta) of DDIM Eq. 16: eta = 0 deterministic DDIM, eta = 1 the DDPM posterior variance
         sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
         noise = self._noise_like(x, noise, generator)  # drawn even for eta = 0, as official
+        # DDIM Eq. 12: sqrt(abar_{t-1}) x_0-hat + sqrt(1 - abar_{t-1} - sigma^2) eps, plus sigma z below
         mean_pred = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
         nonzero_mask = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))  # (N,) -> (N, 1, 1, 1)
         return {"sample": mean_pred + nonzero_mask * sigma * noise, "pred_xstart": out["pred_xstart"]}
@@ -597,10 +616,11 @@ class GaussianDiffusion:
         """L_t in bits per dimension (IDDPM Eq. 4-6): KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0,
         the discretised decoder NLL -log p(x_0|x_1) for t = 0 (clip_denoised=False)."""
         true_mean = self.q_posterior_mean(x_start, x_t, t)
-        true_log_variance = self._extract("posterior_log_variance_clipped", t, x_t.ndim)
+        true_log_variance = self._extract("posterior_log_variance_clipped", t, x_t.ndim)  # log beta~_t, (N, 1, 1, 1)
         out = self.p_mean_variance(None, x_t, t, clip_denoised=False, model_output=model_output)
         # KL and NLL come in nats; / ln 2 gives bits, and mean_flat makes them per dimension (bpd)
         kl = mean_flat(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])) / math.log(2.0)
+        # log_scales = log sigma = log variance / 2
         decoder_nll = -discretized_gaussian_log_likelihood(x_start, out["mean"], 0.5 * out["log_variance"])
         decoder_nll = mean_flat(decoder_nll) / math.log(2.0)
         return torch.where(t == 0, decoder_nll, kl)  # (N,)
@@ -615,11 +635,12 @@ class GaussianDiffusion:
         variance v, and L_simple only eps.
         """
         if noise is None:
-            noise = torch.randn_like(x_start)
+            noise = torch.randn_like(x_start)  # eps ~ N(0, I), shaped like x_0
         # reparameterised x_t ~ q(x_t | x_0); the same noise is the eps target of L_simple
         x_t = self.q_sample(x_start, t, noise)
+        # the network sees the original step index timestep_map[t] (identity when not respaced); output float32
         model_output = model_fn(x_t, self._extract("timestep_map", t, 1), **(model_kwargs or {})).float()
-        C = x_t.shape[1]
+        C = x_t.shape[1]  # input channels of x_t (latent or pixel)
         terms = {"x_t": x_t, "model_output": model_output}
         if self.learn_sigma:
             eps, v = torch.split(model_output, C, dim=1)  # (N, 2C, H, W) -> 2 x (N, C, H, W)
@@ -637,6 +658,7 @@ class GaussianDiffusion:
 # ---------------------------------------------------------------------------------------------------
 # Presets (Table 1 sizes x patch sizes 2/4/8 of Sec. 3.2) and training defaults (Sec. 4)
 # ---------------------------------------------------------------------------------------------------
+# shared by every paper model: 256 px -> 32x32x4 latents, ImageNet's 1000 classes, 10% label dropout
 _COMMON = dict(input_size=32, in_channels=4, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000,
                learn_sigma=True)
 # Table 1: depth N, hidden size d and heads of the S / B / L / XL models
@@ -697,6 +719,7 @@ def _resolve_config(config, overrides):
     unknown = sorted(set(kwargs) - set(_KWARGS))
     if unknown:
         raise ValueError(f"unknown dit argument(s) {unknown}; known: {', '.join(_KWARGS)}")
+    # DiT's constructor defaults fill in what kwargs leaves out, so the checks below see every argument
     defaults = {k: v.default for k, v in inspect.signature(DiT.__init__).parameters.items() if k != "self"}
     merged = {**defaults, **kwargs}
     if merged["input_size"] % merged["patch_size"]:
@@ -743,13 +766,13 @@ def load_official(path_or_state_dict, config="DiT-XL/2", **overrides):
     pe = sd.get("pos_embed")
     p = kwargs.get("patch_size", 2)
     if pe is not None and pe.ndim == 3 and "input_size" not in overrides:
-        side = math.isqrt(pe.shape[1])
+        side = math.isqrt(pe.shape[1])  # G = sqrt(T) tokens per side
         if side * side == pe.shape[1] and side * p != kwargs.get("input_size"):
             kwargs["input_size"] = side * p  # (1, T, D): T = (input_size / p)^2
     # meta device: shapes only (no memory, no init); load_state_dict(assign=True) installs the tensors
     with torch.device("meta"):
         model = DiT(**kwargs)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}  # name -> shape
     got = {k: tuple(v.shape) for k, v in sd.items()}
     missing = [k for k in expected if k not in got]
     unexpected = [k for k in got if k not in expected]

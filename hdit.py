@@ -78,8 +78,8 @@ def rms_norm(x, scale, eps):
     """RMSNorm over the last dim: x * scale / sqrt(mean(x^2) + eps), computed in >= float32."""
     dtype = _compute_dtype(x, scale)
     # Statistics in >= float32: mean(x^2) of bf16 activations under autocast would lose precision.
-    mean_sq = torch.mean(x.to(dtype) ** 2, dim=-1, keepdim=True)
-    scale = scale.to(dtype) * torch.rsqrt(mean_sq + eps)
+    mean_sq = torch.mean(x.to(dtype) ** 2, dim=-1, keepdim=True)  # (..., C) -> (..., 1)
+    scale = scale.to(dtype) * torch.rsqrt(mean_sq + eps)  # (C,) * (..., 1) -> (..., C)
     # The official multiplies in x's dtype (the scale is cast down, not x up).
     return x * scale.to(x.dtype)
 
@@ -90,12 +90,13 @@ def scale_for_cosine_sim(q, k, scale, eps):
     q . k then equals scale * cos(q, k), which is why attention later runs with SDPA scale=1.0.
     """
     dtype = _compute_dtype(q, k, scale)
-    sum_sq_q = torch.sum(q.to(dtype) ** 2, dim=-1, keepdim=True)
-    sum_sq_k = torch.sum(k.to(dtype) ** 2, dim=-1, keepdim=True)
+    sum_sq_q = torch.sum(q.to(dtype) ** 2, dim=-1, keepdim=True)  # (..., e) -> (..., 1)
+    sum_sq_k = torch.sum(k.to(dtype) ** 2, dim=-1, keepdim=True)  # (..., e) -> (..., 1)
     # sqrt on each side, so the product q . k carries the full learnable per-head scale (init 10).
     sqrt_scale = torch.sqrt(scale.to(dtype))
-    scale_q = sqrt_scale * torch.rsqrt(sum_sq_q + eps)
+    scale_q = sqrt_scale * torch.rsqrt(sum_sq_q + eps)  # sqrt(scale) / |q|, broadcast over e
     scale_k = sqrt_scale * torch.rsqrt(sum_sq_k + eps)
+    # |q| and |k| become sqrt(scale) each, so q . k = scale * cos(q, k).
     return q * scale_q.to(q.dtype), k * scale_k.to(k.dtype)
 
 
@@ -131,6 +132,7 @@ class AdaRMSNorm(nn.Module):
     def __init__(self, features, cond_features, eps=1e-6):
         super().__init__()
         self.eps = eps
+        # Maps the shared conditioning vector to a per-channel scale offset: (B, cond_features) -> (B, features).
         self.linear = nn.Linear(cond_features, features, bias=False)
         # Zero init: scale 1 + 0, so at step 0 every block sees a plain RMSNorm whatever sigma / class is.
         nn.init.zeros_(self.linear.weight)
@@ -203,12 +205,12 @@ def apply_rotary_emb(x, theta, conj=False):
     d = theta.shape[-1]
     x1, x2, x3 = x[..., :d], x[..., d:2 * d], x[..., 2 * d:]  # rotated pair halves, untouched rest
     x1, x2, theta = x1.to(dtype), x2.to(dtype), theta.to(dtype)
-    cos, sin = torch.cos(theta), torch.sin(theta)
-    sin = -sin if conj else sin
+    cos, sin = torch.cos(theta), torch.sin(theta)  # each (..., d), broadcast against x1 and x2
+    sin = -sin if conj else sin  # sin(-theta) = -sin(theta); cos is even
     # 2-D rotation of each (x1, x2) pair by theta; conj=True rotates by -theta (the inverse).
     y1 = x1 * cos - x2 * sin
     y2 = x2 * cos + x1 * sin
-    return torch.cat((y1.to(out_dtype), y2.to(out_dtype), x3), dim=-1)
+    return torch.cat((y1.to(out_dtype), y2.to(out_dtype), x3), dim=-1)  # (..., d) x 2 + (..., D - 2d) -> (..., D)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -219,14 +221,14 @@ def apply_rotary_emb(x, theta, conj=False):
 
 def neighborhood_starts(n, kernel_size, device=None):
     """(n,) first row (or column) of each query's window: clamp(i - K//2, 0, n - K)."""
-    i = torch.arange(n, device=device)
-    return (i - kernel_size // 2).clamp(0, n - kernel_size)
+    i = torch.arange(n, device=device)  # (n,) query positions
+    return (i - kernel_size // 2).clamp(0, n - kernel_size)  # (n,); every window holds exactly K in-range cells
 
 
 def neighborhood_index(h, w, kernel_size, device=None):
     """(h, w, K*K) flat key index r*w + c of every neighbour, neighbour a*K + b (row-major), like NATTEN."""
     # Rows and columns are clamped independently: the K x K window is an outer product of two ranges.
-    offsets = torch.arange(kernel_size, device=device)
+    offsets = torch.arange(kernel_size, device=device)  # (K,)
     rows = neighborhood_starts(h, kernel_size, device)[:, None] + offsets  # (h, K)
     cols = neighborhood_starts(w, kernel_size, device)[:, None] + offsets  # (w, K)
     flat = rows[:, None, :, None] * w + cols[None, :, None, :]  # (h, 1, K, 1) + (1, w, 1, K) -> (h, w, K, K)
@@ -236,8 +238,8 @@ def neighborhood_index(h, w, kernel_size, device=None):
 def neighborhood_mask(h, w, kernel_size, device=None):
     """(h*w, h*w) bool, True where key (column) lies in the query's (row) neighbourhood; K*K per row."""
     index = neighborhood_index(h, w, kernel_size, device).view(h * w, -1)  # (h*w, K*K)
-    mask = torch.zeros(h * w, h * w, dtype=torch.bool, device=device)
-    return mask.scatter_(1, index, True)
+    mask = torch.zeros(h * w, h * w, dtype=torch.bool, device=device)  # (h*w, h*w), all False
+    return mask.scatter_(1, index, True)  # K*K distinct True columns per row
 
 
 def _check_neighborhood(h, w, kernel_size):
@@ -255,10 +257,10 @@ def neighborhood_attention_reference(q, k, v, kernel_size):
     k_n = k.reshape(b, nh, h * w, e)[:, :, index]  # (B, nh, H, W, e) -> (B, nh, h*w*K*K, e)
     v_n = v.reshape(b, nh, h * w, e)[:, :, index]  # same gather for the values
     k_n = k_n.view(b, nh, h, w, kernel_size * kernel_size, e)  # -> (B, nh, H, W, K*K, e)
-    v_n = v_n.view(b, nh, h, w, kernel_size * kernel_size, e)
+    v_n = v_n.view(b, nh, h, w, kernel_size * kernel_size, e)  # -> (B, nh, H, W, K*K, e)
     # K*K logits per query: O(N K^2) work instead of O(N^2), the linear cost Sec. 3.3 relies on at high resolution.
     logits = torch.einsum("bnhwe,bnhwke->bnhwk", q, k_n)  # (B, nh, H, W, K*K), what NATTEN's na2d_qk returns
-    attn = torch.softmax(logits, dim=-1).to(v.dtype)
+    attn = torch.softmax(logits, dim=-1).to(v.dtype)  # softmax over the K*K neighbours of each query
     return torch.einsum("bnhwk,bnhwke->bnhwe", attn, v_n)  # (B, nh, H, W, e)
 
 
@@ -290,13 +292,14 @@ def neighborhood_block_mask(h, w, kernel_size, device, block_size=128):
     r = kernel_size // 2
 
     def mask_mod(b, head, q_idx, kv_idx):
-        q_row, q_col = q_idx // w, q_idx % w
-        k_row, k_col = kv_idx // w, kv_idx % w
+        q_row, q_col = q_idx // w, q_idx % w  # flat row-major index -> (row, col)
+        k_row, k_col = kv_idx // w, kv_idx % w  # flat row-major index -> (row, col)
         # Clamping the centre to [r, n-1-r] equals clamping the window start to [0, n-K] (neighborhood_starts).
         c_row = q_row.clamp(r, h - 1 - r)
         c_col = q_col.clamp(r, w - 1 - r)
         return ((c_row - k_row).abs() <= r) & ((c_col - k_col).abs() <= r)
 
+    # None, None: one mask for every batch element and head (the rule depends only on token positions).
     return create_block_mask(mask_mod, None, None, h * w, h * w, device=device, BLOCK_SIZE=block_size)
 
 
@@ -313,6 +316,7 @@ def neighborhood_attention_flex(q, k, v, kernel_size, compiled=None):
     b, nh, h, w, e = q.shape
     _check_neighborhood(h, w, kernel_size)
     compiled = q.is_cuda if compiled is None else compiled
+    # Compiled once and cached module-wide: eager flex_attention is an unfused reference, compile fuses it.
     if compiled and _FLEX_COMPILED is None:
         _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False)
     attend = _FLEX_COMPILED if compiled else flex_attention
@@ -334,6 +338,7 @@ def neighborhood_attention(q, k, v, kernel_size):
     for grids up to DENSE_MAX_TOKENS tokens and the gather reference above that."""
     if q.is_cuda:
         return neighborhood_attention_flex(q, k, v, kernel_size)
+    # q is (B, nh, H, W, e): shape[2] * shape[3] is the token count H*W.
     if q.shape[2] * q.shape[3] <= DENSE_MAX_TOKENS:
         return neighborhood_attention_dense(q, k, v, kernel_size)
     return neighborhood_attention_reference(q, k, v, kernel_size)
@@ -347,16 +352,18 @@ def neighborhood_attention(q, k, v, kernel_size):
 def make_shifted_window_masks(n_h_w, n_w_w, w_h, w_w, shift, device=None):
     """(n_h_w, n_w_w, w_h, w_w, w_h, w_w) bool, True = may attend. Tokens rolled in from the far edge sit at
     in-window coordinates < shift of the first window row / column and must not mix with the others."""
+    # Six broadcast index grids, each (n_h_w, n_w_w, w_h, w_w, w_h, w_w):
+    # (window row, window column, query row, query column, key row, key column).
     ph, pw, qh, qw, kh, kw = torch.meshgrid(
         *[torch.arange(n, device=device) for n in (n_h_w, n_w_w, w_h, w_w, w_h, w_w)], indexing="ij")
     # With the official +shift roll only the first window row / column holds wrapped-around tokens.
     top, left = ph == 0, pw == 0
-    same_rows = (qh < shift) == (kh < shift)
-    same_cols = (qw < shift) == (kw < shift)
-    m_corner = left & top & same_cols & same_rows
-    m_left = left & ~top & same_cols
-    m_top = ~left & top & same_rows
-    m_rest = ~left & ~top
+    same_rows = (qh < shift) == (kh < shift)  # query and key on the same side of the row seam
+    same_cols = (qw < shift) == (kw < shift)  # query and key on the same side of the column seam
+    m_corner = left & top & same_cols & same_rows  # top-left window: seams in both directions
+    m_left = left & ~top & same_cols  # left column of windows: only the column seam
+    m_top = ~left & top & same_rows  # top row of windows: only the row seam
+    m_rest = ~left & ~top  # all other windows hold no wrapped-around tokens
     return m_corner | m_left | m_top | m_rest
 
 
@@ -366,7 +373,7 @@ def apply_window_attention(window_size, window_shift, q, k, v):
     if h % window_size or w % window_size:
         raise ValueError(f"shifted-window attention needs the token grid ({h}x{w}) divisible by the window "
                          f"size {window_size}")
-    n_h, n_w, ws = h // window_size, w // window_size, window_size
+    n_h, n_w, ws = h // window_size, w // window_size, window_size  # window counts along H and W, window side
 
     def to_windows(x):
         x = torch.roll(x, shifts=(window_shift, window_shift), dims=(-3, -2))  # element (i, j) -> (i+s, j+s)
@@ -375,8 +382,9 @@ def apply_window_attention(window_size, window_shift, q, k, v):
         return x.reshape(b, nh, n_h, n_w, ws * ws, e)  # -> (B, nh, nH, nW, ws*ws, e)
 
     # The mask broadcasts over (B, nh); logits again use SDPA scale=1.0 because of the cosine-sim scaling.
-    mask = make_shifted_window_masks(n_h, n_w, ws, ws, window_shift, device=q.device)
+    mask = make_shifted_window_masks(n_h, n_w, ws, ws, window_shift, device=q.device)  # (nH, nW, ws, ws, ws, ws)
     mask = mask.reshape(n_h, n_w, ws * ws, ws * ws)  # (nH, nW, ws, ws, ws, ws) -> (nH, nW, ws*ws, ws*ws)
+    # Windows: (B, nh, nH, nW, ws*ws, e) each -> attention within each window -> (B, nh, nH, nW, ws*ws, e).
     out = F.scaled_dot_product_attention(to_windows(q), to_windows(k), to_windows(v), mask, scale=1.0)
     out = out.reshape(b, nh, n_h, n_w, ws, ws, e)  # (B, nh, nH, nW, ws*ws, e) -> (B, nh, nH, nW, ws, ws, e)
     out = out.permute(0, 1, 2, 4, 3, 5, 6).reshape(b, nh, h, w, e)  # -> (B, nh, H, W, e)
@@ -400,7 +408,7 @@ class SelfAttentionBlock(nn.Module):
         self.d_head, self.n_heads, self.kind = d_head, d_model // d_head, kind
         self.kernel_size, self.window_size, self.window_shift = kernel_size, window_size, window_shift
         self.norm = AdaRMSNorm(d_model, cond_features)
-        self.qkv_proj = nn.Linear(d_model, d_model * 3, bias=False)
+        self.qkv_proj = nn.Linear(d_model, d_model * 3, bias=False)  # fused q, k, v: C -> 3C
         self.scale = nn.Parameter(torch.full([self.n_heads], 10.0))  # learnable per-head logit scale, init 10
         # RoPE rotates only the first half of each head (d_head // 2 dims); the rest is position-free.
         self.pos_emb = AxialRoPE(d_head // 2, self.n_heads)
@@ -413,17 +421,20 @@ class SelfAttentionBlock(nn.Module):
 
     def forward(self, x, pos, cond):
         skip = x
-        b, h, w, c = x.shape
-        x = self.norm(x, cond)
+        b, h, w, c = x.shape  # channels-last tokens
+        x = self.norm(x, cond)  # (B, H, W, C); cond (B, mw) sets the per-sample scale
         qkv = self.qkv_proj(x)  # (B, H, W, C) -> (B, H, W, 3C), features ordered (t, head, e)
         qkv = qkv.view(b, h, w, 3, self.n_heads, self.d_head)  # -> (B, H, W, 3, nh, e)
         q, k, v = qkv.permute(3, 0, 4, 1, 2, 5)  # -> 3 x (B, nh, H, W, e)
+        # self.scale (nh,) -> (nh, 1, 1, 1) broadcasts over (B, nh, H, W, e); q, k keep their shapes.
         q, k = scale_for_cosine_sim(q, k, self.scale[:, None, None, None], 1e-6)
         if self.kind == "global":
             # Official quirk: the global block casts pos to qkv's dtype before the RoPE product (bf16 under
             # autocast); the local blocks keep float32 positions.
-            pos = pos.to(qkv.dtype)
+            pos = pos.to(qkv.dtype)  # (H, W, 2)
         theta = self.pos_emb(pos).movedim(-2, -4)  # (H, W, nh, e/4) -> (nh, H, W, e/4)
+        # theta has e/4 angles, so dims [0, e/2) of each head are rotated and [e/2, e) pass through (Sec. 3.2).
+        # v is not rotated: position only enters through the q . k logits.
         q, k = apply_rotary_emb(q, theta), apply_rotary_emb(k, theta)
         if self.kind == "global":
             flat = [t.reshape(b, self.n_heads, h * w, self.d_head) for t in (q, k, v)]  # -> (B, nh, H*W, e)
@@ -435,7 +446,7 @@ class SelfAttentionBlock(nn.Module):
             x = apply_window_attention(self.window_size, self.window_shift, q, k, v)  # (B, nh, H, W, e)
         x = x.permute(0, 2, 3, 1, 4).reshape(b, h, w, c)  # (B, nh, H, W, e) -> (B, H, W, nh*e)
         x = self.dropout(x)
-        return self.out_proj(x) + skip
+        return self.out_proj(x) + skip  # residual: (B, H, W, C)
 
 
 class FeedForwardBlock(nn.Module):
@@ -475,7 +486,7 @@ class TransformerLayer(nn.Module):
     def _forward(self, x, pos, cond):
         if hasattr(self, "self_attn"):
             x = self.self_attn(x, pos, cond)
-        return self.ff(x, cond)
+        return self.ff(x, cond)  # (B, H, W, C) -> (B, H, W, C)
 
     def forward(self, x, pos, cond):
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
@@ -489,7 +500,7 @@ class Level(nn.ModuleList):
 
     def forward(self, x, pos, cond):
         for layer in self:
-            x = layer(x, pos, cond)
+            x = layer(x, pos, cond)  # (B, h, w, width) throughout the level
         return x
 
 
@@ -522,10 +533,10 @@ class MappingFeedForwardBlock(nn.Module):
         self.up_proj = LinearGEGLU(d_model, d_ff, bias=False)
         self.dropout = nn.Dropout(dropout)
         self.down_proj = nn.Linear(d_ff, d_model, bias=False)
-        nn.init.zeros_(self.down_proj.weight)
+        nn.init.zeros_(self.down_proj.weight)  # zero-init: each mapping block starts as the identity
 
     def forward(self, x):
-        return self.down_proj(self.dropout(self.up_proj(self.norm(x)))) + x
+        return self.down_proj(self.dropout(self.up_proj(self.norm(x)))) + x  # (B, mw) -> (B, mw)
 
 
 class MappingNetwork(nn.Module):
@@ -538,10 +549,10 @@ class MappingNetwork(nn.Module):
         self.out_norm = RMSNorm(d_model)
 
     def forward(self, x):
-        x = self.in_norm(x)
+        x = self.in_norm(x)  # (B, mw): normalise the summed embeddings
         for block in self.blocks:
             x = block(x)
-        return self.out_norm(x)
+        return self.out_norm(x)  # (B, mw): the cond of every AdaRMSNorm
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -608,7 +619,7 @@ class TokenSplit(nn.Module):
     def forward(self, x, skip):
         x = _split_tokens(self.proj(x), self.h, self.w)  # (B, h, w, in) -> (B, 2h, 2w, out)
         # lerp(skip, x, fac) = skip + fac * (x - skip); fac is cast so bf16 activations stay bf16.
-        return torch.lerp(skip, x, self.fac.to(x.dtype))
+        return torch.lerp(skip, x, self.fac.to(x.dtype))  # (B, 2h, 2w, out)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -628,15 +639,16 @@ def cosine_interpolated_sigma(u, image_d, noise_d_low, noise_d_high, sigma_data,
         shift = 2 * math.log(noise_d / image_d)
         a = math.atan(math.exp(-(hi - shift) / 2))
         b = math.atan(math.exp(-(lo - shift) / 2))
-        return -2 * torch.log(torch.tan(a + u * (b - a))) + shift
+        return -2 * torch.log(torch.tan(a + u * (b - a))) + shift  # (n,) log-SNR
 
     # Interpolate from the schedule shifted for noise_d_low (32) to the unshifted one (noise_d_high = image_d).
     logsnr = torch.lerp(logsnr_shifted(noise_d_low), logsnr_shifted(noise_d_high), u)
-    return sigma_data * torch.exp(-logsnr / 2)
+    return sigma_data * torch.exp(-logsnr / 2)  # log-SNR = -2 log(sigma / sigma_data) -> sigma, (n,)
 
 
 def stratified_uniform(n, device=None, generator=None):
     """Official train.py stratifies the batch's uniforms: u_i = (i + rand_i) / n (one process, no accumulation)."""
+    # u_i lies in [i/n, (i+1)/n): one sample per stratum, so every batch spreads over the whole noise range.
     return (torch.arange(n, device=device) + torch.rand(n, device=device, generator=generator)) / n
 
 
@@ -648,11 +660,11 @@ def stratified_uniform(n, device=None, generator=None):
 def get_sigmas_karras(n, sigma_min, sigma_max, rho=7.0, device="cpu"):
     """Karras et al. 2022 Eq. (5): n levels from sigma_max to sigma_min, plus a final 0 (float32)."""
     # rho = 7 (EDM's choice) puts the steps densely near sigma_min, where fine detail is decided.
-    ramp = torch.linspace(0, 1, n)
+    ramp = torch.linspace(0, 1, n)  # (n,) in [0, 1]
     min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    sigmas = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+    sigmas = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho  # (n,), sigma_max -> sigma_min
     # The trailing 0 makes the last step return the denoised estimate itself.
-    return torch.cat([sigmas, sigmas.new_zeros([1])]).to(device)
+    return torch.cat([sigmas, sigmas.new_zeros([1])]).to(device)  # (n,) -> (n + 1,)
 
 
 def _sigma_list(sigmas):
@@ -663,9 +675,9 @@ def sample_euler(denoiser, x, sigmas):
     """Karras Alg. 2 with s_churn = 0: the probability-flow ODE with Euler steps."""
     s = _sigma_list(sigmas)
     for i in range(len(s) - 1):
-        denoised = denoiser(x, x.new_full([x.shape[0]], s[i]))
+        denoised = denoiser(x, x.new_full([x.shape[0]], s[i]))  # sigma as a (B,) vector
         d = (x - denoised) / s[i]  # ODE derivative dx/dsigma
-        x = x + d * (s[i + 1] - s[i])
+        x = x + d * (s[i + 1] - s[i])  # Euler step from s[i] to s[i + 1]
     return x
 
 
@@ -680,9 +692,10 @@ def sample_dpmpp_2m(denoiser, x, sigmas):
         else:
             h = math.log(s[i]) - math.log(s[i + 1])  # t_next - t
             if old_denoised is None:
-                d = denoised
+                d = denoised  # first step: no history, first order
             else:
                 r = (math.log(s[i - 1]) - math.log(s[i])) / h  # h_last / h
+                # Second order: extrapolate the denoised estimate linearly in t = -log sigma from the last two steps.
                 d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
             # Exponential-integrator step in data-prediction form: x' = (sigma'/sigma) x + (1 - e^-h) d.
             x = (s[i + 1] / s[i]) * x - math.expm1(-h) * d
@@ -729,6 +742,7 @@ def sample_dpmpp_3m_sde(denoiser, x, sigmas, eta=1.0, s_noise=1.0, noise_sampler
         else:
             h = math.log(s[i]) - math.log(s[i + 1])
             h_eta = h * (eta + 1)
+            # exp(-h_eta) = (s[i+1] / s[i]) * exp(-eta h): the same first-order part as the 2M SDE.
             x = math.exp(-h_eta) * x + (-math.expm1(-h_eta)) * denoised
             phi_2 = math.expm1(-h_eta) / h_eta + 1
             # Third order needs two earlier denoised estimates; the second step falls back to second order.
@@ -744,8 +758,8 @@ def sample_dpmpp_3m_sde(denoiser, x, sigmas, eta=1.0, s_noise=1.0, noise_sampler
                 x = x + phi_2 * (denoised - denoised_1) / (h_1 / h)
             if eta:
                 x = x + noise_sampler(s[i], s[i + 1]) * s[i + 1] * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise
-        denoised_1, denoised_2 = denoised, denoised_1
-        h_1, h_2 = h, h_1
+        denoised_1, denoised_2 = denoised, denoised_1  # shift the history: the two newest estimates
+        h_1, h_2 = h, h_1  # and their step sizes
     return x
 
 
@@ -770,6 +784,7 @@ def loss_weighting(sigma, sigma_data, weighting):
     if weighting == "karras":
         return torch.ones_like(sigma)
     if weighting == "snr":
+        # snr: in denoised space this is 1 / sigma^2 = SNR / sigma_data^2, plain SNR weighting.
         return sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2)
     if weighting == "soft-min-snr":
         return (sigma * sigma_data) ** 2 / (sigma ** 2 + sigma_data ** 2) ** 2
@@ -791,15 +806,17 @@ class HDiT(nn.Module):
         self.image_size = tuple(cfg["input_size"])
         self.in_channels = cfg["in_channels"]
 
+        # Patchify: (B, H, W, C_in) -> (B, H/p, W/p, width_0), a ViT-style patch embedding.
         self.patch_in = TokenMerge(cfg["in_channels"], widths[0], cfg["patch_size"])
         self.time_emb = FourierFeatures(1, mw)  # Fourier features of c_noise = log(sigma) / 4
-        self.time_in_proj = nn.Linear(mw, mw, bias=False)
+        self.time_in_proj = nn.Linear(mw, mw, bias=False)  # (B, mw) -> (B, mw)
         self.aug_emb = FourierFeatures(9, mw)  # the 9 augmentation parameters (zeros when not augmenting)
-        self.aug_in_proj = nn.Linear(mw, mw, bias=False)
+        self.aug_in_proj = nn.Linear(mw, mw, bias=False)  # (B, mw) -> (B, mw)
         # Row `num_classes` is the dropped / unconditional class used for classifier-free guidance.
         self.class_emb = nn.Embedding(self.num_classes + 1, mw) if self.num_classes else None
         self.mapping_cond_in_proj = (nn.Linear(cfg["mapping_cond_dim"], mw, bias=False)
                                      if cfg["mapping_cond_dim"] else None)
+        # Noise level, augmentation and class embeddings are summed, then one shared mapping network (Sec. 3.2).
         self.mapping = MappingNetwork(cfg["mapping_depth"], mw, cfg["mapping_d_ff"], cfg["mapping_dropout_rate"])
 
         # Every level but the last gets a down level and a mirrored up level at the same resolution (Sec. 3.1);
@@ -814,8 +831,10 @@ class HDiT(nn.Module):
                 self.mid_level = Level([layer(j) for j in range(depth)])
         # merges[i] / splits[i] link level i and i + 1: 2x2 merges, so each level has 1/4 of the tokens.
         self.merges = nn.ModuleList([TokenMerge(a, b) for a, b in zip(widths[:-1], widths[1:])])
+        # splits[i] undoes merges[i]: width_{i+1} -> width_i on a 2x larger grid, lerp-merged with the skip.
         self.splits = nn.ModuleList([TokenSplit(b, a) for a, b in zip(widths[:-1], widths[1:])])
-        self.out_norm = RMSNorm(widths[0])
+        self.out_norm = RMSNorm(widths[0])  # final norm: pre-norm blocks leave the residual stream unnormalised
+        # Unpatchify: (B, H/p, W/p, width_0) -> (B, H, W, out_channels).
         self.patch_out = TokenSplitWithoutSkip(widths[0], cfg["out_channels"], cfg["patch_size"])
         nn.init.zeros_(self.patch_out.proj.weight)  # the network starts at exactly 0: D = c_skip * x
 
@@ -825,6 +844,7 @@ class HDiT(nn.Module):
         """Raw network F: x (B, C, H, W) already scaled by c_in, sigma (B,) the RAW noise level."""
         x = x.movedim(-3, -1)  # (B, C, H, W) -> (B, H, W, C)
         x = self.patch_in(x)  # -> (B, H/p, W/p, width_0)
+        # (h*w, 2) -> (h, w, 2): positions of the first level's token grid.
         pos = make_axial_pos(x.shape[-3], x.shape[-2], device=x.device).view(x.shape[-3], x.shape[-2], 2)
 
         # Mapping network input: noise level + augmentation + class (+ optional extra conditioning).
@@ -832,28 +852,29 @@ class HDiT(nn.Module):
             raise ValueError("class_cond must be given for a class-conditional HDiT (num_classes > 0)")
         if mapping_cond is None and self.mapping_cond_in_proj is not None:
             raise ValueError("mapping_cond must be given when mapping_cond_dim > 0")
+        # EDM Table 1: c_noise(sigma) = ln(sigma) / 4.
         c_noise = torch.log(sigma) / 4  # EDM c_noise (computed inside the network, as the official)
         cond = self.time_in_proj(self.time_emb(c_noise[..., None]))  # (B,) -> (B, 1) -> (B, mw)
-        aug_cond = x.new_zeros([x.shape[0], 9]) if aug_cond is None else aug_cond
+        aug_cond = x.new_zeros([x.shape[0], 9]) if aug_cond is None else aug_cond  # (B, 9)
         cond = cond + self.aug_in_proj(self.aug_emb(aug_cond))  # (B, 9) -> (B, mw)
         if self.class_emb is not None:
             cond = cond + self.class_emb(class_cond)  # (B,) -> (B, mw)
         if self.mapping_cond_in_proj is not None:
-            cond = cond + self.mapping_cond_in_proj(mapping_cond)
+            cond = cond + self.mapping_cond_in_proj(mapping_cond)  # (B, mapping_cond_dim) -> (B, mw)
         cond = self.mapping(cond)  # (B, mw)
 
         # Hourglass (Sec. 3.1): down levels with merges, the middle level, up levels with lerp skips.
         skips, poses = [], []
         for down_level, merge in zip(self.down_levels, self.merges):
-            x = down_level(x, pos, cond)
-            skips.append(x)
-            poses.append(pos)
+            x = down_level(x, pos, cond)  # (B, h, w, C_i), grid unchanged
+            skips.append(x)  # kept for the matching up level's lerp skip (TokenSplit)
+            poses.append(pos)  # the up level reuses this level's positions
             x = merge(x)  # (B, h, w, C_i) -> (B, h/2, w/2, C_{i+1})
             pos = downscale_pos(pos)  # (h, w, 2) -> (h/2, w/2, 2)
-        x = self.mid_level(x, pos, cond)
+        x = self.mid_level(x, pos, cond)  # (B, h_mid, w_mid, C_last): the innermost level
         for up_level, split, skip, pos in reversed(list(zip(self.up_levels, self.splits, skips, poses))):
             x = split(x, skip)  # (B, h/2, w/2, C_{i+1}) -> (B, h, w, C_i)
-            x = up_level(x, pos, cond)
+            x = up_level(x, pos, cond)  # (B, h, w, C_i)
 
         x = self.patch_out(self.out_norm(x))  # (B, h, w, width_0) -> (B, H, W, C)
         return x.movedim(-1, -3)  # (B, H, W, C) -> (B, C, H, W)
@@ -862,42 +883,46 @@ class HDiT(nn.Module):
 
     def get_scalings(self, sigma):
         """c_skip, c_out, c_in for (B,) sigma, in float32 or better."""
+        # >= float32: sigma ** 2 reaches 1e6 at sigma_max 1e3, beyond float16 range (max 65504).
         sigma = sigma.to(torch.promote_types(sigma.dtype, torch.float32))
         sd2 = self.sigma_data ** 2
         # EDM Table 1: c_in gives F a unit-variance input, c_skip / c_out a unit-variance training target.
-        c_skip = sd2 / (sigma ** 2 + sd2)
-        c_out = sigma * self.sigma_data / (sigma ** 2 + sd2) ** 0.5
-        c_in = 1 / (sigma ** 2 + sd2) ** 0.5
+        c_skip = sd2 / (sigma ** 2 + sd2)  # -> 1 as sigma -> 0, -> 0 as sigma -> inf
+        c_out = sigma * self.sigma_data / (sigma ** 2 + sd2) ** 0.5  # -> sigma_data as sigma -> inf
+        c_in = 1 / (sigma ** 2 + sd2) ** 0.5  # input std is sqrt(sigma^2 + sigma_data^2)
         return c_skip, c_out, c_in
 
     def denoise(self, x, sigma, **cond):
         """D(x, sigma) = c_skip x + c_out F(c_in x, sigma)."""
         c_skip, c_out, c_in = [c[:, None, None, None] for c in self.get_scalings(sigma)]  # (B,) -> (B,1,1,1)
-        out = self(x * c_in, sigma, **cond)
-        return out.to(c_out.dtype) * c_out + x * c_skip
+        # EDM Eq. (7). F receives the raw sigma; forward computes c_noise from it.
+        out = self(x * c_in, sigma, **cond)  # (B, C, H, W)
+        return out.to(c_out.dtype) * c_out + x * c_skip  # (B, C, H, W), >= float32
 
     def loss_per_sample(self, x0, noise, sigma, weighting=None, **cond):
         """Official Denoiser.loss: weighted MSE between F and its target (B,) in float32."""
         c_skip, c_out, c_in = [c[:, None, None, None] for c in self.get_scalings(sigma)]  # each (B, 1, 1, 1)
         # Variance-exploding corruption of EDM: x = x0 + sigma * n, n ~ N(0, I).
-        x_noisy = x0 + noise * sigma[:, None, None, None].to(x0.dtype)
-        model_output = self(x_noisy * c_in, sigma, **cond).to(c_out.dtype)
+        x_noisy = x0 + noise * sigma[:, None, None, None].to(x0.dtype)  # (B,) -> (B, 1, 1, 1)
+        model_output = self(x_noisy * c_in, sigma, **cond).to(c_out.dtype)  # (B, C, H, W)
+        # EDM Eq. (8): F is regressed onto this effective training target.
         target = (x0 - c_skip * x_noisy) / c_out  # the F that makes D(x_noisy) = x0
         mse = ((model_output - target) ** 2).flatten(1).mean(1)  # (B, C, H, W) -> (B,)
+        # (B,) per-sample loss: the F-space MSE times the Sec. 4 weighting.
         return mse * loss_weighting(sigma.to(mse.dtype), self.sigma_data, weighting or self.cfg["loss_weighting"])
 
     def sample_sigma(self, n, device):
         """Training noise levels from the global RNG: the config's sigma_sample_density."""
         density = self.cfg["sigma_sample_density"]
         if density["type"] == "cosine-interpolated":
-            image_d = max(self.image_size)
-            u = stratified_uniform(n, device=device)
+            image_d = max(self.image_size)  # the resolution d of simple diffusion's shift
+            u = stratified_uniform(n, device=device)  # (n,) stratified in [0, 1)
             # The official widens the density's range to at least [1e-3, 1e3], whatever the sampling sigma range.
             return cosine_interpolated_sigma(u, image_d, density.get("noise_d_low", 32),
                                              density.get("noise_d_high", image_d), self.sigma_data,
                                              min(self.cfg["sigma_min"], 1e-3), max(self.cfg["sigma_max"], 1e3))
         if density["type"] == "lognormal":  # EDM's log-normal (Karras et al. 2022, Table 1)
-            return torch.exp(torch.randn(n, device=device) * density["std"] + density["mean"])
+            return torch.exp(torch.randn(n, device=device) * density["std"] + density["mean"])  # (n,)
         raise ValueError(f"unknown sigma_sample_density type {density['type']!r}")
 
     # --- the contract ---------------------------------------------------------------------------------------
@@ -908,7 +933,7 @@ class HDiT(nn.Module):
         Each dict carries `lr_scale` (lr = base lr * lr_scale) and `weight_decay` only where it is 0."""
         groups = {name: [] for name in ("wd", "no_wd", "mapping_wd", "mapping_no_wd")}
         for name, p in self.named_parameters():
-            groups[official_param_group(name)].append(p)
+            groups[official_param_group(name)].append(p)  # every parameter lands in exactly one group
         scale = self.cfg["mapping_lr_scale"]
         return {"model": [{"params": groups["wd"], "lr_scale": 1.0},
                           {"params": groups["no_wd"], "lr_scale": 1.0, "weight_decay": 0.0},
@@ -928,13 +953,13 @@ class HDiT(nn.Module):
         if self.class_emb is not None:
             y = batch["y"]
             # Label dropout for CFG: dropped labels become the null row `num_classes` of class_emb.
-            drop = torch.rand(b, device=x0.device) < self.cfg["cond_dropout_rate"]
-            cond["class_cond"] = torch.where(drop, torch.full_like(y, self.num_classes), y)
-        noise = torch.randn_like(x0)
-        sigma = self.sample_sigma(b, x0.device)
+            drop = torch.rand(b, device=x0.device) < self.cfg["cond_dropout_rate"]  # (B,) bool
+            cond["class_cond"] = torch.where(drop, torch.full_like(y, self.num_classes), y)  # (B,)
+        noise = torch.randn_like(x0)  # (B, C, H, W), n ~ N(0, I)
+        sigma = self.sample_sigma(b, x0.device)  # (B,)
         # Targets in float32 whatever the data dtype, as the official Denoiser; the network itself may run in bf16.
         losses = self.loss_per_sample(x0.float(), noise.float(), sigma, **cond)  # (B,) float32
-        loss = losses.mean()
+        loss = losses.mean()  # scalar: mean over the batch
         return loss, {"sigma_mean": sigma.mean().detach()}
 
     @torch.no_grad()
@@ -953,13 +978,13 @@ class HDiT(nn.Module):
         device = next(self.parameters()).device
         gen_device = generator.device if generator is not None else device
         sigmas = get_sigmas_karras(steps, sigma_min or self.cfg["sigma_min"], sigma_max or self.cfg["sigma_max"])
-        shape = (n, self.in_channels, *self.image_size)
+        shape = (n, self.in_channels, *self.image_size)  # (n, C, H, W)
         # x ~ N(0, sigma_max^2 I), drawn on the generator's device so a CPU generator gives device-independent samples.
         x = torch.randn(shape, generator=generator, device=gen_device).to(device) * float(sigmas[0])
         extra = {}
         if self.class_emb is not None:
             if labels is None:
-                labels = torch.randint(0, self.num_classes, (n,), generator=generator, device=gen_device)
+                labels = torch.randint(0, self.num_classes, (n,), generator=generator, device=gen_device)  # (n,)
             labels = labels.to(device)
             if labels.shape != (n,) or labels.min() < 0 or labels.max() >= self.num_classes:
                 raise ValueError(f"labels must be (n,) in [0, {self.num_classes}), got {tuple(labels.shape)}")
@@ -972,7 +997,7 @@ class HDiT(nn.Module):
             kwargs["eta"] = (0.0 if sampler == "dpmpp_2m_sde" else 1.0) if eta is None else eta
             kwargs["noise_sampler"] = lambda s, s_next: torch.randn(
                 shape, generator=generator, device=gen_device).to(device)
-        x = SAMPLERS[sampler](denoiser, x, sigmas, **kwargs)
+        x = SAMPLERS[sampler](denoiser, x, sigmas, **kwargs)  # (n, C, H, W) at sigma = 0
         return x.clamp(-1, 1)
 
     def _cfg_denoiser(self, extra, cfg):
@@ -985,9 +1010,10 @@ class HDiT(nn.Module):
         null = torch.full_like(labels, self.num_classes)
 
         def denoiser(x, sigma):
+            # One batched forward on 2n samples: (n, C, H, W) -> (2n, C, H, W), null labels first.
             out = self.denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), class_cond=torch.cat([null, labels]))
             uncond, cond = out.float().chunk(2)  # (2n, ...) -> 2 x (n, ...)
-            return uncond + (cond - uncond) * cfg
+            return uncond + (cond - uncond) * cfg  # cfg 1: plain conditional; cfg > 1 pushes away from uncond
 
         return denoiser
 
@@ -1107,7 +1133,7 @@ def _resolve(config, overrides):
         raise ValueError(f"unknown HDiT option(s) {sorted(unknown)}")
     cfg.update(overrides)
     cfg["hparams"] = dict(cfg["hparams"])
-    n = len(cfg["widths"])
+    n = len(cfg["widths"])  # number of hourglass levels
     cfg["out_channels"] = cfg.get("out_channels") or cfg["in_channels"]
     cfg["patch_size"] = tuple(cfg["patch_size"]) if isinstance(cfg["patch_size"], (list, tuple)) \
         else (cfg["patch_size"],) * 2
@@ -1118,7 +1144,7 @@ def _resolve(config, overrides):
     # Default: neighborhood attention on every level but the innermost, which is global (Sec. 3.3).
     cfg["self_attns"] = cfg["self_attns"] or [_na()] * (n - 1) + [_glob()]
     if not isinstance(cfg["dropout_rate"], (list, tuple)):
-        cfg["dropout_rate"] = [cfg["dropout_rate"]] * n
+        cfg["dropout_rate"] = [cfg["dropout_rate"]] * n  # one rate per level
     _validate(cfg)
     return cfg
 
@@ -1134,7 +1160,7 @@ def _validate(cfg):
     (H, W), (ph, pw) = cfg["input_size"], cfg["patch_size"]
     if H % ph or W % pw:
         raise ValueError(f"image size {H}x{W} is not divisible by the patch size {ph}x{pw}")
-    h, w = H // ph, W // pw
+    h, w = H // ph, W // pw  # token grid after patching
     for i, (width, attn) in enumerate(zip(cfg["widths"], cfg["self_attns"])):
         if attn["type"] not in ("global", "neighborhood", "shifted-window", "none"):
             raise ValueError(f"level {i}: unknown attention type {attn['type']!r}")
@@ -1148,7 +1174,7 @@ def _validate(cfg):
         if i < n - 1:
             if h % 2 or w % 2:
                 raise ValueError(f"level {i}: token grid {h}x{w} of a {H}x{W} input cannot be merged 2x2")
-            h, w = h // 2, w // 2
+            h, w = h // 2, w // 2  # each 2x2 merge halves the grid for the next level
 
 
 def create(config="tiny", **overrides):

@@ -215,6 +215,8 @@ class Decoder(nn.Module):
     num_res_blocks+1 ResnetBlocks (+ Upsample except at level 0). It stops BEFORE the RGB tail: the output is the
     feature map phi (B, ch*ch_mult[0], 4h, 4w) that the renderer reads (Sec. 3.1). `up[i]` is level i (0 = highest
     resolution, run last), as in the official state dict."""
+    # D of Sec. 3.1 (VQGAN decoder body): unlike a VQGAN, it outputs a feature map phi, not RGB, so that the
+    # renderer R can turn phi into pixels at any query resolution
 
     def __init__(self, ch, ch_mult, num_res_blocks, z_channels):
         super().__init__()
@@ -240,14 +242,15 @@ class Decoder(nn.Module):
             self.up.insert(0, level)  # prepend: up[i] is level i
 
     def forward(self, z):
-        h = self.conv_in(z)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        h = self.conv_in(z)  # (B, z_channels, h, w) -> (B, ch*ch_mult[-1], h, w)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))  # shape kept: (B, ch*ch_mult[-1], h, w)
         # run coarse -> fine: up[-1] (lowest resolution) first, up[0] last
         for level in reversed(self.up):
             for block in level.block:
-                h = block(h)
+                h = block(h)  # channels -> ch*ch_mult[i] of this level, size kept
             if hasattr(level, "upsample"):
-                h = level.upsample(h)
+                h = level.upsample(h)  # (B, C, h, w) -> (B, C, 2h, 2w)
+        # after L-1 upsamplings: (B, ch*ch_mult[0], h*f, w*f), f = 2^(L-1), i.e. phi at the encoder resolution
         return h  # phi: no norm_out / conv_out (give_pre_end)
 
 
@@ -274,6 +277,7 @@ class VectorQuantizer(nn.Module):
         indices = d.argmin(1)  # (B*H*W,)
         z_q = self.embedding(indices).view(z.shape)  # (B*H*W, C) -> (B, H, W, C)
         # Sec. 3.1 VQ loss (legacy weighting, see the class docstring): commitment + beta * codebook
+        # (the straight-through line below lets the decoder gradient reach the encoder despite the argmin)
         loss = torch.mean((z_q.detach() - z) ** 2) + self.beta * torch.mean((z_q - z.detach()) ** 2)
         z_q = z + (z_q - z).detach()  # straight-through estimator
         return z_q.permute(0, 3, 1, 2).contiguous(), loss, indices  # (B, H, W, C) -> (B, C, H, W)
@@ -291,7 +295,7 @@ def make_coord_grid(shape, range=(-1, 1), device="cpu"):
         # pixel i covers [lo + i*(hi-lo)/s, lo + (i+1)*(hi-lo)/s]: its centre has the +0.5 offset
         axes.append(lo + (hi - lo) * ((0.5 + torch.arange(s, device=device)) / s))  # centres of s equal cells
     # indexing='ij' keeps axis order (row, col), matching the (y, x) convention of the module docstring
-    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # k x (s_1, ..., s_k) -> (s_1, ..., s_k, k)
 
 
 def make_coord_cell_grid(shape, range=(-1, 1), device="cpu", bs=None):
@@ -305,7 +309,7 @@ def make_coord_cell_grid(shape, range=(-1, 1), device="cpu", bs=None):
         cell[..., i] *= (hi - lo) / s
     if bs is not None:
         coord = coord.unsqueeze(0).expand(bs, *coord.shape)  # (*shape, k) -> (bs, *shape, k)
-        cell = cell.unsqueeze(0).expand(bs, *cell.shape)
+        cell = cell.unsqueeze(0).expand(bs, *cell.shape)  # (*shape, k) -> (bs, *shape, k)
     return coord, cell
 
 
@@ -317,9 +321,11 @@ def convert_posenc(x, dim, w_max):
     # log-spaced frequencies from 1 to w_max (dim/2 of them)
     w = torch.exp(torch.linspace(0, np.log(w_max), dim // 2, device=x.device))
     x = torch.matmul(x.unsqueeze(-1), w.unsqueeze(0)).view(*x.shape[:-1], -1)  # (..., d, 1)@(1, dim/2) -> (..., d*dim/2)
-    return torch.cat([torch.cos(np.pi * x), torch.sin(np.pi * x)], dim=-1)
+    return torch.cat([torch.cos(np.pi * x), torch.sin(np.pi * x)], dim=-1)  # 2 x (..., d*dim/2) -> (..., d*dim)
 
 
+# Sec. 3.1 / Fig. 3: the per-query inputs of CLIF; relative coordinate and cell are what let one phi be
+# rendered at any resolution (the LIIF-style local query, as the official convert_liif_feat_coord_cell)
 def liif_query(phi, coord, cell):
     """The CLIF inputs of each query point (official `convert_liif_feat_coord_cell`), Sec. 3.1:
       q_feat    the NEAREST feature of phi (grid_sample 'nearest': rounds half to even at exact ties; a query
@@ -331,7 +337,7 @@ def liif_query(phi, coord, cell):
     # h, w of a grid query (or any extra dims); restored on the outputs
     query_shape = coord.shape[1:-1]
     coord = coord.reshape(B, 1, -1, 2)  # (B, ..., 2) -> (B, 1, N, 2): a 1 x N "image" of sample points
-    cell = cell.reshape(B, 1, -1, 2)
+    cell = cell.reshape(B, 1, -1, 2)  # (B, ..., 2) -> (B, 1, N, 2)
     # grid_sample wants (x, y) order, ours is (y, x): flip the last dim.
     q_feat = F.grid_sample(phi, coord.flip(-1), mode="nearest", align_corners=False)  # (B, C, 1, N)
     # pixel centres of phi itself; sampling them with the same 'nearest' rule gives the centre of the chosen feature
@@ -342,11 +348,14 @@ def liif_query(phi, coord, cell):
     scale = torch.tensor([H, W], dtype=coord.dtype, device=coord.device)
     rel_coord = (coord - q_coord.permute(0, 2, 3, 1)) * scale  # (B, 1, N, 2), q_coord (B, 2, 1, N) -> (B, 1, N, 2)
     # rel_cell: query pixel size relative to a feature pixel (Fig. 3: lets CLIF know the output scale)
-    rel_cell = cell * scale
+    rel_cell = cell * scale  # (B, 1, N, 2)
     q_feat = q_feat.permute(0, 2, 3, 1).reshape(B, *query_shape, -1)  # (B, C, 1, N) -> (B, ..., C)
+    # rel_coord, rel_cell: (B, 1, N, 2) -> (B, ..., 2), i.e. back to the query grid shape
     return q_feat, rel_coord.reshape(B, *query_shape, 2), rel_cell.reshape(B, *query_shape, 2)
 
 
+# The "C" of CLIF (Sec. 3.1): convolutions over the query grid share information between neighbouring
+# queries, where LIIF decodes each query on its own with an MLP
 class RendererNet(nn.Module):
     """The CLIF CNN (official `simple_renderer_net`, kernel_size 3): conv -> 2 ResnetBlocks -> GroupNorm, swish -> conv
     to RGB, on the query grid. No tanh / clamp. Receptive field: 6 stacked 3x3 convs = 13 x 13 queries (radius 6), plus
@@ -368,8 +377,8 @@ class RendererNet(nn.Module):
     def forward(self, x):
         # self.model = [conv_in, res, res]: the official ModuleList layout, hence the loop
         for layer in self.model:
-            x = layer(x)
-        return self.conv_out(nonlinearity(self.norm_out(x)))
+            x = layer(x)  # (B, C + 4, h, w) -> (B, hidden, h, w), then kept
+        return self.conv_out(nonlinearity(self.norm_out(x)))  # (B, hidden, h, w) -> (B, 3, h, w)
 
 
 class CLIFRenderer(nn.Module):
@@ -397,7 +406,7 @@ class CLIFRenderer(nn.Module):
             rel_cell = convert_posenc(rel_cell, *self.ce_pe)
         # (B, h, w, C + 2 + 2) -> (B, C + 4, h, w): channel order q_feat, rel_coord (dy, dx), rel_cell (cy, cx)
         layout = torch.cat([q_feat, rel_coord.to(q_feat.dtype), rel_cell.to(q_feat.dtype)], dim=-1).permute(0, 3, 1, 2)
-        return self.net(layout)
+        return self.net(layout)  # (B, C + 4, h, w) -> (B, 3, h, w)
 
     def last_layer_weight(self):
         # W for the adaptive GAN weight (Sec. 3.2, INFD._adaptive_weight)
@@ -414,7 +423,7 @@ class OriginalTail(nn.Module):
 
     # no queries: the output grid IS phi's grid (R x R), so this renderer cannot change resolution
     def forward(self, x):
-        return self.conv_out(nonlinearity(self.norm_out(x)))
+        return self.conv_out(nonlinearity(self.norm_out(x)))  # (B, C, R, R) -> (B, 3, R, R)
 
 
 class FixresRenderer(nn.Module):
@@ -425,7 +434,7 @@ class FixresRenderer(nn.Module):
         self.net = OriginalTail(z_dec_channels)
 
     def forward(self, phi, coord=None, cell=None):
-        return self.net(phi)
+        return self.net(phi)  # (B, C, R, R) -> (B, 3, R, R): the output size is fixed by phi
 
     def last_layer_weight(self):
         # same role as CLIFRenderer.last_layer_weight (adaptive GAN weight)
@@ -442,6 +451,8 @@ def to_tensor(img):
     return (x - 0.5) / 0.5
 
 
+# Sec. 3.2: supervising a fixed-size P x P crop at a random scale r keeps the memory per step constant while
+# the renderer is trained on many output resolutions (and on mixed-resolution data)
 def sample_patch(img, rng, resize_inp, resize_gt_lb, resize_gt_ub, final_crop_gt, p_whole=0.0, p_max=0.0):
     """Official BaseWrapperCAE.process on a square PIL image, with `rng` (random.Random) in place of the global
     `random` (same call sequence, so random.Random(s) reproduces random.seed(s)). Returns
@@ -453,7 +464,7 @@ def sample_patch(img, rng, resize_inp, resize_gt_lb, resize_gt_ub, final_crop_gt
         raise ValueError(f"sample_patch needs a square image, got {img.size[0]}x{img.size[1]}")
     size = img.size[0]
     # the encoder always sees the whole image at the fixed size resize_inp (Sec. 3.1, fixed encoder resolution)
-    inp = to_tensor(img.resize((resize_inp, resize_inp), Image.LANCZOS))
+    inp = to_tensor(img.resize((resize_inp, resize_inp), Image.LANCZOS))  # (3, resize_inp, resize_inp)
     # each branch draws from rng only when reached, mirroring the official short-circuit order
     if rng.random() < p_whole:  # the whole image at the crop size (official draws this first)
         r = final_crop_gt
@@ -467,9 +478,10 @@ def sample_patch(img, rng, resize_inp, resize_gt_lb, resize_gt_ub, final_crop_gt
     ii, jj = rng.randint(0, r - p), rng.randint(0, r - p)  # top-left corner (row, column)
     gt = gt[:, ii: ii + p, jj: jj + p]  # (3, r, r) -> (3, P, P)
     # range = the crop's extent as a fraction [ii/r, (ii+p)/r] of the image: every scale r shares one [-1, 1] frame
+    # (P, P, 2) pixel centres of the crop, (y, x) order
     coord = 2 * make_coord_grid((p, p), range=[[ii / r, (ii + p) / r], [jj / r, (jj + p) / r]]) - 1  # [0,1] -> [-1,1]
     # one pixel of the r x r image spans 2/r in the [-1, 1] frame; the same for every query of the crop
-    cell = torch.tensor([2 / r, 2 / r], dtype=torch.float32).view(1, 1, 2).expand(p, p, -1)
+    cell = torch.tensor([2 / r, 2 / r], dtype=torch.float32).view(1, 1, 2).expand(p, p, -1)  # (2,) -> (P, P, 2)
     return {"inp": inp, "gt": gt, "gt_coord": coord, "gt_cell": cell}
 
 
@@ -614,13 +626,13 @@ class INFD(nn.Module):
     # ---------------------------------------------------------------- autoencoder (Sec. 3.1)
     def encode_z(self, x):
         """Image in [-1, 1] at the encoder resolution -> z (pre-quantisation), official `encode_z`."""
-        return self.encoder(x)
+        return self.encoder(x)  # (B, 3, R, R) -> (B, z_channels, R/f, R/f)
 
     def decode_z(self, z):
         """z -> phi through the VQ layer and the decoder (official `decode_z`: the quantiser IS applied, also to
         diffusion samples, as gen_samples.py does)."""
-        z_q, _, _ = self.quantizer(z)
-        return self.decoder(z_q)
+        z_q, _, _ = self.quantizer(z)  # same shape as z: (B, z_channels, R/f, R/f)
+        return self.decoder(z_q)  # (B, z_channels, R/f, R/f) -> phi (B, ch*ch_mult[0], R, R)
 
     def render_phi(self, phi, coord, cell):
         """Renderer R on explicit queries: phi (B, C, H, W), coord / cell (B, h, w, 2) -> (B, 3, h, w)."""
@@ -640,7 +652,7 @@ class INFD(nn.Module):
             # the encoder is fully convolutional but trained only at R: resample to R rather than encoding another size
             x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bicubic", align_corners=False,
                               antialias=True)
-        return self.encode_z(x) * self._scale()
+        return self.encode_z(x) * self._scale()  # (B, 3, R, R) -> (B, z_channels, R/f, R/f)
 
     def decode(self, z):
         """Contract: z * scale_factor -> image (B, 3, R, R) at the encoder resolution (render(z, R))."""
@@ -663,13 +675,15 @@ class INFD(nn.Module):
         p = self.patch_size if patch_size is None else patch_size
         pad = self.patch_padding if patch_padding is None else patch_padding
         # undo encode's scaling before the VQ layer: the codebook lives in raw z space
-        phi = self.decode_z(z / self._scale())
+        phi = self.decode_z(z / self._scale())  # (B, ch*ch_mult[0], R, R)
         B = phi.shape[0]
         coord, cell = make_coord_cell_grid((H, W), device=phi.device, bs=B)  # (B, H, W, 2) each
         # cast to phi's dtype so the renderer's concatenated input has a single dtype (e.g. under autocast / bf16)
         coord, cell = coord.to(phi.dtype), cell.to(phi.dtype)
+        # why tiles: the CLIF CNN runs on the full query grid, so its activations grow with H*W (Sec. 4 renders
+        # far above the encoder resolution); the padding gives border queries their convolutional context
         if not p or p <= 0:  # patch_size 0 / None from the caller: one whole tile
-            return self.render_phi(phi, coord, cell)
+            return self.render_phi(phi, coord, cell)  # CLIF: (B, 3, H, W)
         out = None
         # each tile (y0, x0) renders rows [y0 - pt, y0 + yl + pb) x cols [x0 - pl, x0 + xl + pr) of the global grid
         for y0 in range(0, H, p):  # official outer loop: rows ("x0" there)
@@ -679,11 +693,13 @@ class INFD(nn.Module):
                 xl = min(p, W - x0)
                 pl, pr = min(pad, x0), min(pad, W - (x0 + xl))
                 # slice the GLOBAL query grid: each tile keeps the whole-image coordinate frame
+                # coord[win] / cell[win]: (B, H, W, 2) -> (B, yl+pt+pb, xl+pl+pr, 2)
                 win = (slice(None), slice(y0 - pt, y0 + yl + pb), slice(x0 - pl, x0 + xl + pr))
                 tile = self.render_phi(phi, coord[win].contiguous(), cell[win].contiguous())  # (B, 3, h+pads, w+pads)
                 if out is None:
                     # allocated lazily to take the renderer's output channels and dtype
-                    out = tile.new_zeros(B, tile.shape[1], H, W)
+                    out = tile.new_zeros(B, tile.shape[1], H, W)  # (B, 3, H, W)
+                # crop the padding: (B, 3, yl+pt+pb, xl+pl+pr) -> (B, 3, yl, xl)
                 out[:, :, y0: y0 + yl, x0: x0 + xl] = tile[:, :, pt: pt + yl, pl: pl + xl]  # keep the centre
         return out
 
@@ -696,6 +712,7 @@ class INFD(nn.Module):
         a folder may mix sizes, and larger images give larger scales."""
         cfg = self.sampler_cfg
 
+        # Sec. 3.2 data pipeline: encoder input at the fixed resolution P + a random-scale P x P ground-truth crop
         def transform(img, rng):
             w, h = img.size
             # the centre square keeps the scale 1:1 with the original pixels (no aspect distortion)
@@ -713,6 +730,7 @@ class INFD(nn.Module):
     def optimizer_groups(self, phase=None):
         """{"ae": encoder + quantizer + decoder + renderer, "disc": discriminator} (official: one Adam each for
         encoder, decoder(+quantizer), renderer -- the same as one Adam -- and disc)."""
+        # the renderer is trained jointly with E and D: phi only has to be meaningful to R (Sec. 3.1)
         ae = [p for m in (self.encoder, self.quantizer, self.decoder, self.renderer) for p in m.parameters()]
         return {"ae": ae, "disc": list(self.disc.parameters())}
 
@@ -723,7 +741,7 @@ class INFD(nn.Module):
         if "gt" in batch:
             # patch training (Sec. 3.2): gt and its coordinates come from sample_patch
             return batch["gt"], batch["gt_coord"], batch["gt_cell"]
-        coord, cell = make_coord_cell_grid(x.shape[-2:], device=x.device, bs=x.shape[0])
+        coord, cell = make_coord_cell_grid(x.shape[-2:], device=x.device, bs=x.shape[0])  # (B, H, W, 2) each
         return x, coord, cell
 
     def _adaptive_weight(self, nll, g_loss):
@@ -744,24 +762,26 @@ class INFD(nn.Module):
         lc = self.loss_cfg
         use_gan = step >= lc["disc_start"]
         if group == "ae":
-            z = self.encode_z(x)
-            z_q, quant_loss, _ = self.quantizer(z)
+            z = self.encode_z(x)  # (B, z_channels, R/f, R/f)
+            z_q, quant_loss, _ = self.quantizer(z)  # z_q same shape as z
             pred = self.render_phi(self.decoder(z_q), coord, cell)  # (B, 3, P, P)
             # losses in float32 even under mixed precision
             pred32, gt32 = pred.float(), gt.float()
+            # Sec. 3.2: pixel (L1) + perceptual (LPIPS) reconstruction terms on the rendered patch vs the gt crop
             l1 = (pred32 - gt32).abs().mean()
             if not self._lpips:
                 self._lpips.append(build_lpips(self.lpips_pretrained).to(x.device))
-            perc = self._lpips[0](pred32, gt32).float().mean()
+            perc = self._lpips[0](pred32, gt32).float().mean()  # (B, 1, 1, 1) -> scalar
             nll = lc["l1"] * l1 + lc["perc"] * perc
             loss = lc["quant"] * quant_loss.float() + nll
             # images are in [-1, 1]: halving maps the error to the [0, 1] scale for PSNR
-            mse = ((gt32 - pred32.detach()) / 2).pow(2).mean(dim=(1, 2, 3))
+            mse = ((gt32 - pred32.detach()) / 2).pow(2).mean(dim=(1, 2, 3))  # (B,)
             logs = {"l1": l1.detach(), "lpips": perc.detach(), "quant": quant_loss.detach().float(),
                     "psnr": (-10 * torch.log10(mse)).mean()}
+            # Sec. 3.2 adversarial term: the GAN loss on rendered patches pushes CLIF outputs to photorealistic detail
             if use_gan:
                 # generator hinge term: raise D's logit on the rendered patch
-                g_loss = -self.disc(pred).float().mean()
+                g_loss = -self.disc(pred).float().mean()  # (B, 1, h', w') logits -> scalar
                 weight = torch.tensor(lc["gan"], device=x.device)
                 if lc["adaptive"] and self.training and torch.is_grad_enabled():
                     # balance GAN vs reconstruction gradients at the renderer's last layer (taming VQGAN)
@@ -776,8 +796,8 @@ class INFD(nn.Module):
                 return zero.float(), {"disc": zero.detach().float()}
             with torch.no_grad():
                 # fake sample from the current AE without gradients: only D is updated in this group
-                pred = self.render_phi(self.decode_z(self.encode_z(x)), coord, cell)
-            logits_real, logits_fake = self.disc(gt).float(), self.disc(pred).float()
+                pred = self.render_phi(self.decode_z(self.encode_z(x)), coord, cell)  # (B, 3, P, P)
+            logits_real, logits_fake = self.disc(gt).float(), self.disc(pred).float()  # (B, 1, h', w') each
             # D hinge loss: push real logits above +1 and fake logits below -1
             loss = (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean()) / 2  # hinge
             return loss, {"disc": loss.detach(), "logits_real": logits_real.detach().mean(),

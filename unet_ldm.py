@@ -66,6 +66,8 @@ def timestep_embedding(timesteps, dim, max_period=10000):
     i < half (divided by `half`, not `half - 1`), the COSINE half first, an odd `dim` padded with one zero
     column, and everything in float32 whatever the model dtype."""
     half = dim // 2
+    # Transformer sinusoid (Vaswani et al. 2017, Sec. 3.5); DDPM Sec. 4 gives t to the shared network this way
+    # freqs (half,): geometric from 1 down towards 1/max_period
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
     args = timesteps[:, None].float() * freqs[None]  # (B, 1) * (1, half) -> (B, half)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, half) x 2 -> (B, 2 * half)
@@ -85,6 +87,7 @@ def normalization(channels):
     """The official `normalization()`: ALWAYS 32 groups, eps 1e-5. With 32 channels every group is one channel,
     which is why a per-channel bias (the time embedding in a ResBlock without scale-shift) added right before
     such a norm is cancelled exactly: `tiny` keeps >= 64 channels where embeddings are added."""
+    # DDPM Sec. 4: a U-Net with group normalisation throughout
     return GroupNorm32(32, channels)
 
 
@@ -175,14 +178,16 @@ class ResBlock(nn.Module):
             h = self.in_layers(x)
         emb_out = self.emb_layers(emb).type(h.dtype)[:, :, None, None]  # (B, C') -> (B, C', 1, 1)
         # ADM FiLM: t modulates the normalised features; the default instead adds emb as a bias before the GN
+        # ADM Sec. 3.1 AdaGN(h, y) = y_s GroupNorm(h) + y_b; (1 + scale) makes y_s = 1 when scale = 0
         if self.use_scale_shift_norm:
+            # (B, 2C', 1, 1) -> 2 x (B, C', 1, 1)
             scale, shift = emb_out.chunk(2, dim=1)  # scale is the FIRST half (official order)
             h = self.out_layers[0](h) * (1 + scale) + shift
             h = self.out_layers[1:](h)
         else:
             # the bias enters BEFORE out_layers' GroupNorm (see normalization() on why it needs > 32 channels)
             h = self.out_layers(h + emb_out)
-        return self.skip_connection(x) + h
+        return self.skip_connection(x) + h  # (B, C', H', W'); 1x1 conv on x when C != C'
 
 
 class AttentionBlock(nn.Module):
@@ -303,7 +308,7 @@ class SpatialTransformer(nn.Module):
         for block in self.transformer_blocks:
             x = block(x, context=context)
         x = x.transpose(1, 2).reshape(b, -1, h, w)  # (B, H*W, inner) -> (B, inner, H, W)
-        return self.proj_out(x) + x_in
+        return self.proj_out(x) + x_in  # (B, inner, H, W) -> (B, C, H, W), then residual
 
 
 # =============================================================================================
@@ -370,11 +375,14 @@ class UNetModel(nn.Module):
                 layers = [resblock(ch, mult * model_channels)]
                 ch = mult * model_channels
                 # attention_resolutions are factors ds, not pixel sizes: [8, 4, 2] on a 64x64 latent = 8, 16, 32 px
+                # ADM Sec. 3: attention at 32, 16 and 8 px, where DDPM Sec. 4 used 16x16 only
                 if ds in attention_resolutions:
                     layers.append(attention(ch))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 input_block_chans.append(ch)
             if level != len(channel_mult) - 1:
+                # resblock_updown: ADM Sec. 3's BigGAN residual blocks for up/downsampling
+                # (B, ch, H, W) -> (B, ch, H/2, W/2) either way
                 down = resblock(ch, ch, down=True) if resblock_updown else Downsample(ch, conv_resample, out_channels=ch)
                 self.input_blocks.append(TimestepEmbedSequential(down))
                 input_block_chans.append(ch)
@@ -386,6 +394,7 @@ class UNetModel(nn.Module):
         for level, mult in list(enumerate(channel_mult))[::-1]:
             # num_res_blocks + 1: the extra block per level consumes the skip saved after each Downsample
             for i in range(num_res_blocks + 1):
+                # input width = h's ch + the popped skip's channels (forward() concatenates them on dim 1)
                 layers = [resblock(ch + input_block_chans.pop(), model_channels * mult)]
                 ch = model_channels * mult
                 if ds in attention_resolutions:
@@ -412,6 +421,7 @@ class UNetModel(nn.Module):
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))  # (B, 4 mc)
         if self.num_classes is not None:
             emb = emb + self.label_emb(y)  # (B, 4 mc) + (B, 4 mc)
+        # hs: every input block's output (B, C_i, H_i, W_i), consumed LIFO as U-Net skips
         hs, h = [], x
         for block in self.input_blocks:
             h = self._run(block, h, emb, context)
@@ -420,7 +430,7 @@ class UNetModel(nn.Module):
         for block in self.output_blocks:
             h = torch.cat([h, hs.pop()], dim=1)  # (B, C, H, W) + (B, C_skip, H, W) -> (B, C + C_skip, H, W)
             h = self._run(block, h, emb, context)
-        return self.out(h)
+        return self.out(h)  # (B, model_channels, H, W) -> (B, out_channels, H, W) = eps
 
 
 class ClassEmbedder(nn.Module):
@@ -443,7 +453,8 @@ def make_beta_schedule(linear_start, linear_end, timesteps=1000):
     """The LDM "linear" schedule: linear in sqrt(beta), i.e. beta_t = linspace(sqrt(b0), sqrt(b1), T)^2 (float64).
     (The official option literally named "sqrt_linear" is the plain linspace of betas: names are swapped.)"""
     # cin256 / faces: 0.0015 -> 0.0195; txt2img: 0.00085 -> 0.012 (the schedule Stable Diffusion later kept)
-    return torch.linspace(linear_start ** 0.5, linear_end ** 0.5, timesteps, dtype=torch.float64) ** 2
+    # cf. DDPM Sec. 4: betas linear from 1e-4 to 0.02 over T = 1000 (pixel space)
+    return torch.linspace(linear_start ** 0.5, linear_end ** 0.5, timesteps, dtype=torch.float64) ** 2  # (T,) float64
 
 
 def make_ddim_timesteps(num_ddim_steps, num_timesteps=1000, discretize="uniform"):
@@ -452,7 +463,9 @@ def make_ddim_timesteps(num_ddim_steps, num_timesteps=1000, discretize="uniform"
     equals the official list whenever the official code works); "quad" = int(linspace(0, sqrt(0.8 T), S)^2) + 1."""
     if not 1 <= num_ddim_steps <= num_timesteps:
         raise ValueError(f"unet_ldm: DDIM steps must be in 1..{num_timesteps}, got {num_ddim_steps}")
+    # DDIM Sec. 4.2: sample on a sub-sequence tau of the T steps; App. D.2: linear / quadratic tau
     if discretize == "uniform":
+        # (S,) int64, ascending
         return torch.arange(0, num_timesteps, num_timesteps // num_ddim_steps)[:num_ddim_steps] + 1
     if discretize == "quad":
         return (torch.linspace(0, math.sqrt(num_timesteps * 0.8), num_ddim_steps, dtype=torch.float64) ** 2).long() + 1
@@ -505,13 +518,15 @@ class LatentDiffusion(nn.Module):
         alphas = 1.0 - betas
         ac = torch.cumprod(alphas, dim=0)  # abar_t
         # abar_{t-1} with abar_{-1} = 1, for the posterior q(x_{t-1} | x_t, x_0) (DDPM Eq. 6-7)
-        ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+        ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])  # (1,) + (T-1,) -> (T,)
         posterior_variance = betas * (1.0 - ac_prev) / (1.0 - ac)  # beta tilde (v_posterior = 0)
         bufs = dict(
             betas=betas, alphas_cumprod=ac, alphas_cumprod_prev=ac_prev, sqrt_alphas_cumprod=ac.sqrt(),
             sqrt_one_minus_alphas_cumprod=(1.0 - ac).sqrt(), log_one_minus_alphas_cumprod=(1.0 - ac).log(),
+            # x0 = sqrt(1/abar) x_t - sqrt(1/abar - 1) eps inverts DDPM Eq. 4 (used by ddpm_sample)
             sqrt_recip_alphas_cumprod=(1.0 / ac).sqrt(), sqrt_recipm1_alphas_cumprod=(1.0 / ac - 1).sqrt(),
             posterior_variance=posterior_variance,
+            # log of beta tilde, clamped because beta tilde_0 = 0 (abar_{-1} = 1)
             posterior_log_variance_clipped=posterior_variance.clamp(min=1e-20).log(),
             # posterior mean mu_tilde = coef1 x_0 + coef2 x_t (DDPM Eq. 7)
             posterior_mean_coef1=betas * ac_prev.sqrt() / (1.0 - ac),
@@ -557,6 +572,7 @@ class LatentDiffusion(nn.Module):
     def q_sample(self, x_start, t, noise):
         """z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps (float32 coefficients)."""
         # per-sample coefficients (B,) broadcast to (B, 1, 1, 1) over C, H, W
+        # DDPM Eq. 4: q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I), reparameterised with eps
         return (self.sqrt_alphas_cumprod[t][:, None, None, None] * x_start
                 + self.sqrt_one_minus_alphas_cumprod[t][:, None, None, None] * noise)
 
@@ -574,6 +590,7 @@ class LatentDiffusion(nn.Module):
         x_noisy = self.q_sample(x_start, t, noise)
         model_output = self.apply_model(x_noisy, t, cond).float()
         err = model_output - noise.float()
+        # DDPM Eq. 14 (L_simple): Eq. 12 without its per-t weight; LDM Eq. 2 is the same loss on latents z
         loss_simple = (err.abs() if loss_type == "l1" else err ** 2).mean(dim=(1, 2, 3))  # (B,)
         logvar_t = logvar[t]  # (B,)
         loss = lsw * (loss_simple / torch.exp(logvar_t) + logvar_t).mean()
@@ -589,7 +606,7 @@ class LatentDiffusion(nn.Module):
         e = e_uncond + s (e_cond - e_uncond)."""
         x_in, t_in = torch.cat([x, x]), torch.cat([t, t])  # (B, ...) -> (2B, ...)
         # uncond first, as the official DDIMSampler concatenates [unconditional_conditioning, c]
-        c_in = torch.cat([uncond, cond])
+        c_in = torch.cat([uncond, cond])  # (B, L, D) x 2 -> (2B, L, D); labels (B,) -> (2B,)
         e_uncond, e_cond = self.apply_model(x_in, t_in, c_in).chunk(2)  # (2B, C, H, W) -> 2 x (B, C, H, W)
         # s > 1 extrapolates away from the unconditional prediction (Ho & Salimans 2021)
         return e_uncond + scale * (e_cond - e_uncond)
@@ -603,9 +620,10 @@ class LatentDiffusion(nn.Module):
     def ddim_schedule(self, steps, eta):
         """DDIMSampler.make_schedule: timesteps and per-step alpha, alpha_prev, sigma (float32 results;
         sigma computed in float64 from the float32 alphas, as the official numpy/torch mix does)."""
-        ts = make_ddim_timesteps(steps, self.num_timesteps).to(self.alphas_cumprod.device)
+        ts = make_ddim_timesteps(steps, self.num_timesteps).to(self.alphas_cumprod.device)  # (S,)
         ac = self.alphas_cumprod
-        alphas = ac[ts]
+        alphas = ac[ts]  # (S,) abar at the kept steps
+        # (1,) + (S-1,) -> (S,): abar of the previous kept step
         alphas_prev = torch.cat([ac[:1], ac[ts[:-1]]])  # the last step uses abar_0 = 0.9985, not 1
         # eta = 0: deterministic DDIM; eta = 1: DDPM-like posterior noise on the sub-sequence
         a, ap = alphas.double(), alphas_prev.double()
@@ -618,12 +636,15 @@ class LatentDiffusion(nn.Module):
         b = x.shape[0]
         t = sched["timesteps"][index].expand(b)  # the DDPM timestep the UNet sees, (B,) int64
         e_t = self.eps(x, t, cond, uncond, scale).float()
+        # DDIM's alpha_t is DDPM's abar_t: a_t, a_prev are cumulative products
         a_t = sched["alphas"][index]
         a_prev, sigma_t = sched["alphas_prev"][index], sched["sigmas"][index]
         # DDIM Eq. 12, first term: x_0 predicted from eps by inverting q_sample
         pred_x0 = (x - sched["sqrt_one_minus_alphas"][index] * e_t) / a_t.sqrt()
         dir_xt = (1.0 - a_prev - sigma_t ** 2).sqrt() * e_t  # direction pointing to x_t
+        # DDIM Eq. 12: sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma_t^2) eps + sigma_t z (z added below)
         x_prev = a_prev.sqrt() * pred_x0 + dir_xt
+        # DDIM Sec. 4.1: sigma_t = 0 is DDIM (deterministic); eta = 1 gives the DDPM posterior variance
         if noise is not None:
             x_prev = x_prev + sigma_t * noise
         return x_prev, pred_x0
@@ -632,7 +653,7 @@ class LatentDiffusion(nn.Module):
         """DDIMSampler.sample: from x_T ~ N(0, I) down the DDIM timesteps (descending) -> (x_0, last pred_x0)."""
         device = self.alphas_cumprod.device
         sched = self.ddim_schedule(steps, eta)
-        x = _randn(shape, generator, device) if x_T is None else x_T.float()
+        x = _randn(shape, generator, device) if x_T is None else x_T.float()  # x_T: (n, C, H, W)
         pred_x0 = x
         # index runs S - 1 .. 0: from the largest DDIM timestep down to t = 1
         for i in range(steps):
@@ -647,25 +668,29 @@ class LatentDiffusion(nn.Module):
         (clip_denoised, official default). With steps < T the chain is respaced on `steps` timesteps from 999 to 0
         (betas recomputed from abar of the kept steps, Nichol & Dhariwal 2021); steps = T is the official chain."""
         device = self.alphas_cumprod.device
+        # ts, ac, ac_prev: (S,); respacing as in Nichol & Dhariwal 2021 Sec. 4
         ts = torch.linspace(self.num_timesteps - 1, 0, steps, device=device).round().long()  # descending
         ac = self.alphas_cumprod.double()[ts]
-        ac_prev = torch.cat([ac[1:], ac.new_ones(1)])
+        ac_prev = torch.cat([ac[1:], ac.new_ones(1)])  # (S-1,) + (1,) -> (S,); 1 after the last step
         # respaced beta between consecutive kept steps; equals the official betas when steps = T
+        # Nichol & Dhariwal 2021 Sec. 4: beta_{S_t} = 1 - abar_{S_t} / abar_{S_{t-1}}
         beta = 1 - ac / ac_prev
         var = (beta * (1 - ac_prev) / (1 - ac)).float()  # beta tilde
         logvar = var.clamp(min=1e-20).log()
+        # DDPM Eq. 7 posterior-mean coefficients on the respaced chain
         coef1 = (beta * ac_prev.sqrt() / (1 - ac)).float()
         coef2 = ((1 - ac_prev) * (1 - beta).sqrt() / (1 - ac)).float()
-        x = _randn(shape, generator, device)
+        x = _randn(shape, generator, device)  # x_T ~ N(0, I), (n, C, H, W)
         for i, step in enumerate(ts):
-            t = step.expand(shape[0])
+            t = step.expand(shape[0])  # () -> (n,)
             e = self.eps(x, t, cond, uncond, scale).float()
             # x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), written as sqrt(1/abar) x - sqrt(1/abar - 1) eps
             x0 = self.sqrt_recip_alphas_cumprod[step] * x - self.sqrt_recipm1_alphas_cumprod[step] * e
             if self.clip_denoised:
                 x0 = x0.clamp(-1.0, 1.0)
-            mean = coef1[i] * x0 + coef2[i] * x
+            mean = coef1[i] * x0 + coef2[i] * x  # mu tilde(x_t, x0_hat), DDPM Eq. 7
             # no noise on the last step (t = 0), as DDPM Algorithm 2 sets z = 0 at its final step
+            # sigma_t^2 = beta tilde: one of DDPM Sec. 3.2's two choices (beta_t or beta tilde)
             x = mean + (0.5 * logvar[i]).exp() * _randn(shape, generator, device) if i < steps - 1 else mean
         return x
 
@@ -694,15 +719,15 @@ class LatentDiffusion(nn.Module):
         x0 = batch["x"].float()
         self._check_x(x0)
         b = x0.shape[0]
-        t = torch.randint(0, self.num_timesteps, (b,), device=x0.device)
-        noise = torch.randn_like(x0)
+        t = torch.randint(0, self.num_timesteps, (b,), device=x0.device)  # (B,); DDPM Algorithm 1, t 0-indexed
+        noise = torch.randn_like(x0)  # eps ~ N(0, I), (B, C, H, W)
         labels = batch.get("y")
         if self.conditioning in ("class", "label"):
             if labels is None:
                 raise ValueError("unet_ldm: class-conditional model needs batch['y'] (B,) int64")
             if self.ucg_rate > 0:  # classifier-free guidance training: the null class replaces some labels
-                drop = torch.rand(b, device=x0.device) < self.ucg_rate
-                labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
+                drop = torch.rand(b, device=x0.device) < self.ucg_rate  # (B,) bool
+                labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)  # (B,)
         cond = self.get_learned_conditioning(labels, batch.get("context"))
         return self.p_losses(x0, cond, t, noise)
 
@@ -724,7 +749,7 @@ class LatentDiffusion(nn.Module):
             n_real = self.null_class  # real classes are 0 .. null_class - 1
             if labels is None:
                 gen_dev = generator.device if generator is not None else device
-                labels = torch.randint(0, n_real, (n,), generator=generator, device=gen_dev)
+                labels = torch.randint(0, n_real, (n,), generator=generator, device=gen_dev)  # (n,)
             labels = torch.as_tensor(labels, device=device).long()
             if labels.shape != (n,) or labels.min() < 0 or labels.max() > self.null_class:
                 raise ValueError(f"unet_ldm: labels must be ({n},) in 0..{self.null_class} (the null class), got {labels.tolist()}")
@@ -934,6 +959,7 @@ def convert_official(sd, model, use_ema=False):
         elif use_ema and k in flat:
             out[flat[k]] = v
         else:
+            # 'first_stage_model.a.b' -> 'first_stage_model'
             group = k.split(".")[0] if not k.startswith(EMA_PREFIX) else "model_ema"
             skipped[group] = skipped.get(group, 0) + 1
     for group, count in skipped.items():
@@ -980,10 +1006,12 @@ def load_official(path_or_state_dict, config, use_ema=False, verbose=True):
 def read_key_file(path):
     """A reference key file -> (constructor kwargs from its first line, {key: shape})."""
     lines = Path(path).read_text().splitlines()
+    # line 1: two words, the JSON kwargs, then ' params=N'; keep the JSON
     kwargs = json.loads(lines[0].split(" ", 2)[2].rsplit(" params=", 1)[0])
     shapes = {}
     for line in lines[1:]:
         if line.strip():
             key, shape, _ = line.split("\t")
+            # "(a, b)" -> (a, b) ints; "()" -> () for a scalar
             shapes[key] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
     return kwargs, shapes
