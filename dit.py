@@ -73,14 +73,18 @@ class PatchEmbed(nn.Module):
         # timm asserts the exact input size; the fixed pos_embed only fits that grid.
         if x.ndim != 4 or x.shape[-2:] != (self.input_size, self.input_size):
             raise ValueError(f"DiT expects input (N, C, {self.input_size}, {self.input_size}), got {tuple(x.shape)}")
-        x = self.proj(x)  # (N, C, H, W) -> (N, D, H/p, W/p)
-        return x.flatten(2).transpose(1, 2)  # (N, D, h, w) -> (N, T = h*w, D), row-major tokens
+        # (N, C, H, W) -> (N, D, H/p, W/p)
+        x = self.proj(x)
+        # (N, D, h, w) -> (N, T = h*w, D), row-major tokens
+        return x.flatten(2).transpose(1, 2)
 
 
 def get_1d_sincos_pos_embed(embed_dim, pos):
     """1-D sin-cos table (Vaswani et al. / MAE): [sin(pos * omega_m)] ++ [cos(pos * omega_m)], float64."""
-    omega = torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2.0)  # (embed_dim/2,): m / (embed_dim/2)
-    omega = 1.0 / 10000**omega  # (D/4,) with D the full width: omega_m = 1 / 10000^(m / (D/4))
+    # (embed_dim/2,): m / (embed_dim/2)
+    omega = torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2.0)
+    # (D/4,) with D the full width: omega_m = 1 / 10000^(m / (D/4))
+    omega = 1.0 / 10000**omega
     out = pos.reshape(-1, 1).double() * omega[None]  # (M,) x (D/4,) -> (M, D/4)
     return torch.cat([torch.sin(out), torch.cos(out)], dim=1)  # (M, D/2): sin FIRST here
 
@@ -92,7 +96,8 @@ def get_2d_sincos_pos_embed(embed_dim, grid_size):
     (np.meshgrid's default 'xy' indexing): features [0, D/2) encode the COLUMN s, [D/2, D) the ROW r.
     """
     coords = torch.arange(grid_size, dtype=torch.float64)  # (G,)
-    grid_col, grid_row = torch.meshgrid(coords, coords, indexing="xy")  # each (G, G): [r, s] -> s and -> r
+    # each (G, G): [r, s] -> s and -> r
+    grid_col, grid_row = torch.meshgrid(coords, coords, indexing="xy")
     # pos.reshape(-1) inside flattens the (G, G) grids row-major, so row k = r*G + s
     emb_first = get_1d_sincos_pos_embed(embed_dim // 2, grid_col)  # (G*G, D/2) encodes the column
     emb_second = get_1d_sincos_pos_embed(embed_dim // 2, grid_row)  # (G*G, D/2) encodes the row
@@ -152,8 +157,10 @@ class LabelEmbedder(nn.Module):
             # per-sample Bernoulli(dropout_prob) mask: 10% of labels dropped, so one network also learns p(x)
             drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
         else:
-            drop_ids = force_drop_ids == 1  # caller-chosen mask (sample.py style): 1 = drop
-        return torch.where(drop_ids, self.num_classes, labels)  # (N,): dropped labels -> null index num_classes
+            # caller-chosen mask (sample.py style): 1 = drop
+            drop_ids = force_drop_ids == 1
+        # (N,): dropped labels -> null index num_classes
+        return torch.where(drop_ids, self.num_classes, labels)
 
     def forward(self, labels, train, force_drop_ids=None):
         if (train and self.dropout_prob > 0) or (force_drop_ids is not None):
@@ -167,14 +174,17 @@ class Attention(nn.Module):
     def __init__(self, dim, num_heads):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=True)  # q, k, v in one matmul: (N, T, D) -> (N, T, 3D)
-        self.proj = nn.Linear(dim, dim, bias=True)  # merges the H heads: (N, T, D) -> (N, T, D)
+        # q, k, v in one matmul: (N, T, D) -> (N, T, 3D)
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        # merges the H heads: (N, T, D) -> (N, T, D)
+        self.proj = nn.Linear(dim, dim, bias=True)
 
     def forward(self, x):
         N, T, D = x.shape  # T = number of patch tokens
         qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, D // self.num_heads)  # (N, T, 3D) -> (N, T, 3, H, D/H)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # -> 3 x (N, H, T, D/H)
-        x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(D/H)) v, (N, H, T, D/H)
+        # softmax(q k^T / sqrt(D/H)) v, (N, H, T, D/H)
+        x = F.scaled_dot_product_attention(q, k, v)
         x = x.transpose(1, 2).reshape(N, T, D)  # (N, H, T, D/H) -> (N, T, D)
         return self.proj(x)  # (N, T, D) -> (N, T, D)
 
@@ -189,7 +199,8 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim, bias=True)
 
     def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))  # (N, T, D) -> (N, T, 4D) -> (N, T, D)
+        # (N, T, D) -> (N, T, 4D) -> (N, T, D)
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class DiTBlock(nn.Module):
@@ -233,7 +244,8 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
     def forward(self, x, c):
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # (N, 2D) -> 2 x (N, D), shift first
+        # (N, 2D) -> 2 x (N, D), shift first
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, T, D) -> (N, T, p*p*Cout)
 
 
@@ -250,7 +262,8 @@ class DiT(nn.Module):
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.num_classes, self.learn_sigma = num_classes, learn_sigma
         self.out_channels = in_channels * 2 if learn_sigma else in_channels  # eps (+ v)
-        self.cfg_all_channels = cfg_all_channels  # False = the official 3-channel quirk (forward_with_cfg)
+        # False = the official 3-channel quirk (forward_with_cfg)
+        self.cfg_all_channels = cfg_all_channels
         # Sampling only: clip the predicted x0 to [-1, 1] at every step. The official DiT samples latents and does
         # not (sample.py: clip_denoised=False); pixel presets do, as improved-diffusion's image sampler does.
         self.clip_denoised = clip_denoised
@@ -267,7 +280,8 @@ class DiT(nn.Module):
         self.initialize_weights()
         # The process DiT trains with: 1000 linear-beta steps, no respacing (train.py: create_diffusion("")).
         self.diffusion = GaussianDiffusion("", learn_sigma=learn_sigma)
-        self.hparams = dict(HPARAMS)  # Sec. 4 training defaults (see HPARAMS)
+        # Sec. 4 training defaults (see HPARAMS)
+        self.hparams = dict(HPARAMS)
 
     def initialize_weights(self):
         """Official init: xavier Linears, N(0, .02) embeddings, and ZERO adaLN / final layer (adaLN-Zero)."""
@@ -280,38 +294,45 @@ class DiT(nn.Module):
         grid = int(self.x_embedder.input_size // self.patch_size)  # G = I/p tokens per side
         pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid).float()  # (T, D)
         self.pos_embed.data.copy_(pos_embed.unsqueeze(0))  # (T, D) -> (1, T, D)
-        w = self.x_embedder.proj.weight.data  # the patch conv initialised like a Linear
+        # the patch conv initialised like a Linear
+        w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view([w.shape[0], -1]))  # (D, C, p, p) -> (D, C*p*p)
         nn.init.constant_(self.x_embedder.proj.bias, 0)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)  # N(0, 0.02^2), official init
         # timestep MLP: both Linear weights N(0, 0.02^2) (mlp[1] is the SiLU); biases stay 0 from _basic_init
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:  # adaLN-Zero: every block starts as the identity
+        # adaLN-Zero: every block starts as the identity
+        for block in self.blocks:
             nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
             nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
         # final adaLN (shift, scale) zero too: the decoder starts as a plain non-affine LayerNorm + Linear
         nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
         nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
-        nn.init.constant_(self.final_layer.linear.weight, 0)  # so the untrained model outputs exactly 0
+        # so the untrained model outputs exactly 0
+        nn.init.constant_(self.final_layer.linear.weight, 0)
         nn.init.constant_(self.final_layer.linear.bias, 0)
 
     def unpatchify(self, x):
         """(N, T, p*p*Cout) -> (N, Cout, H, W); feature index f = (i*p + j)*Cout + ch inside each patch."""
         c, p = self.out_channels, self.patch_size
-        h = w = int(x.shape[1] ** 0.5)  # h = w = sqrt(T) = I/p (square grids only)
-        x = x.reshape(x.shape[0], h, w, p, p, c)  # (N, T, p*p*C) -> (N, h, w, p, p, C)
+        # h = w = sqrt(T) = I/p (square grids only)
+        h = w = int(x.shape[1] ** 0.5)
+        # (N, T, p*p*C) -> (N, h, w, p, p, C)
+        x = x.reshape(x.shape[0], h, w, p, p, c)
         x = torch.einsum("nhwpqc->nchpwq", x)  # -> (N, C, h, p, w, p)
         return x.reshape(x.shape[0], c, h * p, w * p)  # -> (N, C, H, W)
 
     def forward(self, x, t, y):
         """x (N, C, H, W) latents, t (N,) timestep indices of the 1000-step process, y (N,) labels."""
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
-        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D): conditioning = t_emb + y_emb
+        # (N, D): conditioning = t_emb + y_emb
+        c = self.t_embedder(t) + self.y_embedder(y, self.training)
         for block in self.blocks:
             x = block(x, c)  # (N, T, D)
         x = self.final_layer(x, c)  # (N, T, p*p*Cout)
-        return self.unpatchify(x)  # (N, Cout, H, W): [0:C] eps, [C:2C] variance value v
+        # (N, Cout, H, W): [0:C] eps, [C:2C] variance value v
+        return self.unpatchify(x)
 
     def forward_with_cfg(self, x, t, y, cfg_scale, cfg_all_channels=None):
         """Classifier-free guidance (Sec. 3.1): eps = eps(x|null) + s (eps(x|c) - eps(x|null)).
@@ -323,12 +344,14 @@ class DiT(nn.Module):
         """
         if cfg_all_channels is None:
             cfg_all_channels = self.cfg_all_channels
-        half = x[: len(x) // 2]  # (N, C, H, W) -> (N/2, C, H, W): the z of cat([z, z])
+        # (N, C, H, W) -> (N/2, C, H, W): the z of cat([z, z])
+        half = x[: len(x) // 2]
         combined = torch.cat([half, half], dim=0)  # (N/2, C, H, W) -> (N, C, H, W)
         model_out = self.forward(combined, t, y)  # (N, Cout, H, W)
         # as official models.py: eps, rest = model_out[:, :3], model_out[:, 3:]
         n_guided = self.in_channels if cfg_all_channels else 3
-        eps, rest = model_out[:, :n_guided], model_out[:, n_guided:]  # (N, n_guided, H, W), (N, Cout - n_guided, H, W)
+        # (N, n_guided, H, W), (N, Cout - n_guided, H, W)
+        eps, rest = model_out[:, :n_guided], model_out[:, n_guided:]
         cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)  # 2 x (N/2, n_guided, H, W)
         # Sec. 3.1: eps(x, null) + s (eps(x, c) - eps(x, null)); s = 1 would give the plain conditional eps
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)  # (N/2, n_guided, H, W)
@@ -353,7 +376,8 @@ class DiT(nn.Module):
         t = torch.randint(0, self.diffusion.num_timesteps, (x_start.shape[0],), device=x_start.device)
         terms = self.diffusion.training_losses(self, x_start, t, model_kwargs=dict(y=batch["y"]))
         logs = {"mse": terms["mse"].mean().detach(), "vb": terms["vb"].mean().detach()}
-        return terms["loss"].mean(), logs  # (N,) -> scalar: mean over the batch
+        # (N,) -> scalar: mean over the batch
+        return terms["loss"].mean(), logs
 
     @torch.no_grad()
     def sample(self, n, labels=None, steps=None, cfg=1.0, sampler=None, generator=None, eta=0.0,
@@ -377,10 +401,12 @@ class DiT(nn.Module):
         if labels is None:
             # (n,) uniform random classes when none are given
             labels = torch.randint(0, self.num_classes, (n,), generator=generator, device=device)
-        labels = torch.as_tensor(labels, device=device).long().reshape(-1)  # int / list / tensor -> (n,) long
+        # int / list / tensor -> (n,) long
+        labels = torch.as_tensor(labels, device=device).long().reshape(-1)
         if labels.shape[0] != n or int(labels.min()) < 0 or int(labels.max()) >= self.num_classes:
             raise ValueError(f"labels must be {n} class indices in [0, {self.num_classes}), got {labels.tolist()}")
-        if cfg > 1.0:  # sample.py: x = cat([z, z]), y = cat([labels, null])
+        # sample.py: x = cat([z, z]), y = cat([labels, null])
+        if cfg > 1.0:
             x = torch.cat([z, z], dim=0)  # (n, C, H, W) -> (2n, C, H, W)
             y = torch.cat([labels, torch.full_like(labels, self.num_classes)], dim=0)  # (2n,)
             model_fn = partial(self.forward_with_cfg, cfg_scale=cfg)
@@ -391,7 +417,8 @@ class DiT(nn.Module):
         try:
             step_fn = diffusion.p_sample if sampler == "ddpm" else partial(diffusion.ddim_sample, eta=eta)
             # i = T'-1 .. 0 of the respaced chain, starting from x_T = z ~ N(0, I)
-            for i in reversed(range(diffusion.num_timesteps)):  # p_sample_loop / ddim_sample_loop
+            # p_sample_loop / ddim_sample_loop
+            for i in reversed(range(diffusion.num_timesteps)):
                 t = torch.full((x.shape[0],), i, device=device, dtype=torch.long)  # (n,), or (2n,) under CFG
                 x = step_fn(model_fn, x, t, clip_denoised=clip_denoised, model_kwargs=dict(y=y),
                             generator=generator)["sample"]
@@ -426,7 +453,8 @@ def space_timesteps(num_timesteps, section_counts):
             raise ValueError(f"cannot create exactly {desired_count} steps with an integer stride")
         section_counts = [int(x) for x in section_counts.split(",")]  # "10,15,20" -> [10, 15, 20]
     size_per = num_timesteps // len(section_counts)  # original steps per section
-    extra = num_timesteps % len(section_counts)  # the first `extra` sections get one step more
+    # the first `extra` sections get one step more
+    extra = num_timesteps % len(section_counts)
     start_idx = 0
     all_steps = []
     for i, section_count in enumerate(section_counts):
@@ -500,7 +528,8 @@ class GaussianDiffusion:
                 betas.append(1 - alpha_cumprod / last_alpha_cumprod)
                 last_alpha_cumprod = alpha_cumprod
                 self.timestep_map.append(i)  # respaced index -> original step
-        if len(betas) < 2:  # the official posterior_log_variance_clipped is empty then (IndexError)
+        # the official posterior_log_variance_clipped is empty then (IndexError)
+        if len(betas) < 2:
             raise ValueError(f"respacing {timestep_respacing!r} keeps {len(betas)} step; DiT needs at least 2")
         self.learn_sigma = learn_sigma
         self.num_timesteps = len(betas)
@@ -528,12 +557,14 @@ class GaussianDiffusion:
 
     def _extract(self, name, t, ndim):
         """arr[t] as float32 on t's device, shaped (N, 1, 1, 1) (official _extract_into_tensor)."""
-        key = (name, t.device)  # one cached tensor per table and device
+        # one cached tensor per table and device
+        key = (name, t.device)
         if key not in self._cache:
             arr = self.timestep_map if name == "timestep_map" else getattr(self, name)
             dtype = torch.long if name == "timestep_map" else torch.float32
             self._cache[key] = torch.as_tensor(np.asarray(arr), dtype=dtype).to(t.device)
-        out = self._cache[key][t]  # gather: (T',)[t] with t (N,) -> (N,)
+        # gather: (T',)[t] with t (N,) -> (N,)
+        out = self._cache[key][t]
         return out.reshape(out.shape + (1,) * (ndim - 1))  # (N,) -> (N, 1, 1, 1)
 
     # ----- forward process ------------------------------------------------------------------------
@@ -558,10 +589,13 @@ class GaussianDiffusion:
         """
         if model_output is None:
             model_output = model_fn(x, self._extract("timestep_map", t, 1), **(model_kwargs or {}))  # ndim 1: (N,)
-        model_output = model_output.float()  # diffusion math in float32 (bf16 autocast safe)
-        C = x.shape[1]  # input channels of x_t (latent or pixel)
+        # diffusion math in float32 (bf16 autocast safe)
+        model_output = model_output.float()
+        # input channels of x_t (latent or pixel)
+        C = x.shape[1]
         if self.learn_sigma:
-            eps, v = torch.split(model_output, C, dim=1)  # (N, 2C, H, W) -> 2 x (N, C, H, W): eps FIRST
+            # (N, 2C, H, W) -> 2 x (N, C, H, W): eps FIRST
+            eps, v = torch.split(model_output, C, dim=1)
             # IDDPM Eq. 15 range: min_log = log beta~_t (t = 0 uses beta~_1), max_log = log beta_t
             min_log = self._extract("posterior_log_variance_clipped", t, x.ndim)
             max_log = self._extract("log_betas", t, x.ndim)
@@ -575,7 +609,8 @@ class GaussianDiffusion:
         pred_xstart = (self._extract("sqrt_recip_alphas_cumprod", t, x.ndim) * x
                        - self._extract("sqrt_recipm1_alphas_cumprod", t, x.ndim) * eps)
         if clip_denoised:
-            pred_xstart = pred_xstart.clamp(-1, 1)  # only with clip_denoised (pixel presets)
+            # only with clip_denoised (pixel presets)
+            pred_xstart = pred_xstart.clamp(-1, 1)
         mean = self.q_posterior_mean(pred_xstart, x, t)  # plug x_0-hat into Eq. 11
         return {"mean": mean, "log_variance": model_log_variance, "pred_xstart": pred_xstart, "eps": eps}
 
@@ -605,7 +640,8 @@ class GaussianDiffusion:
         alpha_bar_prev = self._extract("alphas_cumprod_prev", t, x.ndim)
         # sigma_t(eta) of DDIM Eq. 16: eta = 0 deterministic DDIM, eta = 1 the DDPM posterior variance
         sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
-        noise = self._noise_like(x, noise, generator)  # drawn even for eta = 0, as official
+        # drawn even for eta = 0, as official
+        noise = self._noise_like(x, noise, generator)
         # DDIM Eq. 12: sqrt(abar_{t-1}) x_0-hat + sqrt(1 - abar_{t-1} - sigma^2) eps, plus sigma z below
         mean_pred = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
         nonzero_mask = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))  # (N,) -> (N, 1, 1, 1)
@@ -640,17 +676,20 @@ class GaussianDiffusion:
         x_t = self.q_sample(x_start, t, noise)
         # the network sees the original step index timestep_map[t] (identity when not respaced); output float32
         model_output = model_fn(x_t, self._extract("timestep_map", t, 1), **(model_kwargs or {})).float()
-        C = x_t.shape[1]  # input channels of x_t (latent or pixel)
+        # input channels of x_t (latent or pixel)
+        C = x_t.shape[1]
         terms = {"x_t": x_t, "model_output": model_output}
         if self.learn_sigma:
-            eps, v = torch.split(model_output, C, dim=1)  # (N, 2C, H, W) -> 2 x (N, C, H, W)
+            # (N, 2C, H, W) -> 2 x (N, C, H, W)
+            eps, v = torch.split(model_output, C, dim=1)
             frozen_out = torch.cat([eps.detach(), v], dim=1)  # stop-gradient on the mean
             terms["vb"] = self.vb_terms_bpd(frozen_out, x_start, x_t, t)
         else:
             eps = model_output
             # FIXED_LARGE: no variance to learn, so L_vlb is dropped and only L_simple trains
             terms["vb"] = torch.zeros_like(t, dtype=torch.float32)
-        terms["mse"] = mean_flat((noise - eps) ** 2)  # L_simple (IDDPM Eq. 14): target = noise (EPSILON)
+        # L_simple (IDDPM Eq. 14): target = noise (EPSILON)
+        terms["mse"] = mean_flat((noise - eps) ** 2)
         terms["loss"] = terms["mse"] + terms["vb"]
         return terms
 
@@ -713,7 +752,8 @@ def _resolve_config(config, overrides):
     else:
         raise ValueError(f"dit config must be a CONFIGS name or a dict, got {type(config).__name__}")
     overrides = dict(overrides)
-    if "image_size" in overrides:  # generic name (train.py) -> DiT's name
+    # generic name (train.py) -> DiT's name
+    if "image_size" in overrides:
         overrides["input_size"] = overrides.pop("image_size")
     kwargs.update(overrides)
     unknown = sorted(set(kwargs) - set(_KWARGS))
@@ -768,7 +808,8 @@ def load_official(path_or_state_dict, config="DiT-XL/2", **overrides):
     if pe is not None and pe.ndim == 3 and "input_size" not in overrides:
         side = math.isqrt(pe.shape[1])  # G = sqrt(T) tokens per side
         if side * side == pe.shape[1] and side * p != kwargs.get("input_size"):
-            kwargs["input_size"] = side * p  # (1, T, D): T = (input_size / p)^2
+            # (1, T, D): T = (input_size / p)^2
+            kwargs["input_size"] = side * p
     # meta device: shapes only (no memory, no init); load_state_dict(assign=True) installs the tensors
     with torch.device("meta"):
         model = DiT(**kwargs)
@@ -780,5 +821,6 @@ def load_official(path_or_state_dict, config="DiT-XL/2", **overrides):
     if missing or unexpected or wrong:
         raise ValueError(f"checkpoint does not match dit config {config if isinstance(config, str) else kwargs}: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
-    model.load_state_dict(sd, strict=True, assign=True)  # requires_grad stays the module's (pos_embed frozen)
+    # requires_grad stays the module's (pos_embed frozen)
+    model.load_state_dict(sd, strict=True, assign=True)
     return model.eval()

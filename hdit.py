@@ -94,7 +94,8 @@ def scale_for_cosine_sim(q, k, scale, eps):
     sum_sq_k = torch.sum(k.to(dtype) ** 2, dim=-1, keepdim=True)  # (..., e) -> (..., 1)
     # sqrt on each side, so the product q . k carries the full learnable per-head scale (init 10).
     sqrt_scale = torch.sqrt(scale.to(dtype))
-    scale_q = sqrt_scale * torch.rsqrt(sum_sq_q + eps)  # sqrt(scale) / |q|, broadcast over e
+    # sqrt(scale) / |q|, broadcast over e
+    scale_q = sqrt_scale * torch.rsqrt(sum_sq_q + eps)
     scale_k = sqrt_scale * torch.rsqrt(sum_sq_k + eps)
     # |q| and |k| become sqrt(scale) each, so q . k = scale * cos(q, k).
     return q * scale_q.to(q.dtype), k * scale_k.to(k.dtype)
@@ -190,7 +191,8 @@ class AxialRoPE(nn.Module):
 
     def forward(self, pos):
         """pos (..., 2) -> theta (..., n_heads, d_head // 4): [y * freqs[head], x * freqs[head]]."""
-        theta_h = pos[..., None, 0:1] * self.freqs.to(pos.dtype)  # (..., 1, 1) * (nh, f) -> (..., nh, f)
+        # (..., 1, 1) * (nh, f) -> (..., nh, f)
+        theta_h = pos[..., None, 0:1] * self.freqs.to(pos.dtype)
         theta_w = pos[..., None, 1:2] * self.freqs.to(pos.dtype)  # (..., nh, f)
         return torch.cat((theta_h, theta_w), dim=-1)  # (..., nh, 2f)
 
@@ -205,12 +207,15 @@ def apply_rotary_emb(x, theta, conj=False):
     d = theta.shape[-1]
     x1, x2, x3 = x[..., :d], x[..., d:2 * d], x[..., 2 * d:]  # rotated pair halves, untouched rest
     x1, x2, theta = x1.to(dtype), x2.to(dtype), theta.to(dtype)
-    cos, sin = torch.cos(theta), torch.sin(theta)  # each (..., d), broadcast against x1 and x2
-    sin = -sin if conj else sin  # sin(-theta) = -sin(theta); cos is even
+    # each (..., d), broadcast against x1 and x2
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    # sin(-theta) = -sin(theta); cos is even
+    sin = -sin if conj else sin
     # 2-D rotation of each (x1, x2) pair by theta; conj=True rotates by -theta (the inverse).
     y1 = x1 * cos - x2 * sin
     y2 = x2 * cos + x1 * sin
-    return torch.cat((y1.to(out_dtype), y2.to(out_dtype), x3), dim=-1)  # (..., d) x 2 + (..., D - 2d) -> (..., D)
+    # (..., d) x 2 + (..., D - 2d) -> (..., D)
+    return torch.cat((y1.to(out_dtype), y2.to(out_dtype), x3), dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -222,7 +227,8 @@ def apply_rotary_emb(x, theta, conj=False):
 def neighborhood_starts(n, kernel_size, device=None):
     """(n,) first row (or column) of each query's window: clamp(i - K//2, 0, n - K)."""
     i = torch.arange(n, device=device)  # (n,) query positions
-    return (i - kernel_size // 2).clamp(0, n - kernel_size)  # (n,); every window holds exactly K in-range cells
+    # (n,); every window holds exactly K in-range cells
+    return (i - kernel_size // 2).clamp(0, n - kernel_size)
 
 
 def neighborhood_index(h, w, kernel_size, device=None):
@@ -231,7 +237,8 @@ def neighborhood_index(h, w, kernel_size, device=None):
     offsets = torch.arange(kernel_size, device=device)  # (K,)
     rows = neighborhood_starts(h, kernel_size, device)[:, None] + offsets  # (h, K)
     cols = neighborhood_starts(w, kernel_size, device)[:, None] + offsets  # (w, K)
-    flat = rows[:, None, :, None] * w + cols[None, :, None, :]  # (h, 1, K, 1) + (1, w, 1, K) -> (h, w, K, K)
+    # (h, 1, K, 1) + (1, w, 1, K) -> (h, w, K, K)
+    flat = rows[:, None, :, None] * w + cols[None, :, None, :]
     return flat.reshape(h, w, kernel_size * kernel_size)  # (h, w, K, K) -> (h, w, K*K)
 
 
@@ -254,13 +261,16 @@ def neighborhood_attention_reference(q, k, v, kernel_size):
     b, nh, h, w, e = q.shape
     _check_neighborhood(h, w, kernel_size)
     index = neighborhood_index(h, w, kernel_size, q.device).view(-1)  # (h*w*K*K,)
-    k_n = k.reshape(b, nh, h * w, e)[:, :, index]  # (B, nh, H, W, e) -> (B, nh, h*w*K*K, e)
+    # (B, nh, H, W, e) -> (B, nh, h*w*K*K, e)
+    k_n = k.reshape(b, nh, h * w, e)[:, :, index]
     v_n = v.reshape(b, nh, h * w, e)[:, :, index]  # same gather for the values
     k_n = k_n.view(b, nh, h, w, kernel_size * kernel_size, e)  # -> (B, nh, H, W, K*K, e)
     v_n = v_n.view(b, nh, h, w, kernel_size * kernel_size, e)  # -> (B, nh, H, W, K*K, e)
     # K*K logits per query: O(N K^2) work instead of O(N^2), the linear cost Sec. 3.3 relies on at high resolution.
-    logits = torch.einsum("bnhwe,bnhwke->bnhwk", q, k_n)  # (B, nh, H, W, K*K), what NATTEN's na2d_qk returns
-    attn = torch.softmax(logits, dim=-1).to(v.dtype)  # softmax over the K*K neighbours of each query
+    # (B, nh, H, W, K*K), what NATTEN's na2d_qk returns
+    logits = torch.einsum("bnhwe,bnhwke->bnhwk", q, k_n)
+    # softmax over the K*K neighbours of each query
+    attn = torch.softmax(logits, dim=-1).to(v.dtype)
     return torch.einsum("bnhwk,bnhwke->bnhwe", attn, v_n)  # (B, nh, H, W, e)
 
 
@@ -358,12 +368,18 @@ def make_shifted_window_masks(n_h_w, n_w_w, w_h, w_w, shift, device=None):
         *[torch.arange(n, device=device) for n in (n_h_w, n_w_w, w_h, w_w, w_h, w_w)], indexing="ij")
     # With the official +shift roll only the first window row / column holds wrapped-around tokens.
     top, left = ph == 0, pw == 0
-    same_rows = (qh < shift) == (kh < shift)  # query and key on the same side of the row seam
-    same_cols = (qw < shift) == (kw < shift)  # query and key on the same side of the column seam
-    m_corner = left & top & same_cols & same_rows  # top-left window: seams in both directions
-    m_left = left & ~top & same_cols  # left column of windows: only the column seam
-    m_top = ~left & top & same_rows  # top row of windows: only the row seam
-    m_rest = ~left & ~top  # all other windows hold no wrapped-around tokens
+    # query and key on the same side of the row seam
+    same_rows = (qh < shift) == (kh < shift)
+    # query and key on the same side of the column seam
+    same_cols = (qw < shift) == (kw < shift)
+    # top-left window: seams in both directions
+    m_corner = left & top & same_cols & same_rows
+    # left column of windows: only the column seam
+    m_left = left & ~top & same_cols
+    # top row of windows: only the row seam
+    m_top = ~left & top & same_rows
+    # all other windows hold no wrapped-around tokens
+    m_rest = ~left & ~top
     return m_corner | m_left | m_top | m_rest
 
 
@@ -373,20 +389,24 @@ def apply_window_attention(window_size, window_shift, q, k, v):
     if h % window_size or w % window_size:
         raise ValueError(f"shifted-window attention needs the token grid ({h}x{w}) divisible by the window "
                          f"size {window_size}")
-    n_h, n_w, ws = h // window_size, w // window_size, window_size  # window counts along H and W, window side
+    # window counts along H and W, window side
+    n_h, n_w, ws = h // window_size, w // window_size, window_size
 
     def to_windows(x):
         x = torch.roll(x, shifts=(window_shift, window_shift), dims=(-3, -2))  # element (i, j) -> (i+s, j+s)
-        x = x.reshape(b, nh, n_h, ws, n_w, ws, e)  # (B, nh, H, W, e) -> (B, nh, nH, ws, nW, ws, e)
+        # (B, nh, H, W, e) -> (B, nh, nH, ws, nW, ws, e)
+        x = x.reshape(b, nh, n_h, ws, n_w, ws, e)
         x = x.permute(0, 1, 2, 4, 3, 5, 6)  # -> (B, nh, nH, nW, ws, ws, e)
         return x.reshape(b, nh, n_h, n_w, ws * ws, e)  # -> (B, nh, nH, nW, ws*ws, e)
 
     # The mask broadcasts over (B, nh); logits again use SDPA scale=1.0 because of the cosine-sim scaling.
     mask = make_shifted_window_masks(n_h, n_w, ws, ws, window_shift, device=q.device)  # (nH, nW, ws, ws, ws, ws)
-    mask = mask.reshape(n_h, n_w, ws * ws, ws * ws)  # (nH, nW, ws, ws, ws, ws) -> (nH, nW, ws*ws, ws*ws)
+    # (nH, nW, ws, ws, ws, ws) -> (nH, nW, ws*ws, ws*ws)
+    mask = mask.reshape(n_h, n_w, ws * ws, ws * ws)
     # Windows: (B, nh, nH, nW, ws*ws, e) each -> attention within each window -> (B, nh, nH, nW, ws*ws, e).
     out = F.scaled_dot_product_attention(to_windows(q), to_windows(k), to_windows(v), mask, scale=1.0)
-    out = out.reshape(b, nh, n_h, n_w, ws, ws, e)  # (B, nh, nH, nW, ws*ws, e) -> (B, nh, nH, nW, ws, ws, e)
+    # (B, nh, nH, nW, ws*ws, e) -> (B, nh, nH, nW, ws, ws, e)
+    out = out.reshape(b, nh, n_h, n_w, ws, ws, e)
     out = out.permute(0, 1, 2, 4, 3, 5, 6).reshape(b, nh, h, w, e)  # -> (B, nh, H, W, e)
     return torch.roll(out, shifts=(-window_shift, -window_shift), dims=(-3, -2))  # undo the roll
 
@@ -409,12 +429,14 @@ class SelfAttentionBlock(nn.Module):
         self.kernel_size, self.window_size, self.window_shift = kernel_size, window_size, window_shift
         self.norm = AdaRMSNorm(d_model, cond_features)
         self.qkv_proj = nn.Linear(d_model, d_model * 3, bias=False)  # fused q, k, v: C -> 3C
-        self.scale = nn.Parameter(torch.full([self.n_heads], 10.0))  # learnable per-head logit scale, init 10
+        # learnable per-head logit scale, init 10
+        self.scale = nn.Parameter(torch.full([self.n_heads], 10.0))
         # RoPE rotates only the first half of each head (d_head // 2 dims); the rest is position-free.
         self.pos_emb = AxialRoPE(d_head // 2, self.n_heads)
         self.dropout = nn.Dropout(dropout)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
-        nn.init.zeros_(self.out_proj.weight)  # zero-init residual branch (no adaLN-Zero gate, Sec. 3.2)
+        # zero-init residual branch (no adaLN-Zero gate, Sec. 3.2)
+        nn.init.zeros_(self.out_proj.weight)
 
     def extra_repr(self):
         return f"kind={self.kind}, d_head={self.d_head}"
@@ -422,8 +444,10 @@ class SelfAttentionBlock(nn.Module):
     def forward(self, x, pos, cond):
         skip = x
         b, h, w, c = x.shape  # channels-last tokens
-        x = self.norm(x, cond)  # (B, H, W, C); cond (B, mw) sets the per-sample scale
-        qkv = self.qkv_proj(x)  # (B, H, W, C) -> (B, H, W, 3C), features ordered (t, head, e)
+        # (B, H, W, C); cond (B, mw) sets the per-sample scale
+        x = self.norm(x, cond)
+        # (B, H, W, C) -> (B, H, W, 3C), features ordered (t, head, e)
+        qkv = self.qkv_proj(x)
         qkv = qkv.view(b, h, w, 3, self.n_heads, self.d_head)  # -> (B, H, W, 3, nh, e)
         q, k, v = qkv.permute(3, 0, 4, 1, 2, 5)  # -> 3 x (B, nh, H, W, e)
         # self.scale (nh,) -> (nh, 1, 1, 1) broadcasts over (B, nh, H, W, e); q, k keep their shapes.
@@ -500,7 +524,8 @@ class Level(nn.ModuleList):
 
     def forward(self, x, pos, cond):
         for layer in self:
-            x = layer(x, pos, cond)  # (B, h, w, width) throughout the level
+            # (B, h, w, width) throughout the level
+            x = layer(x, pos, cond)
         return x
 
 
@@ -533,7 +558,8 @@ class MappingFeedForwardBlock(nn.Module):
         self.up_proj = LinearGEGLU(d_model, d_ff, bias=False)
         self.dropout = nn.Dropout(dropout)
         self.down_proj = nn.Linear(d_ff, d_model, bias=False)
-        nn.init.zeros_(self.down_proj.weight)  # zero-init: each mapping block starts as the identity
+        # zero-init: each mapping block starts as the identity
+        nn.init.zeros_(self.down_proj.weight)
 
     def forward(self, x):
         return self.down_proj(self.dropout(self.up_proj(self.norm(x)))) + x  # (B, mw) -> (B, mw)
@@ -549,10 +575,12 @@ class MappingNetwork(nn.Module):
         self.out_norm = RMSNorm(d_model)
 
     def forward(self, x):
-        x = self.in_norm(x)  # (B, mw): normalise the summed embeddings
+        # (B, mw): normalise the summed embeddings
+        x = self.in_norm(x)
         for block in self.blocks:
             x = block(x)
-        return self.out_norm(x)  # (B, mw): the cond of every AdaRMSNorm
+        # (B, mw): the cond of every AdaRMSNorm
+        return self.out_norm(x)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -587,7 +615,8 @@ class TokenMerge(nn.Module):
         self.proj = nn.Linear(in_features * self.h * self.w, out_features, bias=False)
 
     def forward(self, x):
-        return self.proj(_merge_tokens(x, self.h, self.w))  # (B, H, W, C) -> (B, H/ph, W/pw, out)
+        # (B, H, W, C) -> (B, H/ph, W/pw, out)
+        return self.proj(_merge_tokens(x, self.h, self.w))
 
 
 class TokenSplitWithoutSkip(nn.Module):
@@ -599,7 +628,8 @@ class TokenSplitWithoutSkip(nn.Module):
         self.proj = nn.Linear(in_features, out_features * self.h * self.w, bias=False)
 
     def forward(self, x):
-        return _split_tokens(self.proj(x), self.h, self.w)  # (B, h, w, in) -> (B, h*ph, w*pw, out)
+        # (B, h, w, in) -> (B, h*ph, w*pw, out)
+        return _split_tokens(self.proj(x), self.h, self.w)
 
 
 class TokenSplit(nn.Module):
@@ -630,8 +660,10 @@ def cosine_interpolated_sigma(u, image_d, noise_d_low, noise_d_high, sigma_data,
                               max_value=1e3):
     """u in [0, 1) -> sigma. The cosine log-SNR schedule shifted for the resolution (Hoogeboom et al. 2023,
     simple diffusion) at noise_d_low and noise_d_high, interpolated with weight u. u=0 -> max_value."""
-    lo = -2 * math.log(min_value / sigma_data)  # log-SNR at the smallest sigma (large)
-    hi = -2 * math.log(max_value / sigma_data)  # log-SNR at the largest sigma (negative)
+    # log-SNR at the smallest sigma (large)
+    lo = -2 * math.log(min_value / sigma_data)
+    # log-SNR at the largest sigma (negative)
+    hi = -2 * math.log(max_value / sigma_data)
 
     # Cosine schedule logSNR(t) = -2 log tan(pi t / 2), truncated to [hi, lo] through the atan bounds a, b,
     # then shifted by 2 log(noise_d / image_d) (simple diffusion's resolution-shifted cosine).
@@ -643,7 +675,8 @@ def cosine_interpolated_sigma(u, image_d, noise_d_low, noise_d_high, sigma_data,
 
     # Interpolate from the schedule shifted for noise_d_low (32) to the unshifted one (noise_d_high = image_d).
     logsnr = torch.lerp(logsnr_shifted(noise_d_low), logsnr_shifted(noise_d_high), u)
-    return sigma_data * torch.exp(-logsnr / 2)  # log-SNR = -2 log(sigma / sigma_data) -> sigma, (n,)
+    # log-SNR = -2 log(sigma / sigma_data) -> sigma, (n,)
+    return sigma_data * torch.exp(-logsnr / 2)
 
 
 def stratified_uniform(n, device=None, generator=None):
@@ -758,7 +791,8 @@ def sample_dpmpp_3m_sde(denoiser, x, sigmas, eta=1.0, s_noise=1.0, noise_sampler
                 x = x + phi_2 * (denoised - denoised_1) / (h_1 / h)
             if eta:
                 x = x + noise_sampler(s[i], s[i + 1]) * s[i + 1] * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise
-        denoised_1, denoised_2 = denoised, denoised_1  # shift the history: the two newest estimates
+        # shift the history: the two newest estimates
+        denoised_1, denoised_2 = denoised, denoised_1
         h_1, h_2 = h, h_1  # and their step sizes
     return x
 
@@ -800,7 +834,8 @@ class HDiT(nn.Module):
         self.cfg = cfg
         widths, depths, d_ffs, attns = cfg["widths"], cfg["depths"], cfg["d_ffs"], cfg["self_attns"]
         drops, mw = cfg["dropout_rate"], cfg["mapping_width"]
-        self.num_classes = cfg["num_classes"]  # labels in the data; 0 = unconditional
+        # labels in the data; 0 = unconditional
+        self.num_classes = cfg["num_classes"]
         self.sigma_data = cfg["sigma_data"]
         self.hparams = dict(cfg["hparams"])
         self.image_size = tuple(cfg["input_size"])
@@ -808,9 +843,11 @@ class HDiT(nn.Module):
 
         # Patchify: (B, H, W, C_in) -> (B, H/p, W/p, width_0), a ViT-style patch embedding.
         self.patch_in = TokenMerge(cfg["in_channels"], widths[0], cfg["patch_size"])
-        self.time_emb = FourierFeatures(1, mw)  # Fourier features of c_noise = log(sigma) / 4
+        # Fourier features of c_noise = log(sigma) / 4
+        self.time_emb = FourierFeatures(1, mw)
         self.time_in_proj = nn.Linear(mw, mw, bias=False)  # (B, mw) -> (B, mw)
-        self.aug_emb = FourierFeatures(9, mw)  # the 9 augmentation parameters (zeros when not augmenting)
+        # the 9 augmentation parameters (zeros when not augmenting)
+        self.aug_emb = FourierFeatures(9, mw)
         self.aug_in_proj = nn.Linear(mw, mw, bias=False)  # (B, mw) -> (B, mw)
         # Row `num_classes` is the dropped / unconditional class used for classifier-free guidance.
         self.class_emb = nn.Embedding(self.num_classes + 1, mw) if self.num_classes else None
@@ -833,10 +870,12 @@ class HDiT(nn.Module):
         self.merges = nn.ModuleList([TokenMerge(a, b) for a, b in zip(widths[:-1], widths[1:])])
         # splits[i] undoes merges[i]: width_{i+1} -> width_i on a 2x larger grid, lerp-merged with the skip.
         self.splits = nn.ModuleList([TokenSplit(b, a) for a, b in zip(widths[:-1], widths[1:])])
-        self.out_norm = RMSNorm(widths[0])  # final norm: pre-norm blocks leave the residual stream unnormalised
+        # final norm: pre-norm blocks leave the residual stream unnormalised
+        self.out_norm = RMSNorm(widths[0])
         # Unpatchify: (B, H/p, W/p, width_0) -> (B, H, W, out_channels).
         self.patch_out = TokenSplitWithoutSkip(widths[0], cfg["out_channels"], cfg["patch_size"])
-        nn.init.zeros_(self.patch_out.proj.weight)  # the network starts at exactly 0: D = c_skip * x
+        # the network starts at exactly 0: D = c_skip * x
+        nn.init.zeros_(self.patch_out.proj.weight)
 
     # --- the network --------------------------------------------------------------------------------------
 
@@ -853,7 +892,8 @@ class HDiT(nn.Module):
         if mapping_cond is None and self.mapping_cond_in_proj is not None:
             raise ValueError("mapping_cond must be given when mapping_cond_dim > 0")
         # EDM Table 1: c_noise(sigma) = ln(sigma) / 4.
-        c_noise = torch.log(sigma) / 4  # EDM c_noise (computed inside the network, as the official)
+        # EDM c_noise (computed inside the network, as the official)
+        c_noise = torch.log(sigma) / 4
         cond = self.time_in_proj(self.time_emb(c_noise[..., None]))  # (B,) -> (B, 1) -> (B, mw)
         aug_cond = x.new_zeros([x.shape[0], 9]) if aug_cond is None else aug_cond  # (B, 9)
         cond = cond + self.aug_in_proj(self.aug_emb(aug_cond))  # (B, 9) -> (B, mw)
@@ -867,13 +907,18 @@ class HDiT(nn.Module):
         skips, poses = [], []
         for down_level, merge in zip(self.down_levels, self.merges):
             x = down_level(x, pos, cond)  # (B, h, w, C_i), grid unchanged
-            skips.append(x)  # kept for the matching up level's lerp skip (TokenSplit)
-            poses.append(pos)  # the up level reuses this level's positions
-            x = merge(x)  # (B, h, w, C_i) -> (B, h/2, w/2, C_{i+1})
+            # kept for the matching up level's lerp skip (TokenSplit)
+            skips.append(x)
+            # the up level reuses this level's positions
+            poses.append(pos)
+            # (B, h, w, C_i) -> (B, h/2, w/2, C_{i+1})
+            x = merge(x)
             pos = downscale_pos(pos)  # (h, w, 2) -> (h/2, w/2, 2)
-        x = self.mid_level(x, pos, cond)  # (B, h_mid, w_mid, C_last): the innermost level
+        # (B, h_mid, w_mid, C_last): the innermost level
+        x = self.mid_level(x, pos, cond)
         for up_level, split, skip, pos in reversed(list(zip(self.up_levels, self.splits, skips, poses))):
-            x = split(x, skip)  # (B, h/2, w/2, C_{i+1}) -> (B, h, w, C_i)
+            # (B, h/2, w/2, C_{i+1}) -> (B, h, w, C_i)
+            x = split(x, skip)
             x = up_level(x, pos, cond)  # (B, h, w, C_i)
 
         x = self.patch_out(self.out_norm(x))  # (B, h, w, width_0) -> (B, H, W, C)
@@ -887,9 +932,11 @@ class HDiT(nn.Module):
         sigma = sigma.to(torch.promote_types(sigma.dtype, torch.float32))
         sd2 = self.sigma_data ** 2
         # EDM Table 1: c_in gives F a unit-variance input, c_skip / c_out a unit-variance training target.
-        c_skip = sd2 / (sigma ** 2 + sd2)  # -> 1 as sigma -> 0, -> 0 as sigma -> inf
+        # -> 1 as sigma -> 0, -> 0 as sigma -> inf
+        c_skip = sd2 / (sigma ** 2 + sd2)
         c_out = sigma * self.sigma_data / (sigma ** 2 + sd2) ** 0.5  # -> sigma_data as sigma -> inf
-        c_in = 1 / (sigma ** 2 + sd2) ** 0.5  # input std is sqrt(sigma^2 + sigma_data^2)
+        # input std is sqrt(sigma^2 + sigma_data^2)
+        c_in = 1 / (sigma ** 2 + sd2) ** 0.5
         return c_skip, c_out, c_in
 
     def denoise(self, x, sigma, **cond):
@@ -915,13 +962,15 @@ class HDiT(nn.Module):
         """Training noise levels from the global RNG: the config's sigma_sample_density."""
         density = self.cfg["sigma_sample_density"]
         if density["type"] == "cosine-interpolated":
-            image_d = max(self.image_size)  # the resolution d of simple diffusion's shift
+            # the resolution d of simple diffusion's shift
+            image_d = max(self.image_size)
             u = stratified_uniform(n, device=device)  # (n,) stratified in [0, 1)
             # The official widens the density's range to at least [1e-3, 1e3], whatever the sampling sigma range.
             return cosine_interpolated_sigma(u, image_d, density.get("noise_d_low", 32),
                                              density.get("noise_d_high", image_d), self.sigma_data,
                                              min(self.cfg["sigma_min"], 1e-3), max(self.cfg["sigma_max"], 1e3))
-        if density["type"] == "lognormal":  # EDM's log-normal (Karras et al. 2022, Table 1)
+        # EDM's log-normal (Karras et al. 2022, Table 1)
+        if density["type"] == "lognormal":
             return torch.exp(torch.randn(n, device=device) * density["std"] + density["mean"])  # (n,)
         raise ValueError(f"unknown sigma_sample_density type {density['type']!r}")
 
@@ -933,7 +982,8 @@ class HDiT(nn.Module):
         Each dict carries `lr_scale` (lr = base lr * lr_scale) and `weight_decay` only where it is 0."""
         groups = {name: [] for name in ("wd", "no_wd", "mapping_wd", "mapping_no_wd")}
         for name, p in self.named_parameters():
-            groups[official_param_group(name)].append(p)  # every parameter lands in exactly one group
+            # every parameter lands in exactly one group
+            groups[official_param_group(name)].append(p)
         scale = self.cfg["mapping_lr_scale"]
         return {"model": [{"params": groups["wd"], "lr_scale": 1.0},
                           {"params": groups["no_wd"], "lr_scale": 1.0, "weight_decay": 0.0},
@@ -1013,7 +1063,8 @@ class HDiT(nn.Module):
             # One batched forward on 2n samples: (n, C, H, W) -> (2n, C, H, W), null labels first.
             out = self.denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), class_cond=torch.cat([null, labels]))
             uncond, cond = out.float().chunk(2)  # (2n, ...) -> 2 x (n, ...)
-            return uncond + (cond - uncond) * cfg  # cfg 1: plain conditional; cfg > 1 pushes away from uncond
+            # cfg 1: plain conditional; cfg > 1 pushes away from uncond
+            return uncond + (cond - uncond) * cfg
 
         return denoiser
 
@@ -1174,7 +1225,8 @@ def _validate(cfg):
         if i < n - 1:
             if h % 2 or w % 2:
                 raise ValueError(f"level {i}: token grid {h}x{w} of a {H}x{W} input cannot be merged 2x2")
-            h, w = h // 2, w // 2  # each 2x2 merge halves the grid for the next level
+            # each 2x2 merge halves the grid for the next level
+            h, w = h // 2, w // 2
 
 
 def create(config="tiny", **overrides):
@@ -1201,7 +1253,8 @@ def config_from_official(kwargs):
     -> our config dict. The official num_classes is already data classes + 1."""
     if isinstance(kwargs, str):
         text = kwargs.strip()
-        if text.startswith("#"):  # "# ImageTransformerDenoiserModelV2 {json} params=N"
+        # "# ImageTransformerDenoiserModelV2 {json} params=N"
+        if text.startswith("#"):
             text = text[text.index("{"):text.rindex("}") + 1]
         kwargs = json.loads(text)
     levels, mapping = kwargs["levels"], kwargs["mapping"]

@@ -242,16 +242,20 @@ class Decoder(nn.Module):
             self.up.insert(0, level)  # prepend: up[i] is level i
 
     def forward(self, z):
-        h = self.conv_in(z)  # (B, z_channels, h, w) -> (B, ch*ch_mult[-1], h, w)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))  # shape kept: (B, ch*ch_mult[-1], h, w)
+        # (B, z_channels, h, w) -> (B, ch*ch_mult[-1], h, w)
+        h = self.conv_in(z)
+        # shape kept: (B, ch*ch_mult[-1], h, w)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         # run coarse -> fine: up[-1] (lowest resolution) first, up[0] last
         for level in reversed(self.up):
             for block in level.block:
-                h = block(h)  # channels -> ch*ch_mult[i] of this level, size kept
+                # channels -> ch*ch_mult[i] of this level, size kept
+                h = block(h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)  # (B, C, h, w) -> (B, C, 2h, 2w)
         # after L-1 upsamplings: (B, ch*ch_mult[0], h*f, w*f), f = 2^(L-1), i.e. phi at the encoder resolution
-        return h  # phi: no norm_out / conv_out (give_pre_end)
+        # phi: no norm_out / conv_out (give_pre_end)
+        return h
 
 
 class VectorQuantizer(nn.Module):
@@ -270,7 +274,8 @@ class VectorQuantizer(nn.Module):
     def forward(self, z):
         B, C, H, W = z.shape
         z = z.permute(0, 2, 3, 1).contiguous()  # (B, C, H, W) -> (B, H, W, C)
-        z_flat = z.view(-1, C)  # (B, H, W, C) -> (B*H*W, C), order (b, y, x)
+        # (B, H, W, C) -> (B*H*W, C), order (b, y, x)
+        z_flat = z.view(-1, C)
         e = self.embedding.weight
         # |z - e|^2 = |z|^2 + |e|^2 - 2 z.e, written as the official code (same argmin ties)
         d = z_flat.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * z_flat @ e.t()  # (B*H*W, n_embed)
@@ -295,7 +300,8 @@ def make_coord_grid(shape, range=(-1, 1), device="cpu"):
         # pixel i covers [lo + i*(hi-lo)/s, lo + (i+1)*(hi-lo)/s]: its centre has the +0.5 offset
         axes.append(lo + (hi - lo) * ((0.5 + torch.arange(s, device=device)) / s))  # centres of s equal cells
     # indexing='ij' keeps axis order (row, col), matching the (y, x) convention of the module docstring
-    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # k x (s_1, ..., s_k) -> (s_1, ..., s_k, k)
+    # k x (s_1, ..., s_k) -> (s_1, ..., s_k, k)
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
 
 
 def make_coord_cell_grid(shape, range=(-1, 1), device="cpu", bs=None):
@@ -320,8 +326,10 @@ def convert_posenc(x, dim, w_max):
         raise ValueError(f"positional-encoding dim must be even, got {dim}")
     # log-spaced frequencies from 1 to w_max (dim/2 of them)
     w = torch.exp(torch.linspace(0, np.log(w_max), dim // 2, device=x.device))
-    x = torch.matmul(x.unsqueeze(-1), w.unsqueeze(0)).view(*x.shape[:-1], -1)  # (..., d, 1)@(1, dim/2) -> (..., d*dim/2)
-    return torch.cat([torch.cos(np.pi * x), torch.sin(np.pi * x)], dim=-1)  # 2 x (..., d*dim/2) -> (..., d*dim)
+    # (..., d, 1)@(1, dim/2) -> (..., d*dim/2)
+    x = torch.matmul(x.unsqueeze(-1), w.unsqueeze(0)).view(*x.shape[:-1], -1)
+    # 2 x (..., d*dim/2) -> (..., d*dim)
+    return torch.cat([torch.cos(np.pi * x), torch.sin(np.pi * x)], dim=-1)
 
 
 # Sec. 3.1 / Fig. 3: the per-query inputs of CLIF; relative coordinate and cell are what let one phi be
@@ -336,7 +344,8 @@ def liif_query(phi, coord, cell):
     B, _, H, W = phi.shape
     # h, w of a grid query (or any extra dims); restored on the outputs
     query_shape = coord.shape[1:-1]
-    coord = coord.reshape(B, 1, -1, 2)  # (B, ..., 2) -> (B, 1, N, 2): a 1 x N "image" of sample points
+    # (B, ..., 2) -> (B, 1, N, 2): a 1 x N "image" of sample points
+    coord = coord.reshape(B, 1, -1, 2)
     cell = cell.reshape(B, 1, -1, 2)  # (B, ..., 2) -> (B, 1, N, 2)
     # grid_sample wants (x, y) order, ours is (y, x): flip the last dim.
     q_feat = F.grid_sample(phi, coord.flip(-1), mode="nearest", align_corners=False)  # (B, C, 1, N)
@@ -346,7 +355,8 @@ def liif_query(phi, coord, cell):
     q_coord = F.grid_sample(feat_coord, coord.flip(-1), mode="nearest", align_corners=False)  # (B, 2, 1, N)
     # multiply by (H, W): a feature pixel has width 2/H, so the offset becomes units of half a feature pixel
     scale = torch.tensor([H, W], dtype=coord.dtype, device=coord.device)
-    rel_coord = (coord - q_coord.permute(0, 2, 3, 1)) * scale  # (B, 1, N, 2), q_coord (B, 2, 1, N) -> (B, 1, N, 2)
+    # (B, 1, N, 2), q_coord (B, 2, 1, N) -> (B, 1, N, 2)
+    rel_coord = (coord - q_coord.permute(0, 2, 3, 1)) * scale
     # rel_cell: query pixel size relative to a feature pixel (Fig. 3: lets CLIF know the output scale)
     rel_cell = cell * scale  # (B, 1, N, 2)
     q_feat = q_feat.permute(0, 2, 3, 1).reshape(B, *query_shape, -1)  # (B, C, 1, N) -> (B, ..., C)
@@ -369,7 +379,8 @@ class RendererNet(nn.Module):
                                     ResnetBlock(hidden_channels, hidden_channels)])
         self.norm_out = Normalize(hidden_channels)
         self.conv_out = nn.Conv2d(hidden_channels, out_channels, 3, padding=1)
-        if not normalize:  # official option normalize=False: every GroupNorm is an identity (no state-dict keys)
+        # official option normalize=False: every GroupNorm is an identity (no state-dict keys)
+        if not normalize:
             for block in self.model[1:]:
                 block.norm1, block.norm2 = nn.Identity(), nn.Identity()
             self.norm_out = nn.Identity()
@@ -377,8 +388,10 @@ class RendererNet(nn.Module):
     def forward(self, x):
         # self.model = [conv_in, res, res]: the official ModuleList layout, hence the loop
         for layer in self.model:
-            x = layer(x)  # (B, C + 4, h, w) -> (B, hidden, h, w), then kept
-        return self.conv_out(nonlinearity(self.norm_out(x)))  # (B, hidden, h, w) -> (B, 3, h, w)
+            # (B, C + 4, h, w) -> (B, hidden, h, w), then kept
+            x = layer(x)
+        # (B, hidden, h, w) -> (B, 3, h, w)
+        return self.conv_out(nonlinearity(self.norm_out(x)))
 
 
 class CLIFRenderer(nn.Module):
@@ -406,7 +419,8 @@ class CLIFRenderer(nn.Module):
             rel_cell = convert_posenc(rel_cell, *self.ce_pe)
         # (B, h, w, C + 2 + 2) -> (B, C + 4, h, w): channel order q_feat, rel_coord (dy, dx), rel_cell (cy, cx)
         layout = torch.cat([q_feat, rel_coord.to(q_feat.dtype), rel_cell.to(q_feat.dtype)], dim=-1).permute(0, 3, 1, 2)
-        return self.net(layout)  # (B, C + 4, h, w) -> (B, 3, h, w)
+        # (B, C + 4, h, w) -> (B, 3, h, w)
+        return self.net(layout)
 
     def last_layer_weight(self):
         # W for the adaptive GAN weight (Sec. 3.2, INFD._adaptive_weight)
@@ -434,7 +448,8 @@ class FixresRenderer(nn.Module):
         self.net = OriginalTail(z_dec_channels)
 
     def forward(self, phi, coord=None, cell=None):
-        return self.net(phi)  # (B, C, R, R) -> (B, 3, R, R): the output size is fixed by phi
+        # (B, C, R, R) -> (B, 3, R, R): the output size is fixed by phi
+        return self.net(phi)
 
     def last_layer_weight(self):
         # same role as CLIFRenderer.last_layer_weight (adaptive GAN weight)
@@ -466,7 +481,8 @@ def sample_patch(img, rng, resize_inp, resize_gt_lb, resize_gt_ub, final_crop_gt
     # the encoder always sees the whole image at the fixed size resize_inp (Sec. 3.1, fixed encoder resolution)
     inp = to_tensor(img.resize((resize_inp, resize_inp), Image.LANCZOS))  # (3, resize_inp, resize_inp)
     # each branch draws from rng only when reached, mirroring the official short-circuit order
-    if rng.random() < p_whole:  # the whole image at the crop size (official draws this first)
+    # the whole image at the crop size (official draws this first)
+    if rng.random() < p_whole:
         r = final_crop_gt
     elif rng.random() < p_max:  # the largest scale available
         r = min(size, resize_gt_ub)
@@ -626,13 +642,16 @@ class INFD(nn.Module):
     # ---------------------------------------------------------------- autoencoder (Sec. 3.1)
     def encode_z(self, x):
         """Image in [-1, 1] at the encoder resolution -> z (pre-quantisation), official `encode_z`."""
-        return self.encoder(x)  # (B, 3, R, R) -> (B, z_channels, R/f, R/f)
+        # (B, 3, R, R) -> (B, z_channels, R/f, R/f)
+        return self.encoder(x)
 
     def decode_z(self, z):
         """z -> phi through the VQ layer and the decoder (official `decode_z`: the quantiser IS applied, also to
         diffusion samples, as gen_samples.py does)."""
-        z_q, _, _ = self.quantizer(z)  # same shape as z: (B, z_channels, R/f, R/f)
-        return self.decoder(z_q)  # (B, z_channels, R/f, R/f) -> phi (B, ch*ch_mult[0], R, R)
+        # same shape as z: (B, z_channels, R/f, R/f)
+        z_q, _, _ = self.quantizer(z)
+        # (B, z_channels, R/f, R/f) -> phi (B, ch*ch_mult[0], R, R)
+        return self.decoder(z_q)
 
     def render_phi(self, phi, coord, cell):
         """Renderer R on explicit queries: phi (B, C, H, W), coord / cell (B, h, w, 2) -> (B, 3, h, w)."""
@@ -652,7 +671,8 @@ class INFD(nn.Module):
             # the encoder is fully convolutional but trained only at R: resample to R rather than encoding another size
             x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bicubic", align_corners=False,
                               antialias=True)
-        return self.encode_z(x) * self._scale()  # (B, 3, R, R) -> (B, z_channels, R/f, R/f)
+        # (B, 3, R, R) -> (B, z_channels, R/f, R/f)
+        return self.encode_z(x) * self._scale()
 
     def decode(self, z):
         """Contract: z * scale_factor -> image (B, 3, R, R) at the encoder resolution (render(z, R))."""
@@ -682,13 +702,16 @@ class INFD(nn.Module):
         coord, cell = coord.to(phi.dtype), cell.to(phi.dtype)
         # why tiles: the CLIF CNN runs on the full query grid, so its activations grow with H*W (Sec. 4 renders
         # far above the encoder resolution); the padding gives border queries their convolutional context
-        if not p or p <= 0:  # patch_size 0 / None from the caller: one whole tile
+        # patch_size 0 / None from the caller: one whole tile
+        if not p or p <= 0:
             return self.render_phi(phi, coord, cell)  # CLIF: (B, 3, H, W)
         out = None
         # each tile (y0, x0) renders rows [y0 - pt, y0 + yl + pb) x cols [x0 - pl, x0 + xl + pr) of the global grid
-        for y0 in range(0, H, p):  # official outer loop: rows ("x0" there)
+        # official outer loop: rows ("x0" there)
+        for y0 in range(0, H, p):
             yl = min(p, H - y0)
-            pt, pb = min(pad, y0), min(pad, H - (y0 + yl))  # padding clamped at the image border
+            # padding clamped at the image border
+            pt, pb = min(pad, y0), min(pad, H - (y0 + yl))
             for x0 in range(0, W, p):
                 xl = min(p, W - x0)
                 pl, pr = min(pad, x0), min(pad, W - (x0 + xl))
@@ -719,7 +742,8 @@ class INFD(nn.Module):
             s = min(w, h)
             if w != h:
                 img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-            if s < image_size:  # a small image: upsample to P (the scale range is then just r = P)
+            # a small image: upsample to P (the scale range is then just r = P)
+            if s < image_size:
                 img, s = img.resize((image_size, image_size), Image.LANCZOS), image_size
             # r ~ U{P .. min(s, max_scale * P)}: resize_gt_lb = P, final crop = P
             d = sample_patch(img, rng, image_size, image_size, cfg["max_scale"] * image_size, image_size,
@@ -790,7 +814,8 @@ class INFD(nn.Module):
                 logs.update(gan_g=g_loss.detach(), gan_weight=weight.detach())
             return loss, logs
         if group == "disc":
-            if not use_gan:  # before disc_start: no discriminator forward (no BatchNorm update), zero gradients
+            # before disc_start: no discriminator forward (no BatchNorm update), zero gradients
+            if not use_gan:
                 # touch every disc parameter so DDP / the optimiser see gradients (all zero) for the group
                 zero = sum(p.sum() for p in self.disc.parameters()) * 0.0
                 return zero.float(), {"disc": zero.detach().float()}
@@ -829,7 +854,8 @@ CONFIGS = {
                  renderer="clif", renderer_hidden=32, disc_ndf=16, disc_layers=2, gan_weight=0.75,
                  adaptive_gan_weight=True, scale_factor=0.0, hparams=dict(AE_HPARAMS, lr=2e-4, batch_size=8)),
 }
-CONFIGS["dm_ffhq"] = dict(CONFIGS["ae-d4vq"])  # the AE inside cfgs/dm_ffhq.yaml (its UNet is not part of this file)
+# the AE inside cfgs/dm_ffhq.yaml (its UNet is not part of this file)
+CONFIGS["dm_ffhq"] = dict(CONFIGS["ae-d4vq"])
 
 
 def create(config="tiny", **overrides):
@@ -845,7 +871,8 @@ def create(config="tiny", **overrides):
     if "image_size" in overrides:
         overrides["resolution"] = overrides.pop("image_size")
     hp = dict(kw.get("hparams") or {}, **overrides.pop("hparams", {}))
-    for key in list(overrides):  # train.py --set lr=... etc. land in hparams, not in the constructor
+    # train.py --set lr=... etc. land in hparams, not in the constructor
+    for key in list(overrides):
         if key in ("lr", "betas", "weight_decay", "ema_decay", "warmup_steps", "grad_clip", "batch_size"):
             hp[key] = overrides.pop(key)
     kw.update(overrides, hparams=hp)
@@ -854,7 +881,8 @@ def create(config="tiny", **overrides):
 
 # Official model arguments that are not architecture (ignored when building from an official spec).
 VQF4 = dict(ch=128, ch_mult=[1, 2, 4], num_res_blocks=2, z_channels=3, resolution=256)  # encoder/decoder_vqf4 defaults
-DROPPED = ("perc_loss.", "z_dm.", "z_dm_ema.")  # official prefixes load_official drops (see there)
+# official prefixes load_official drops (see there)
+DROPPED = ("perc_loss.", "z_dm.", "z_dm_ema.")
 
 
 def official_to_create(spec):
