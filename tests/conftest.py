@@ -68,3 +68,19 @@ def ddp_and_single(tmp_path, args, port):
 @pytest.fixture
 def tmp_run(tmp_path):
     return tmp_path / "run"
+
+
+def lift(module, *names):
+    """Issue 16's "liftable block" check: the source of each named top-level def/class of `module` (read with
+    inspect.getsource), executed alone, in order, in a namespace that holds only torch, nn, F and math, as a
+    reader who copies those blocks into a fresh file would. Returns that namespace, so a test can build the
+    lifted block and compare it with the file's own result."""
+    import inspect
+    import math
+    import textwrap
+    namespace = {"torch": torch, "nn": torch.nn, "F": torch.nn.functional, "math": math,
+                 "__name__": f"lifted_{module.__name__}"}
+    for name in names:
+        source = textwrap.dedent(inspect.getsource(getattr(module, name)))
+        exec(compile(source, f"<lifted {module.__name__}.{name}>", "exec"), namespace)
+    return namespace
