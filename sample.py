@@ -11,15 +11,17 @@ Like train.py it knows only the model-file contract (README.md): `sample`, `enco
 `load_official`. Images are written as PNG; a grid, and with --each one file per image.
 """
 import argparse
+import hashlib
 import importlib
 import inspect
 import math
+import random
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
+from PIL import Image, ImageDraw
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
@@ -27,6 +29,85 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 def fail(msg):
     """Bad input ends the run with one line naming the problem, not a stack trace."""
     raise SystemExit(f"error: {msg}")
+
+
+# ------------------------------------------------------- data (train.py reads it; sample.py never imports train.py)
+def seed_for(*parts):
+    """A 64-bit seed from any tuple of ints/strings: the same parts give the same seed in every process."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
+
+
+class Shapes:
+    """Built-in procedural data: one coloured shape on a two-colour gradient, label = shape kind.
+    No files; image i is the same for the same seed at any size (drawn at 4x, then box-downsampled)."""
+
+    classes = ["circle", "square", "triangle", "star"]
+
+    def __init__(self, size, n=60_000, seed=0):
+        self.size, self.n, self.seed = size, n, seed
+
+    def __len__(self):
+        return self.n
+
+    def image(self, i):
+        rng, s = random.Random(seed_for("shapes", self.seed, i)), 4 * self.size
+        top, bottom = np.array([rng.randrange(256) for _ in range(6)]).reshape(2, 3)
+        ramp = np.linspace(0, 1, s)[:, None, None]  # vertical gradient (s, 1, 1)
+        bg = (top * (1 - ramp) + bottom * ramp).repeat(s, axis=1)  # (s, s, 3)
+        img = Image.fromarray(bg.astype(np.uint8))
+        mean = (top + bottom) / 2  # shape colour far from the background, so the shape is always visible
+        color = tuple(int(c) for c in max((np.array([rng.randrange(256) for _ in range(3)]) for _ in range(8)),
+                                          key=lambda c: np.abs(c - mean).sum()))
+        kind, r = i % len(self.classes), rng.uniform(0.2, 0.34) * s
+        cx, cy, a = rng.uniform(r, s - r), rng.uniform(r, s - r), rng.uniform(0, 2 * math.pi)
+        draw = ImageDraw.Draw(img)
+        if kind == 0:
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+        else:
+            corners = {1: 4, 2: 3, 3: 10}[kind]
+            radii = [r if kind != 3 or j % 2 == 0 else 0.45 * r for j in range(corners)]
+            draw.polygon([(cx + q * math.cos(a + 2 * math.pi * j / corners), cy + q * math.sin(a + 2 * math.pi * j / corners))
+                          for j, q in enumerate(radii)], fill=color)
+        return img.resize((self.size, self.size), Image.BOX), kind
+
+
+class Folder:
+    """Images under a folder. With class sub-folders (ImageNet layout) the label is the sub-folder;
+    otherwise (or labelled=False, e.g. FFHQ's numbered sub-folders) every image has label 0."""
+
+    def __init__(self, root, labelled=True):
+        root = Path(root)
+        if not root.is_dir():
+            fail(f"data folder {root} does not exist (give --data PATH, or set $DATA_ROOT)")
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+        if not files:
+            fail(f"data folder {root} has no images ({' '.join(sorted(IMAGE_EXTS))})")
+        subdirs = sorted(d.name for d in root.iterdir() if d.is_dir())
+        labelled = labelled and subdirs and not any(p.parent == root for p in files)
+        self.classes = subdirs if labelled else ["all"]
+        index = {c: k for k, c in enumerate(self.classes)}
+        self.files, self.labels = files, [index[p.relative_to(root).parts[0]] if labelled else 0 for p in files]
+
+    def __len__(self):
+        return len(self.files)
+
+    def image(self, i):
+        with Image.open(self.files[i]) as img:
+            return img.convert("RGB"), self.labels[i]
+
+
+def center_crop_transform(image_size):
+    """ADM/DiT preprocessing: box-halve while large, bicubic-resize the short side, centre crop; random flip."""
+    def transform(img, rng):
+        while min(img.size) >= 2 * image_size:
+            img = img.resize(tuple(x // 2 for x in img.size), Image.BOX)
+        scale = image_size / min(img.size)
+        img = img.resize(tuple(max(image_size, round(x * scale)) for x in img.size), Image.BICUBIC)
+        left, top = (img.size[0] - image_size) // 2, (img.size[1] - image_size) // 2
+        img = img.crop((left, top, left + image_size, top + image_size))
+        img = img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
+        return {"x": torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)}  # (3, H, W)
+    return transform
 
 
 # ------------------------------------------------------- checkpoints and images (train.py uses these too)
@@ -113,8 +194,6 @@ def save_grid(x, path, nrow=None):
         grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + q * (w + 2): 2 + q * (w + 2) + w] = img
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).save(path)
-
-
 
 
 def parse_args(argv=None):
@@ -231,7 +310,6 @@ def lpips_metric(device):
 
 @torch.no_grad()
 def reconstruct(model, args, size, device):
-    from train import Folder, center_crop_transform  # data helpers live in train.py (imported late: no cycle)
     if not (hasattr(model, "encode") and hasattr(model, "decode")):
         fail("--reconstruct needs an autoencoder checkpoint (encode/decode)")
     src = Path(args.reconstruct)
