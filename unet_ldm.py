@@ -46,9 +46,8 @@ Deliberately left out (unused by the released configurations, see the reference 
   concat / hybrid / adm conditioning keys, the BERT text encoder, the autoencoder (ae_kl.py / ae_vq.py;
   train.py --ae composes them), PLMS sampling, learn_logvar, x0 parameterisation.
 """
-import json
 import math
-from pathlib import Path
+import os
 
 import torch
 import torch.nn as nn
@@ -458,18 +457,35 @@ def make_beta_schedule(linear_start, linear_end, timesteps=1000):
 
 
 def make_ddim_timesteps(num_ddim_steps, num_timesteps=1000, discretize="uniform"):
-    """DDIM's timestep sub-sequence, shifted by +1 like the official code (999 is never used):
-    "uniform" = range(0, T, T // S) + 1, e.g. S = 20 -> 1, 51, ..., 951 (we keep the first S entries, which
-    equals the official list whenever the official code works); "quad" = int(linspace(0, sqrt(0.8 T), S)^2) + 1."""
+    """DDIM's timestep sub-sequence tau (DDIM Sec. 4.2), shifted by +1 like the official code (t = 0 is never used).
+    "uniform" = the WHOLE list range(0, T, T // S) + 1: exactly S steps only when T // S divides T evenly enough
+    (S = 20 -> 1, 51, ..., 951; S = 150 -> 167 steps, 1 .. 997); "quad" = int(linspace(0, sqrt(0.8 T), S)^2) + 1."""
     if not 1 <= num_ddim_steps <= num_timesteps:
         raise ValueError(f"unet_ldm: DDIM steps must be in 1..{num_timesteps}, got {num_ddim_steps}")
-    # DDIM Sec. 4.2: sample on a sub-sequence tau of the T steps; App. D.2: linear / quadratic tau
-    if discretize == "uniform":
-        # (S,) int64, ascending
-        return torch.arange(0, num_timesteps, num_timesteps // num_ddim_steps)[:num_ddim_steps] + 1
     if discretize == "quad":
         return (torch.linspace(0, math.sqrt(num_timesteps * 0.8), num_ddim_steps, dtype=torch.float64) ** 2).long() + 1
-    raise ValueError(f"unet_ldm: DDIM discretize must be 'uniform' or 'quad', got {discretize!r}")
+    if discretize != "uniform":
+        raise ValueError(f"unet_ldm: DDIM discretize must be 'uniform' or 'quad', got {discretize!r}")
+    # the list ends at T whenever the stride T // S divides T - 1: the official code then indexes abar[T] and fails
+    works = lambda s: (num_timesteps - 1) % (num_timesteps // s) != 0  # noqa: E731
+    if not works(num_ddim_steps):
+        near = [max((s for s in range(1, num_ddim_steps) if works(s)), default=None),
+                min((s for s in range(num_ddim_steps + 1, num_timesteps + 1) if works(s)), default=None)]
+        raise ValueError(f"unet_ldm: {num_ddim_steps} uniform DDIM steps would reach t = {num_timesteps} (the official "
+                         f"code fails there); nearest step counts that work: {[s for s in near if s]}")
+    return torch.arange(0, num_timesteps, num_timesteps // num_ddim_steps) + 1  # (S',) int64, ascending
+
+
+def ddpm_timesteps(steps, num_timesteps=1000):
+    """The kept steps of an ancestral chain, ascending. steps = T is the official LDM loop (every t); fewer steps
+    respace the chain as IDDPM's respace.space_timesteps(T, [steps]) does (float stride, Python's round)."""
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"unet_ldm: DDPM steps must be in 1..{num_timesteps}, got {steps}")
+    stride, idx, kept = (num_timesteps - 1) / max(steps - 1, 1), 0.0, []
+    for _ in range(steps):
+        kept.append(round(idx))
+        idx += stride
+    return torch.tensor(kept)
 
 
 def _randn(shape, generator, device):
@@ -485,7 +501,7 @@ class LatentDiffusion(nn.Module):
 
     def __init__(self, unet, conditioning=None, n_classes=None, cond_stage_trainable=True, ucg_rate=0.0,
                  linear_start=0.0015, linear_end=0.0195, timesteps=1000, loss_type="l2", l_simple_weight=1.0,
-                 original_elbo_weight=0.0, logvar_init=0.0, clip_denoised=True, sample_steps=200, sample_eta=0.0,
+                 original_elbo_weight=0.0, logvar_init=0.0, clip_denoised=False, sample_steps=200, sample_eta=0.0,
                  sampler="ddim", hparams=None):
         super().__init__()
         if conditioning not in (None, "class", "label", "text"):
@@ -576,27 +592,22 @@ class LatentDiffusion(nn.Module):
         return (self.sqrt_alphas_cumprod[t][:, None, None, None] * x_start
                 + self.sqrt_one_minus_alphas_cumprod[t][:, None, None, None] * noise)
 
-    def p_losses(self, x_start, cond, t, noise, l_simple_weight=None, original_elbo_weight=None, logvar=None,
-                 loss_type=None):
+    def p_losses(self, x_start, cond, t, noise):
         """The official LatentDiffusion.p_losses for eps prediction, in float32:
         loss = l_simple_weight * mean_b(L_simple / exp(logvar_t) + logvar_t) + elbo_weight * mean_b(lvlb_t L_simple),
         L_simple = mean_{C,H,W} (eps - eps_theta)^2 (|.| for loss_type l1). Released configs: weights 1 and 0,
         logvar = 0, so loss = mean L_simple (Eq. 2)."""
-        lsw = self.l_simple_weight if l_simple_weight is None else l_simple_weight
-        elbo_w = self.original_elbo_weight if original_elbo_weight is None else original_elbo_weight
-        logvar = self.logvar if logvar is None else logvar
-        loss_type = loss_type or self.loss_type
         # Eq. 1-2: noise z_0 to a random t, then regress the added noise eps
         x_noisy = self.q_sample(x_start, t, noise)
         model_output = self.apply_model(x_noisy, t, cond).float()
         err = model_output - noise.float()
         # DDPM Eq. 14 (L_simple): Eq. 12 without its per-t weight; LDM Eq. 2 is the same loss on latents z
-        loss_simple = (err.abs() if loss_type == "l1" else err ** 2).mean(dim=(1, 2, 3))  # (B,)
-        logvar_t = logvar[t]  # (B,)
-        loss = lsw * (loss_simple / torch.exp(logvar_t) + logvar_t).mean()
+        loss_simple = (err.abs() if self.loss_type == "l1" else err ** 2).mean(dim=(1, 2, 3))  # (B,)
+        logvar_t = self.logvar[t]  # (B,)
+        loss = self.l_simple_weight * (loss_simple / torch.exp(logvar_t) + logvar_t).mean()
         # VLB term: the same per-sample error reweighted per t (DDPM Eq. 12); weight 0 in the released configs
         loss_vlb = (self.lvlb_weights[t] * loss_simple).mean()
-        loss = loss + elbo_w * loss_vlb
+        loss = loss + self.original_elbo_weight * loss_vlb
         logs = {"loss_simple": loss_simple.mean().detach(), "loss_vlb": loss_vlb.detach(), "loss": loss.detach()}
         return loss, logs
 
@@ -655,22 +666,22 @@ class LatentDiffusion(nn.Module):
         sched = self.ddim_schedule(steps, eta)
         x = _randn(shape, generator, device) if x_T is None else x_T.float()  # x_T: (n, C, H, W)
         pred_x0 = x
-        # index runs S - 1 .. 0: from the largest DDIM timestep down to t = 1
-        for i in range(steps):
-            index = steps - 1 - i
+        # index runs S' - 1 .. 0 over the whole official list: from the largest DDIM timestep down to t = 1
+        for index in reversed(range(len(sched["timesteps"]))):
             # noise only when stochastic (eta > 0), so eta = 0 draws nothing from the RNG inside the loop
             noise = _randn(shape, generator, device) if eta > 0 else None
             x, pred_x0 = self.ddim_step(x, cond, uncond, index, sched, scale, noise)
         return x, pred_x0
 
-    def ddpm_sample(self, cond, uncond, shape, steps, scale=1.0, generator=None):
-        """Ancestral sampling (DDPM.p_sample): x_{t-1} = mu(x_t, x0_hat) + sigma_t z, x0_hat clipped to [-1, 1]
-        (clip_denoised, official default). With steps < T the chain is respaced on `steps` timesteps from 999 to 0
-        (betas recomputed from abar of the kept steps, Nichol & Dhariwal 2021); steps = T is the official chain."""
+    def ddpm_sample(self, cond, uncond, shape, steps, scale=1.0, generator=None, clip_denoised=False):
+        """Ancestral sampling (LatentDiffusion.p_sample_loop): x_{t-1} = mu(x_t, x0_hat) + sigma_t z, x0_hat clipped
+        to [-1, 1] only with clip_denoised (pixel space; LatentDiffusion forces it off). steps = T is the official
+        chain; fewer steps respace it (ddpm_timesteps, betas recomputed from abar of the kept steps)."""
         device = self.alphas_cumprod.device
-        # ts, ac, ac_prev: (S,); respacing as in Nichol & Dhariwal 2021 Sec. 4
-        ts = torch.linspace(self.num_timesteps - 1, 0, steps, device=device).round().long()  # descending
-        ac = self.alphas_cumprod.double()[ts]
+        ts = ddpm_timesteps(steps, self.num_timesteps).flip(0).to(device)  # (S,) descending
+        # abar in float64 (as register_schedule computes it), so that steps = T gives the official float32 buffers
+        ac = torch.cumprod(1 - make_beta_schedule(self.linear_start, self.linear_end, self.num_timesteps), 0)[ts.cpu()]
+        ac = ac.to(device)
         ac_prev = torch.cat([ac[1:], ac.new_ones(1)])  # (S-1,) + (1,) -> (S,); 1 after the last step
         # respaced beta between consecutive kept steps; equals the official betas when steps = T
         # Nichol & Dhariwal 2021 Sec. 4: beta_{S_t} = 1 - abar_{S_t} / abar_{S_{t-1}}
@@ -686,7 +697,7 @@ class LatentDiffusion(nn.Module):
             e = self.eps(x, t, cond, uncond, scale).float()
             # x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), written as sqrt(1/abar) x - sqrt(1/abar - 1) eps
             x0 = self.sqrt_recip_alphas_cumprod[step] * x - self.sqrt_recipm1_alphas_cumprod[step] * e
-            if self.clip_denoised:
+            if clip_denoised:
                 x0 = x0.clamp(-1.0, 1.0)
             mean = coef1[i] * x0 + coef2[i] * x  # mu tilde(x_t, x0_hat), DDPM Eq. 7
             # no noise on the last step (t = 0), as DDPM Algorithm 2 sets z = 0 at its final step
@@ -733,11 +744,12 @@ class LatentDiffusion(nn.Module):
 
     @torch.no_grad()
     def sample(self, n, labels=None, steps=None, cfg=1.0, sampler=None, generator=None, eta=None, context=None,
-               uc_context=None):
+               uc_context=None, clip_denoised=None):
         """n samples (n, C, H, W) in the model's space. labels (n,) int64 (class/label conditioning; random
         classes when None), steps (default: the preset's, 200 DDIM steps), cfg = guidance scale against the null
         class (1 = none), sampler "ddim" (uniform timesteps, eta: default 0) or "ddpm" (ancestral).
-        Text conditioning: context (n, L, context_dim) and, for cfg != 1, uc_context (the empty prompt's)."""
+        Text conditioning: context (n, L, context_dim) and, for cfg != 1, uc_context (the empty prompt's).
+        clip_denoised: clip x0 to [-1, 1] in DDPM steps (None = the preset's setting, off for the latent presets)."""
         u, device = self.unet, self.alphas_cumprod.device
         steps = self.sample_steps if steps is None else steps
         sampler = sampler or self.sampler
@@ -765,7 +777,8 @@ class LatentDiffusion(nn.Module):
         if sampler == "ddim":
             return self.ddim_sample(cond, uncond, shape, steps, eta, cfg, generator=generator)[0]
         if sampler == "ddpm":
-            return self.ddpm_sample(cond, uncond, shape, steps, cfg, generator=generator)
+            clip = self.clip_denoised if clip_denoised is None else clip_denoised
+            return self.ddpm_sample(cond, uncond, shape, steps, cfg, generator=generator, clip_denoised=clip)
         raise ValueError(f"unet_ldm: sampler must be 'ddim' or 'ddpm', got {sampler!r}")
 
 
@@ -773,7 +786,12 @@ class LatentDiffusion(nn.Module):
 # Presets: the released configs (configs/latent-diffusion/*.yaml + App. E), tiny, demo
 # =============================================================================================
 # hparams: AdamW as the official configure_optimizers builds it (torch default weight_decay 0.01, no
-# clipping = Lightning's default), EMA 0.9999 (LitEma; celebahq/ffhq/churches train with use_ema).
+# clipping = Lightning's default), EMA 0.9999 (LitEma; celebahq/ffhq/churches train with use_ema, the DDPM default).
+# cin256-v2 and txt2img set use_ema: False: train.py always keeps an EMA copy, so "no EMA" is ema_decay 0.0
+# (the copy then equals the weights, and sample.py's default `ema` is the trained model, as officially).
+# Sampling (sampler, sample_steps, sample_eta) follows the official scripts: sample_diffusion.py for the
+# unconditional models (DDIM, --custom_steps 50, --eta 1.0), txt2img.py (DDIM 200 steps, eta 0), the
+# cin256-v2 notebook latent_imagenet_diffusion.ipynb (DDIM 20 steps, eta 0). x0 is never clipped (latents).
 # lr: the official main.py uses lr = base_learning_rate * batch_size * n_gpus * accumulate (scale_lr);
 # the unconditional face configs were trained that way (2e-6 * 48 = 9.6e-5, 2e-6 * 42 = 8.4e-5), the churches
 # config says "set to target_lr by starting main.py with '--scale_lr False'" (5e-5 as given), and the cin256-v2 /
@@ -789,23 +807,25 @@ CONFIGS = {
         conditioning="class", n_classes=1001, cond_stage_trainable=True, linear_start=0.0015, linear_end=0.0195,
         # label dropout for guidance: the released model has a trained null row (1000) but the code that trained
         # it is not in the repo; 0.1 is the ucg_rate default of the later ClassEmbedder (stablediffusion repo).
-        ucg_rate=0.1, hparams=dict(lr=1e-4, batch_size=1200, **_OPT)),
+        ucg_rate=0.1, sample_steps=20, hparams=dict(_OPT, lr=1e-4, batch_size=1200, ema_decay=0.0)),
     # unconditional CelebA-HQ 256 on VQ-f4 latents, AttentionBlocks of 32 channels/head. 274,056,163 params.
     "celebahq-ldm-vq-4": dict(
         image_size=64, in_channels=3, out_channels=3, model_channels=224, attention_resolutions=[8, 4, 2],
         num_res_blocks=2, channel_mult=[1, 2, 3, 4], num_head_channels=32,
-        linear_start=0.0015, linear_end=0.0195, hparams=dict(lr=2e-6 * 48, batch_size=48, **_OPT)),
+        linear_start=0.0015, linear_end=0.0195, sample_steps=50, sample_eta=1.0,
+        hparams=dict(lr=2e-6 * 48, batch_size=48, **_OPT)),
     # unconditional FFHQ 256: the same network. 274,056,163 params.
     "ffhq-ldm-vq-4": dict(
         image_size=64, in_channels=3, out_channels=3, model_channels=224, attention_resolutions=[8, 4, 2],
         num_res_blocks=2, channel_mult=[1, 2, 3, 4], num_head_channels=32,
-        linear_start=0.0015, linear_end=0.0195, hparams=dict(lr=2e-6 * 42, batch_size=42, **_OPT)),
+        linear_start=0.0015, linear_end=0.0195, sample_steps=50, sample_eta=1.0,
+        hparams=dict(lr=2e-6 * 42, batch_size=42, **_OPT)),
     # unconditional LSUN-Churches 256 on KL-f8 latents 32x32x4: scale-shift norm, ResBlock up/down, L1 loss,
     # 10k-step linear warm-up (LambdaLinearScheduler). 294,966,916 params.
     "lsun_churches-ldm-kl-8": dict(
         image_size=32, in_channels=4, out_channels=4, model_channels=192, attention_resolutions=[1, 2, 4, 8],
         num_res_blocks=2, channel_mult=[1, 2, 2, 4, 4], num_heads=8, use_scale_shift_norm=True, resblock_updown=True,
-        linear_start=0.0015, linear_end=0.0155, loss_type="l1",
+        linear_start=0.0015, linear_end=0.0155, loss_type="l1", sample_steps=50, sample_eta=1.0,
         hparams=dict(lr=5e-5, batch_size=96, warmup_steps=10000, **_OPT)),
     # the 1.45B text-to-image model's UNet (KL-f8 latents x 0.18215), cross-attention on a precomputed
     # BERT context (B, 77, 1280). 872,300,484 params.
@@ -814,7 +834,7 @@ CONFIGS = {
         num_res_blocks=2, channel_mult=[1, 2, 4, 4], num_heads=8, use_spatial_transformer=True,
         transformer_depth=1, context_dim=1280, use_checkpoint=True, legacy=False,
         conditioning="text", linear_start=0.00085, linear_end=0.012,
-        hparams=dict(lr=5e-5, batch_size=680, **_OPT)),
+        hparams=dict(_OPT, lr=5e-5, batch_size=680, ema_decay=0.0)),
     # CI / smoke tests: cin256-like (ClassEmbedder + SpatialTransformer) but tiny; 64 channels wherever the time
     # embedding is added (see normalization()). 1,415,011 params at in_channels 3, 4 classes;
     # 1.14 GFLOPs per forward at 32x32.
@@ -832,9 +852,9 @@ CONFIGS = {
         image_size=32, in_channels=3, out_channels=3, model_channels=32, attention_resolutions=[4],
         num_res_blocks=1, channel_mult=[1, 2, 2], num_heads=2, use_spatial_transformer=True, transformer_depth=1,
         context_dim=64, use_scale_shift_norm=True, conditioning="class", n_classes=5, ucg_rate=0.1,
-        # pixel space: ancestral DDPM with x0 clipped to [-1, 1] (the official DDPM default for pixels); unclipped
+        # pixel space: ancestral DDPM with x0 clipped to [-1, 1] (the official pixel-space DDPM default); unclipped
         # DDIM saturates after 10 minutes of training (x0 from eps is amplified ~84x at t = 999)
-        sampler="ddpm", sample_steps=250,
+        sampler="ddpm", sample_steps=250, clip_denoised=True,
         hparams=dict(lr=1e-3, batch_size=16, betas=(0.9, 0.999), weight_decay=0.01, ema_decay=0.995, grad_clip=1.0,
                      warmup_steps=100)),
 }
@@ -941,7 +961,8 @@ def convert_official(sd, model, use_ema=False):
     """Official state dict -> (our state dict, notes about what was skipped)."""
     notes, out = [], {}
     bare = not any(k.startswith(UNET_PREFIX) for k in sd)
-    unet_keys = [k for k in model.state_dict() if k.startswith("unet.")]
+    own = set(model.state_dict())
+    unet_keys = [k for k in own if k.startswith("unet.")]
     if use_ema:
         # LitEma names: 'model_ema.diffusion_model' + the UNet key with its dots removed
         flat = {EMA_PREFIX + "diffusion_model" + k[len("unet."):].replace(".", ""): k for k in unet_keys}
@@ -950,7 +971,9 @@ def convert_official(sd, model, use_ema=False):
             raise ValueError(f"unet_ldm: use_ema=True but the checkpoint lacks EMA weights, e.g. {missing[:3]}")
     skipped = {}
     for k, v in sd.items():
-        if bare and not k.startswith((COND_PREFIX, EMA_PREFIX, "first_stage_model.")) and k not in SCHEDULE_BUFFERS:
+        if k.startswith("unet.") and k in own:  # our own names (a train.py checkpoint's "ema" / "model")
+            out[k] = v
+        elif bare and not k.startswith((COND_PREFIX, EMA_PREFIX, "first_stage_model.")) and k not in SCHEDULE_BUFFERS:
             out["unet." + k] = v
         elif k.startswith(UNET_PREFIX) and not use_ema:
             out["unet." + k[len(UNET_PREFIX):]] = v
@@ -974,15 +997,33 @@ def convert_official(sd, model, use_ema=False):
     return out, notes
 
 
+# Copied from dit._unwrap_checkpoint
+def _unwrap_checkpoint(sd):
+    """A path or a dict -> the raw state dict: torch.load(weights_only=True); the "ema" (preferred, as the official
+    download.find_model), "model" or Lightning "state_dict" entry; a "module." (DDP) or "_orig_mod." (torch.compile)
+    prefix on every key stripped."""
+    if isinstance(sd, (str, os.PathLike)):
+        try:
+            sd = torch.load(sd, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"cannot read checkpoint {str(sd)!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    if not isinstance(sd, dict):
+        raise ValueError(f"a checkpoint must be a state dict, got {type(sd).__name__}")
+    for key in ("ema", "model", "state_dict"):
+        if isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    for prefix in ("module.", "_orig_mod."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
 def load_official(path_or_state_dict, config, use_ema=False, verbose=True):
     """Load a released LDM checkpoint (model.ckpt with a "state_dict", or the dict itself) strictly.
     config: a CONFIGS name or the official UNetModel kwargs (a key file's first line). The model is built on
     the meta device and takes the checkpoint's tensors (assign=True): no random init of ~1e9 parameters."""
-    sd = path_or_state_dict
-    if isinstance(sd, (str, Path)):
-        sd = torch.load(sd, map_location="cpu", weights_only=False)  # Lightning checkpoints hold non-tensors
-    if "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
+    sd = _unwrap_checkpoint(path_or_state_dict)
     # meta tensors: no memory and no init; load_state_dict(assign=True) then adopts the checkpoint's tensors
     with torch.device("meta"):
         model = create(config)
@@ -1001,17 +1042,3 @@ def load_official(path_or_state_dict, config, use_ema=False, verbose=True):
         for note in notes:
             print(f"unet_ldm.load_official: {note}")
     return model
-
-
-def read_key_file(path):
-    """A reference key file -> (constructor kwargs from its first line, {key: shape})."""
-    lines = Path(path).read_text().splitlines()
-    # line 1: two words, the JSON kwargs, then ' params=N'; keep the JSON
-    kwargs = json.loads(lines[0].split(" ", 2)[2].rsplit(" params=", 1)[0])
-    shapes = {}
-    for line in lines[1:]:
-        if line.strip():
-            key, shape, _ = line.split("\t")
-            # "(a, b)" -> (a, b) ints; "()" -> () for a scalar
-            shapes[key] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
-    return kwargs, shapes

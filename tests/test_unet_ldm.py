@@ -7,6 +7,7 @@ order (see `regenerate`); every file stores each tensor's float64 sum, so a torc
 loudly in `regenerate` instead of giving a misleading golden error."""
 import gzip
 import io
+import json
 import math
 
 import pytest
@@ -16,8 +17,20 @@ from conftest import GOLDEN, assert_close
 
 import unet_ldm as U
 
-REF_KEYS = GOLDEN / "unet_ldm" / "keys"  # copied from ../shared/reference/unet_ldm/keys
+REF_KEYS = GOLDEN / "unet_ldm" / "keys"  # the official key files (first line: constructor kwargs)
 ERRORS = {}  # max abs error per golden output, printed at the end (the numbers for the issue note)
+
+
+def read_key_file(path):
+    """A reference key file -> (constructor kwargs from its first line, {key: shape})."""
+    lines = path.read_text().splitlines()
+    kwargs = json.loads(lines[0].split(" ", 2)[2].rsplit(" params=", 1)[0])  # 'two words {json} params=N'
+    shapes = {}
+    for line in lines[1:]:
+        if line.strip():
+            key, shape, _ = line.split("\t")
+            shapes[key] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
+    return kwargs, shapes
 
 
 def load(name):
@@ -75,10 +88,13 @@ def test_golden_unet(case):
 
 
 # ------------------------------------------------------------------------------- golden: cin256 pipeline
+def cin_config(g):
+    return {**g["config"]["unet"], "conditioning": "class", "n_classes": g["config"]["class_embedder"]["n_classes"],
+            "linear_start": 0.0015, "linear_end": 0.0195}
+
+
 def cin_model(g):
-    cfg = {**g["config"]["unet"], "conditioning": "class", "n_classes": g["config"]["class_embedder"]["n_classes"],
-           "linear_start": 0.0015, "linear_end": 0.0195}
-    model = U.create(cfg).eval()
+    model = U.create(cin_config(g)).eval()
     w = regenerate(g, "all")
     model.unet.load_state_dict(w["state_dict"], strict=True)
     model.cond_stage_model.load_state_dict(w["state_dict_class_embedder"], strict=True)
@@ -112,11 +128,16 @@ def test_golden_cin_forward_and_loss(cin):
         check("cin.loss_dict_loss_vlb", logs["loss_vlb"], o["loss_dict_loss_vlb"], tol_of(g, "loss_dict_loss_vlb"))
         loss_simple = ((model.apply_model(x_noisy, i["t_loss"], c) - i["noise"]) ** 2).mean(dim=(1, 2, 3))
         check("cin.loss_simple", loss_simple, o["loss_simple"], tol_of(g, "loss_simple"))
-        loss_v, logs_v = model.p_losses(i["x0"], c, i["t_loss"], i["noise"], l_simple_weight=i["l_simple_weight_variant"],
-                                        original_elbo_weight=i["original_elbo_weight_variant"], logvar=i["logvar_variant"])
+        variant = U.create(cin_config(g), l_simple_weight=i["l_simple_weight_variant"],
+                           original_elbo_weight=i["original_elbo_weight_variant"]).eval()
+        variant.load_state_dict(model.state_dict())
+        variant.logvar = i["logvar_variant"]  # learn_logvar's table, as the reference sets it
+        loss_v, logs_v = variant.p_losses(i["x0"], c, i["t_loss"], i["noise"])
         check("cin.loss_variant", loss_v, o["loss_variant"], tol_of(g, "loss_variant"))
         check("cin.loss_variant_vlb", logs_v["loss_vlb"], o["loss_variant_vlb"], tol_of(g, "loss_variant_vlb"))
-        loss_1, logs_1 = model.p_losses(i["x0"], c, i["t_loss"], i["noise"], loss_type="l1")
+        l1 = U.create(cin_config(g), loss_type="l1").eval()
+        l1.load_state_dict(model.state_dict())
+        loss_1, logs_1 = l1.p_losses(i["x0"], c, i["t_loss"], i["noise"])
         check("cin.loss_l1", loss_1, o["loss_l1"], tol_of(g, "loss_l1"))
         l1_simple = (model.apply_model(x_noisy, i["t_loss"], c) - i["noise"]).abs().mean(dim=(1, 2, 3))
         check("cin.loss_simple_l1", l1_simple, o["loss_simple_l1"], tol_of(g, "loss_simple_l1"))
@@ -197,10 +218,10 @@ PRESET_OF_KEYFILE = {"cin256-v2.txt": "cin256-v2", "celebahq-ldm-vq-4.txt": "cel
 
 def official_sd(keyfile, with_class_embedder=True):
     """A meta-tensor official LatentDiffusion state dict built from a reference key file (+ skipped extras)."""
-    kwargs, shapes = U.read_key_file(REF_KEYS / keyfile)
+    kwargs, shapes = read_key_file(REF_KEYS / keyfile)
     sd = {U.UNET_PREFIX + k: torch.empty(s, device="meta") for k, s in shapes.items()}
     if keyfile == "cin256-v2.txt" and with_class_embedder:
-        _, ce = U.read_key_file(REF_KEYS / "cin256-v2_ClassEmbedder.txt")
+        _, ce = read_key_file(REF_KEYS / "cin256-v2_ClassEmbedder.txt")
         sd.update({U.COND_PREFIX + k: torch.empty(s, device="meta") for k, s in ce.items()})
     sd["first_stage_model.decoder.conv_out.weight"] = torch.empty(3, 128, 3, 3, device="meta")
     sd["betas"] = torch.empty(1000, device="meta")
@@ -226,7 +247,7 @@ def test_key_sets(keyfile):
 
 
 def test_key_set_class_embedder():
-    _, ce = U.read_key_file(REF_KEYS / "cin256-v2_ClassEmbedder.txt")
+    _, ce = read_key_file(REF_KEYS / "cin256-v2_ClassEmbedder.txt")
     with torch.device("meta"):
         model = U.create("cin256-v2")
     assert {k: tuple(v.shape) for k, v in model.cond_stage_model.state_dict().items()} == ce
@@ -306,10 +327,10 @@ def test_cfg_scale_one_equals_conditional(tiny):
         assert_close(e_guided, e_cond, atol=1e-5, what="cfg 1 vs conditional")
         assert_close(tiny.guided_eps(x, t, c, uc, 0.0), e_uncond, atol=1e-5, what="cfg 0 vs unconditional")
         g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
-        a = tiny.sample(3, labels=y, steps=3, cfg=1.0, generator=g())
-        b = tiny.ddim_sample(c, None, a.shape, 3, generator=g())[0]  # no guidance at all
+        a = tiny.sample(3, labels=y, steps=4, cfg=1.0, generator=g())
+        b = tiny.ddim_sample(c, None, a.shape, 4, generator=g())[0]  # no guidance at all
         assert_close(a, b, atol=1e-5, what="sample cfg=1 vs unguided")
-        assert (tiny.sample(3, labels=y, steps=3, cfg=3.0, generator=g()) - a).abs().max() > 1e-3
+        assert (tiny.sample(3, labels=y, steps=4, cfg=3.0, generator=g()) - a).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("preset", ["tiny", "demo"])
@@ -415,10 +436,16 @@ def test_presets_hparams():
     hp = {name: U.CONFIGS[name]["hparams"] for name in U.CONFIGS}
     assert hp["celebahq-ldm-vq-4"]["lr"] == pytest.approx(9.6e-5) and hp["ffhq-ldm-vq-4"]["lr"] == pytest.approx(8.4e-5)
     assert hp["lsun_churches-ldm-kl-8"]["lr"] == 5e-5 and hp["lsun_churches-ldm-kl-8"]["warmup_steps"] == 10000
-    assert all(h["ema_decay"] > 0.99 for h in hp.values())
+    # use_ema: False in cin256-v2.yaml / txt2img-1p4B-eval.yaml: decay 0 keeps the EMA copy equal to the weights
+    assert {n for n, h in hp.items() if h["ema_decay"] == 0.0} == {"cin256-v2", "txt2img-1p4B"}
+    assert all(h["ema_decay"] > 0.99 for n, h in hp.items() if n not in ("cin256-v2", "txt2img-1p4B"))
     assert U.CONFIGS["lsun_churches-ldm-kl-8"]["loss_type"] == "l1"
     with torch.device("meta"):
-        assert U.create("tiny").sample_steps == 50 and U.create("ffhq-ldm-vq-4").sample_steps == 200
+        # the official scripts' sampling: sample_diffusion.py (50 DDIM steps, eta 1), txt2img.py (200, eta 0), the
+        # cin256-v2 notebook (20, eta 0)
+        got = {n: (U.create(n).sample_steps, U.create(n).sample_eta) for n in U.CONFIGS}
+    assert got["ffhq-ldm-vq-4"] == got["celebahq-ldm-vq-4"] == got["lsun_churches-ldm-kl-8"] == (50, 1.0)
+    assert got["txt2img-1p4B"] == (200, 0.0) and got["cin256-v2"] == (20, 0.0)
 
 
 def test_bad_input_errors():
@@ -441,3 +468,122 @@ def test_bad_input_errors():
         model.sample(2, labels=torch.tensor([0, 9]), steps=2)
     with pytest.raises(ValueError, match="DDIM steps"):
         model.sample(2, steps=0)
+
+
+# ------------------------------------------------------------------- whole sampling paths (issue 14)
+def official_ddim_timesteps(S, T=1000):
+    """util.make_ddim_timesteps('uniform', S, T), transcribed: the whole list, + 1."""
+    import numpy as np
+    return np.asarray(list(range(0, T, T // S))) + 1
+
+
+def iddpm_space_timesteps(T, S):
+    """improved-diffusion respace.space_timesteps(T, [S]) for one section, transcribed."""
+    stride = 1 if S <= 1 else (T - 1) / (S - 1)
+    cur, out = 0.0, []
+    for _ in range(S):
+        out.append(start := round(cur))
+        cur += stride
+    return sorted(set(out))
+
+
+@pytest.mark.parametrize("S", [10, 20, 30, 50, 150, 200, 250, 400])
+def test_ddim_timesteps_official_list(S):
+    """The WHOLE official list (S = 150 -> 167 steps ending at 997; 30 -> 31; 400 -> 500) and the DDIM
+    alphas / sigmas make_ddim_sampling_parameters derives from it."""
+    import numpy as np
+    ref = official_ddim_timesteps(S)
+    assert U.make_ddim_timesteps(S).tolist() == ref.tolist()
+    model = U.create("tiny", image_size=8, in_channels=4)
+    ac = model.alphas_cumprod.cpu().numpy()
+    for eta in (0.0, 1.0):
+        sched = model.ddim_schedule(S, eta)
+        alphas, alphas_prev = ac[ref], np.asarray([ac[0]] + ac[ref[:-1]].tolist())
+        sigmas = eta * np.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))
+        assert torch.equal(sched["alphas"], torch.from_numpy(alphas))
+        assert torch.equal(sched["alphas_prev"], torch.from_numpy(alphas_prev))
+        assert_close(sched["sigmas"], torch.from_numpy(sigmas), atol=1e-7, what=f"sigmas S={S} eta={eta}")
+
+
+def test_ddim_steps_that_reach_t_1000_are_refused():
+    with pytest.raises(ValueError, match=r"300 uniform DDIM steps would reach t = 1000.*\[250, 334\]"):
+        U.make_ddim_timesteps(300)
+    with pytest.raises(ValueError, match=r"\[500\]"):
+        U.make_ddim_timesteps(1000)
+
+
+def record_timesteps(model, monkeypatch):
+    """Replace the UNet call by eps = 0.1 x (cheap, deterministic) and record every t it is called with."""
+    seen = []
+
+    def fake(x, t, cond):
+        seen.append(int(t[0]))
+        return 0.1 * x
+    monkeypatch.setattr(model, "apply_model", fake)
+    return seen
+
+
+@pytest.mark.parametrize("sampler,S", [("ddim", 7), ("ddim", 30), ("ddim", 150), ("ddim", 400),
+                                       ("ddpm", 7), ("ddpm", 30), ("ddpm", 250), ("ddpm", 1000)])
+def test_sampler_sweep_timesteps(sampler, S, monkeypatch):
+    """sample(n, steps=S, sampler=...) the way users call it: the UNet sees exactly the official timesteps, in
+    descending order: DDIM the whole make_ddim_timesteps list; DDPM every t = 999 .. 0 at S = T (the official
+    p_sample_loop), IDDPM's respacing below that."""
+    model = U.create("tiny", image_size=8, in_channels=4, num_classes=4)
+    seen = record_timesteps(model, monkeypatch)
+    model.sample(2, steps=S, sampler=sampler)
+    ref = official_ddim_timesteps(S).tolist() if sampler == "ddim" else iddpm_space_timesteps(1000, S)
+    assert seen == ref[::-1]
+
+
+def reference_ancestral(model, kept, eps_fn, x, noises, clip):
+    """The official p_sample loop on the kept steps, transcribed: respaced betas (respace.py) from abar,
+    posterior mean / log variance (ddpm.py register_schedule, v_posterior 0), noise masked at t = 0."""
+    ac_all = torch.cumprod(1 - U.make_beta_schedule(model.linear_start, model.linear_end), 0)  # float64, official
+    last, betas = 1.0, []
+    for k in kept:
+        betas.append(1 - ac_all[k].item() / last)
+        last = ac_all[k].item()
+    b = torch.tensor(betas, dtype=torch.float64)
+    ac = torch.cumprod(1 - b, 0)
+    ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+    post_var = b * (1 - ac_prev) / (1 - ac)
+    logvar = torch.log(torch.clamp(post_var, min=1e-20))
+    c1, c2 = b * ac_prev.sqrt() / (1 - ac), (1 - ac_prev) * (1 - b).sqrt() / (1 - ac)
+    for i in reversed(range(len(kept))):
+        e = eps_fn(x)
+        x0 = (1 / ac[i]).sqrt().float() * x - (1 / ac[i] - 1).sqrt().float() * e
+        if clip:
+            x0 = x0.clamp(-1, 1)
+        mean = c1[i].float() * x0 + c2[i].float() * x
+        x = mean + (i > 0) * (0.5 * logvar[i]).exp().float() * noises[len(kept) - 1 - i]
+    return x
+
+
+@pytest.mark.parametrize("S", [7, 1000])
+def test_ddpm_chain_matches_official_loop(S, monkeypatch):
+    """The whole ancestral chain against the transcribed official loop (S = T: LatentDiffusion.p_sample_loop)."""
+    model = U.create("tiny", image_size=8, in_channels=4, num_classes=4)
+    record_timesteps(model, monkeypatch)
+    torch.manual_seed(0)
+    got = model.sample(2, labels=torch.tensor([0, 1]), steps=S, sampler="ddpm")
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8)
+    noises = [torch.randn(2, 4, 8, 8) for _ in range(S - 1)] + [torch.zeros(2, 4, 8, 8)]
+    ref = reference_ancestral(model, iddpm_space_timesteps(1000, S), lambda x: 0.1 * x, x, noises, clip=False)
+    assert_close(got, ref, atol=1e-5, rtol=1e-5, what=f"ddpm S={S}")
+
+
+@pytest.mark.parametrize("preset", list(U.CONFIGS))
+def test_latent_presets_do_not_clip(preset, monkeypatch):
+    """LatentDiffusion forces clip_denoised = False: only the pixel-space demo clips x0 (DDPM); an explicit
+    sample(clip_denoised=...) wins."""
+    with torch.device("meta"):
+        assert U.create(preset).clip_denoised == (preset == "demo")
+    model = U.create(preset if preset in ("tiny", "demo") else "tiny", image_size=8, in_channels=4)
+    model.clip_denoised = preset == "demo"
+    monkeypatch.setattr(model, "apply_model", lambda x, t, c: -3.0 * torch.ones_like(x))  # x0 far outside [-1, 1]
+    out = model.sample(1, steps=5, sampler="ddpm", generator=torch.Generator().manual_seed(0))
+    assert (out.abs().max() <= 1.0 + 1e-5) == (preset == "demo")
+    forced = model.sample(1, steps=5, sampler="ddpm", clip_denoised=True, generator=torch.Generator().manual_seed(0))
+    assert forced.abs().max() <= 1.0 + 1e-5
