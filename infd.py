@@ -342,15 +342,17 @@ def liif_query(phi, coord, cell):
       rel_cell  cell * (H, W): 2 at native resolution, 1 at 2x, 0.5 at 4x.
     phi (B, C, H, W), coord / cell (B, ..., 2) -> (B, ..., C), (B, ..., 2), (B, ..., 2)."""
     B, _, H, W = phi.shape
-    # h, w of a grid query (or any extra dims); restored on the outputs
     query_shape = coord.shape[1:-1]
+    # coordinates stay in float32 (or wider) whatever phi's dtype, as in the official code: in bf16 a 1024-pixel
+    # axis keeps only 642 distinct values and border queries round outside [-1, 1]
+    dtype = torch.promote_types(torch.promote_types(phi.dtype, coord.dtype), torch.float32)
     # (B, ..., 2) -> (B, 1, N, 2): a 1 x N "image" of sample points
-    coord = coord.reshape(B, 1, -1, 2)
-    cell = cell.reshape(B, 1, -1, 2)  # (B, ..., 2) -> (B, 1, N, 2)
-    # grid_sample wants (x, y) order, ours is (y, x): flip the last dim.
-    q_feat = F.grid_sample(phi, coord.flip(-1), mode="nearest", align_corners=False)  # (B, C, 1, N)
+    coord, cell = coord.to(dtype).reshape(B, 1, -1, 2), cell.to(dtype).reshape(B, 1, -1, 2)
+    # grid_sample wants (x, y) order, ours is (y, x): flip the last dim. 'nearest' copies values, so sampling
+    # phi in `dtype` and casting back is exact
+    q_feat = F.grid_sample(phi.to(dtype), coord.flip(-1), mode="nearest", align_corners=False).to(phi.dtype)
     # pixel centres of phi itself; sampling them with the same 'nearest' rule gives the centre of the chosen feature
-    feat_coord = make_coord_grid((H, W), device=phi.device).to(phi.dtype)  # (H, W, 2) pixel centres of phi
+    feat_coord = make_coord_grid((H, W), device=phi.device).to(dtype)  # (H, W, 2) pixel centres of phi
     feat_coord = feat_coord.permute(2, 0, 1).unsqueeze(0).expand(B, -1, -1, -1)  # (H, W, 2) -> (B, 2, H, W)
     q_coord = F.grid_sample(feat_coord, coord.flip(-1), mode="nearest", align_corners=False)  # (B, 2, 1, N)
     # multiply by (H, W): a feature pixel has width 2/H, so the offset becomes units of half a feature pixel
@@ -697,9 +699,8 @@ class INFD(nn.Module):
         # undo encode's scaling before the VQ layer: the codebook lives in raw z space
         phi = self.decode_z(z / self._scale())  # (B, ch*ch_mult[0], R, R)
         B = phi.shape[0]
+        # float32 queries even under bf16 autocast (liif_query keeps them so; the official never casts them)
         coord, cell = make_coord_cell_grid((H, W), device=phi.device, bs=B)  # (B, H, W, 2) each
-        # cast to phi's dtype so the renderer's concatenated input has a single dtype (e.g. under autocast / bf16)
-        coord, cell = coord.to(phi.dtype), cell.to(phi.dtype)
         # why tiles: the CLIF CNN runs on the full query grid, so its activations grow with H*W (Sec. 4 renders
         # far above the encoder resolution); the padding gives border queries their convolutional context
         # patch_size 0 / None from the caller: one whole tile
