@@ -40,7 +40,6 @@ Deliberately left out
   - The Triton RMSNorm kernel: TRMSNorm2d computes the same math in PyTorch (float32 accumulation).
   - Diffusers' AutoencoderDC naming (load_official takes the efficientvit naming of the HF checkpoints).
 """
-import contextlib
 import copy
 import json
 import warnings
@@ -74,11 +73,9 @@ class TRMSNorm2d(nn.LayerNorm):
 
 
 def no_autocast(device):
-    """Autocast off (float32 math) on devices that have autocast; nothing on others (e.g. meta)."""
-    # torch.autocast raises for device types it does not know, hence the explicit list
-    if device.type in ("cuda", "cpu", "xpu", "mps"):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
+    """Autocast off on `device` (tensors keep their own dtype inside); devices without autocast (meta) get
+    the harmless CPU switch, since torch.autocast raises for device types it does not know."""
+    return torch.autocast(device.type if device.type in ("cuda", "cpu", "xpu", "mps") else "cpu", enabled=False)
 
 
 def build_norm(name, channels):
@@ -147,62 +144,64 @@ class ResidualBlock(nn.Module):
 
 
 class ChannelAveragingShortcut(nn.Module):
-    """Down-sampling shortcut: space-to-channel, then average channel groups (Sec. 3.2, residual autoencoding).
+    """Down-sampling shortcut of residual autoencoding (Sec. 3.2): space-to-channel, then channel averaging.
 
-    Paper: H x W x C --space-to-channel--> H/2 x W/2 x 4C --split--> [2C, 2C] --average--> H/2 x W/2 x 2C.
-    Code (official PixelUnshuffleChannelAveragingDownSampleLayer, matched here): pixel_unshuffle(r), where
-    unshuffled channel c*r^2 + i*r + j holds pixel (h*r+i, w*r+j) of channel c, then output channel o is
-    the mean of the g = C*r^2/C_out CONSECUTIVE unshuffled channels o*g ... o*g+g-1. The paper's "split
-    into halves, average" pairs channels o and o+2C instead; it is the same operation up to a fixed
-    channel permutation (absorbed by the next learned layer). We match the code.
-    With r = 1 (encoder output) it only averages groups of channels: width -> latent channels.
+    The learned down-sampling layer beside it only learns a residual on top of this parameter-free map, which
+    the paper proposes against the optimisation difficulty of high-compression autoencoders (Sec. 3.1).
+    Official PixelUnshuffleChannelAveragingDownSampleLayer, matched here: pixel_unshuffle(r) puts pixel
+    (h*r+i, w*r+j) of channel c into channel c*r^2 + i*r + j, then output channel o is the mean of the
+    g = C*r^2/C_out CONSECUTIVE channels o*g ... o*g+g-1. For the usual C -> 2C block (r = 2, g = 2) that is
+    a 1x2 average pool inside each channel followed by a 2x1 space-to-channel (efficientvit issue #141).
+    The paper's text ("split into two halves, average") pairs channel o with o + 2C instead, i.e. input
+    channel c with channel c + C/2 at the same pixel. The two are NOT a channel permutation of each other:
+        x = arange(8).view(1, 2, 2, 2)            channel 0 = [[0, 1], [2, 3]], channel 1 = [[4, 5], [6, 7]]
+        code  (2 -> 4 channels): [0.5, 2.5, 4.5, 6.5]   neighbouring pixels of one channel
+        paper (2 -> 4 channels): [2, 3, 4, 5]           channel 0 and channel 1 at the same pixel
+    It matters: the released weights' learned branches were trained next to the code's map (the paper's
+    would change every down block's output), and the code never mixes channels (it loses horizontal detail
+    within a channel) where the paper's keeps every pixel but superposes two channels. We match the code.
+    With r = 1 (encoder output, Encoder.project_out) it only averages groups of g consecutive channels.
     """
 
     def __init__(self, in_ch, out_ch, factor):
         super().__init__()
         if (in_ch * factor**2) % out_ch != 0:
             raise ValueError(f"averaging shortcut: in_ch*factor^2={in_ch * factor**2} not divisible by {out_ch}")
-        # parameter-free: no weights or buffers, so no state-dict entries (as in the official key lists)
-        self.factor = factor
-        self.out_ch = out_ch
-        # g = 2 for the usual C -> 2C stage transition (4C unshuffled channels averaged in pairs)
+        # parameter-free: nothing in the state dict (as in the official key lists)
+        self.factor, self.out_ch = factor, out_ch
         self.group_size = in_ch * factor**2 // out_ch
 
-    # Sec. 3.2: the paper attributes the accuracy drop of high-compression AEs to optimisation
-    # difficulty; this parameter-free shortcut gives the learned down-sampling layer a residual target
     def forward(self, x):
-        x = F.pixel_unshuffle(x, self.factor)  # (B, C, H, W) -> (B, C*r*r, H/r, W/r)
-        B, _, H, W = x.shape  # H, W here are the unshuffled sizes H/r, W/r
-        # view, not reshape: pixel_unshuffle output is contiguous, so grouping consecutive channels is free
-        x = x.view(B, self.out_ch, self.group_size, H, W)  # (B, C*r*r, h, w) -> (B, C_out, g, h, w)
-        return x.mean(dim=2)  # (B, C_out, g, h, w) -> (B, C_out, h, w)
+        x = F.pixel_unshuffle(x, self.factor)  # (B, C, H, W) -> (B, C*r*r, h, w), h = H/r
+        B, _, h, w = x.shape
+        # consecutive channels form one group: (B, C*r*r, h, w) -> (B, C_out, g, h, w) -> mean over g
+        return x.view(B, self.out_ch, self.group_size, h, w).mean(dim=2)
 
 
 class ChannelDuplicatingShortcut(nn.Module):
-    """Up-sampling shortcut: duplicate channels, then channel-to-space (Sec. 3.2, residual autoencoding).
+    """Up-sampling shortcut of residual autoencoding (Sec. 3.2): channel duplication, then channel-to-space.
 
-    Paper: H/2 x W/2 x 2C --channel-to-space--> H x W x C/2 --duplicate, concat--> H x W x C.
-    Code (official ChannelDuplicatingPixelUnshuffleUpSampleLayer, matched here): every input channel is
-    repeated R = C_out*r^2/C_in times CONSECUTIVELY (repeat_interleave: channel k of the repeated map is
-    input channel k // R), then pixel_shuffle(r). For the typical 2C -> C block this gives: output channel
-    c at (2h+i, 2w+j) = input channel 2c+i at (h, w), for both columns j. The paper's order (channel-to-
-    space first, then concatenating copies) is the same set of copies up to a fixed channel permutation.
-    We match the code; it is the exact transpose pattern of ChannelAveragingShortcut (averaging a
-    duplicated map returns the map: a test checks it).
+    Official ChannelDuplicatingPixelUnshuffleUpSampleLayer, matched here: every input channel is repeated
+    R = C_out*r^2/C_in times CONSECUTIVELY (repeat_interleave: channel k of the repeated map is input channel
+    k // R), then pixel_shuffle(r). For the usual 2C -> C block, output channel c at (2h+i, 2w+j) is input
+    channel 2c+i at (h, w) for both columns j: the transpose of ChannelAveragingShortcut's pattern (averaging
+    a duplicated map returns the map). The paper's text does channel-to-space first, then concatenates two
+    copies; that is a different map, not a permutation:
+        x = arange(4).view(1, 4, 1, 1)
+        code  (4 -> 2 channels): channel 0 = [[0, 0], [1, 1]], channel 1 = [[2, 2], [3, 3]]
+        paper (4 -> 2 channels): channel 0 = channel 1 = [[0, 1], [2, 3]]
+    We match the code (the released decoders were trained with it).
     """
 
     def __init__(self, in_ch, out_ch, factor):
         super().__init__()
         if (out_ch * factor**2) % in_ch != 0:
             raise ValueError(f"duplicating shortcut: out_ch*factor^2={out_ch * factor**2} not divisible by {in_ch}")
+        # parameter-free, like the averaging shortcut
         self.factor = factor
-        # R = 2 for the usual 2C -> C transition (2C*2 copies = 4C channels, then 4 of them per 2x2 block)
-        # like the averaging shortcut, parameter-free: nothing to learn, nothing in the state dict
         self.repeats = out_ch * factor**2 // in_ch
 
-    # Sec. 3.2: the decoder-side counterpart; the learned up-sampling layer adds a residual on top
     def forward(self, x):
-        # repeat_interleave (not repeat/tile) so the copy layout mirrors the averaging shortcut's consecutive groups
         x = x.repeat_interleave(self.repeats, dim=1)  # (B, C, h, w) -> (B, C*R, h, w)
         return F.pixel_shuffle(x, self.factor)  # (B, C*R, h, w) -> (B, C*R/(r*r), h*r, w*r)
 
@@ -346,7 +345,11 @@ class LiteMLA(nn.Module):
         out_n = sum_m v_m (k_m . q_n) / (sum_m k_m . q_n + eps)
     computed as (v k^T) q when the token count H*W > dim (linear cost) and as v (k^T q) otherwise, like the
     official code (the two are the same function). This is not softmax attention, so
-    F.scaled_dot_product_attention does not apply. Computed in float32 (the official code upcasts too).
+    F.scaled_dot_product_attention does not apply.
+    Precision, as the official code under bf16/fp16 autocast: autocast is off inside `attention`, so its
+    matmuls run in qkv's own dtype (bf16 stays bf16; the linear branch upcasts an fp16 qkv to float32 first),
+    and the normalising division is always float32 (linear: the product is upcast before dividing;
+    quadratic: the N x N map is upcast, normalised and cast back before v @ map).
     """
 
     def __init__(self, in_ch, out_ch, heads=None, heads_ratio=1.0, dim=8, use_bias=False,
@@ -382,26 +385,25 @@ class LiteMLA(nn.Module):
         if quadratic is None:
             # cost: linear branch O(N dim^2), quadratic O(N^2 dim); pick the smaller (same result)
             quadratic = H * W <= self.dim
+        half = (torch.float16, torch.bfloat16)
         with no_autocast(qkv.device):
-            if qkv.dtype in (torch.float16, torch.bfloat16):
-                # float32: the normaliser sum_m k_m . q_n can overflow / lose precision in half precision
-                qkv = qkv.float()
+            if not quadratic and qkv.dtype == torch.float16:
+                qkv = qkv.float()  # official: fp16 (range 65504) would overflow the linear branch's sums
             qkv = qkv.reshape(B, -1, 3 * self.dim, H * W)  # (B, 3*G*dim, H, W) -> (B, G, 3*dim, N)
             q, k, v = qkv.split(self.dim, dim=2)  # 3 x (B, G, dim, N)
             # ReLU instead of softmax's exp: the similarity factorises, so the matmuls can be reordered
-            q, k = F.relu(q), F.relu(k)  # ReLU kernel feature map
-            # associativity: (v k^T) q == v (k^T q); the linear order never forms the N x N map (EfficientViT)
+            q, k = F.relu(q), F.relu(k)
             if not quadratic:
-                # linear branch: pad v with a row of ones so one matmul also gives the normaliser sum_m k_m . q_n
-                v = F.pad(v, (0, 0, 0, 1), mode="constant", value=1.0)  # (B, G, dim, N) -> (B, G, dim+1, N)
-                vk = v @ k.transpose(-1, -2)  # (B, G, dim+1, N) @ (B, G, N, dim) -> (B, G, dim+1, dim)
-                out = vk @ q  # (B, G, dim+1, dim) @ (B, G, dim, N) -> (B, G, dim+1, N)
+                # (v k^T) q never forms the N x N map; the row of ones added to v also yields sum_m k_m . q_n
+                v = F.pad(v, (0, 0, 0, 1), mode="constant", value=1.0)  # (B, G, dim+1, N)
+                out = (v @ k.transpose(-1, -2)) @ q  # (B, G, dim+1, dim) @ (B, G, dim, N) -> (B, G, dim+1, N)
+                out = out.float() if out.dtype in half else out
                 out = out[:, :, :-1] / (out[:, :, -1:] + self.eps)  # (B, G, dim, N)
             else:
-                # quadratic branch (few tokens): explicit N x N map normalised over the key axis
-                att = k.transpose(-1, -2) @ q  # (B, G, N, dim) @ (B, G, dim, N) -> (B, G, N_key, N_query)
-                # the same normaliser sum_m k_m . q_n as the ones-row trick of the linear branch
-                att = att / (att.sum(dim=2, keepdim=True) + self.eps)  # sum over keys: (B, G, 1, N)
+                # few tokens: the explicit N x N map, normalised over the keys by the same sum_m k_m . q_n
+                att = k.transpose(-1, -2) @ q  # (B, G, N_key, N_query)
+                att32 = att.float() if att.dtype in half else att
+                att = (att32 / (att32.sum(dim=2, keepdim=True) + self.eps)).to(att.dtype)
                 out = v @ att  # (B, G, dim, N_key) @ (B, G, N_key, N) -> (B, G, dim, N)
         return out.reshape(B, -1, H, W)  # (B, G, dim, N) -> (B, G*dim, H, W)
 
@@ -410,7 +412,8 @@ class LiteMLA(nn.Module):
         # multi-scale: each aggregation mixes nearby tokens' q/k/v, giving extra head groups (EfficientViT)
         qkv = torch.cat([qkv] + [op(qkv) for op in self.aggreg], dim=1)  # -> (B, 3*heads*dim*(1+S), H, W)
         # G = heads*(1+S): attention runs independently per head of every scale
-        out = self.attention(qkv).to(x.dtype)  # (B, G*dim, H, W), back in the input dtype
+        # back in qkv's dtype, as the official forward (bf16 under autocast)
+        out = self.attention(qkv).to(qkv.dtype)  # (B, G*dim, H, W)
         return self.proj(out)  # (B, G*dim, H, W) -> (B, C_out, H, W)
 
 
@@ -910,14 +913,18 @@ class DCAE(nn.Module):
         if group == "disc":
             if self.phase != 3:
                 raise ValueError(f"the 'disc' group only exists in phase 3 (current phase {self.phase})")
+            if not gan_on:
+                # before disc_start no discriminator forward, so its BatchNorm statistics stay put (as infd.py);
+                # a zero touching every parameter gives DDP and the optimiser all-zero gradients for the group
+                zero = sum(p.sum() for p in self.disc.parameters()) * 0.0
+                return zero.float(), {"d_loss": zero.detach().float()}
             # the discriminator step needs no gradient through the autoencoder
             with torch.no_grad():
                 x_hat = self._reconstruct(x)
             # both inputs detached: this loss only updates the discriminator
             logits_real = self.disc(x.detach()).float()  # (B, C, H, W) -> (B, 1, H', W')
             logits_fake = self.disc(x_hat.detach()).float()  # (B, C, H, W) -> (B, 1, H', W')
-            # hinge loss; before disc_start it is multiplied by 0 (the group still steps, harmlessly)
-            d_loss = hinge_d_loss(logits_real, logits_fake) * float(gan_on)
+            d_loss = hinge_d_loss(logits_real, logits_fake)
             logs = {"d_loss": d_loss.detach(), "logits_real": logits_real.mean().detach(),
                     "logits_fake": logits_fake.mean().detach()}
             return d_loss, logs

@@ -588,3 +588,79 @@ def test_load_official_reads_safetensors(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{oops")
     with pytest.raises(ValueError, match="not a safetensors file"):
         dcae.read_safetensors(tmp_path / "bad.safetensors")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# issue 14: the official shortcut grouping, LiteMLA's precision under autocast, the PatchGAN before disc_start
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_shortcut_official_grouping():
+    """The docstring's arange example: the code averages neighbouring pixels of one channel (down) and copies
+    one input channel into a row pair (up); the paper's half-split recipe is a different map, not a permutation."""
+    x = torch.arange(8.0).view(1, 2, 2, 2)
+    down = dcae.ChannelAveragingShortcut(2, 4, 2)(x)
+    assert torch.equal(down.flatten(), torch.tensor([0.5, 2.5, 4.5, 6.5]))
+    u = torch.nn.functional.pixel_unshuffle(x, 2)
+    paper_down = (u[:, :4] + u[:, 4:]) / 2  # split the 4C channels into halves, average them
+    assert torch.equal(paper_down.flatten(), torch.tensor([2.0, 3.0, 4.0, 5.0]))
+    assert not any(torch.equal(down[0, i], paper_down[0, j]) for i in range(4) for j in range(4))  # no permutation
+    z = torch.arange(4.0).view(1, 4, 1, 1)
+    up = dcae.ChannelDuplicatingShortcut(4, 2, 2)(z)
+    assert torch.equal(up, torch.tensor([[[[0.0, 0.0], [1.0, 1.0]], [[2.0, 2.0], [3.0, 3.0]]]]))
+    paper_up = torch.nn.functional.pixel_shuffle(z, 2).repeat(1, 2, 1, 1)  # channel-to-space, then 2 copies
+    assert not any(torch.equal(up[0, i], paper_up[0, j]) for i in range(2) for j in range(2))
+
+
+def _attention_dtypes(fn):
+    """(op, dtype) of every batched matmul and division fn() dispatches, in order."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket.__name__ in ("bmm", "div"):
+                seen.append((func.overloadpacket.__name__, out.dtype))
+            return out
+
+    seen = []
+    with Log(), torch.no_grad():
+        fn()
+    return seen
+
+
+@pytest.mark.parametrize("branch,hw", [("linear", (8, 6)), ("quadratic", (4, 5))])
+def test_litemla_precision_under_autocast(branch, hw):
+    """Official ops.LiteMLA under bf16 autocast: the matmuls stay bf16, the normalising division is float32
+    (quadratic: the map goes back to bf16 before v @ map); an fp16 qkv is upcast in the linear branch only."""
+    torch.manual_seed(0)
+    mla = dcae.LiteMLA(64, 64, dim=32, norm=(None, "trms2d"), scales=(5,)).eval()
+    x = torch.randn(1, 64, *hw)
+    bf16, f32, f16 = torch.bfloat16, torch.float32, torch.float16
+    with torch.autocast("cpu", dtype=bf16):
+        seen = _attention_dtypes(lambda: mla(x))
+    expect = {"linear": [("bmm", bf16), ("bmm", bf16), ("div", f32)],
+              "quadratic": [("bmm", bf16), ("div", f32), ("bmm", bf16)]}[branch]
+    assert seen == expect
+    qkv = torch.randn(1, 3 * 64 * 2, *hw).half()
+    seen = _attention_dtypes(lambda: mla.attention(qkv))
+    expect = {"linear": [("bmm", f32), ("bmm", f32), ("div", f32)],
+              "quadratic": [("bmm", f16), ("div", f32), ("bmm", f16)]}[branch]
+    assert seen == expect
+
+
+def test_disc_batchnorm_frozen_before_disc_start():
+    """Phase 3 before disc_start: the PatchGAN does not run, so its BatchNorm statistics do not move (and its
+    group still gets all-zero gradients); from disc_start on they do (infd.py does the same)."""
+    model = _tiny(lpips_weight=0.0, disc_start=2).train()
+    model.optimizer_groups(3)
+    batch = {"x": torch.rand(2, 3, 32, 32) * 2 - 1}
+    stats = lambda: {k: v.clone() for k, v in model.disc.state_dict().items() if "running" in k or "batches" in k}
+    before = stats()
+    for group in ("ae", "disc"):
+        loss, _ = model.loss(group, batch, step=1)
+        loss.backward()
+    assert all(torch.equal(v, before[k]) for k, v in stats().items())
+    assert all(p.grad is not None and not p.grad.any() for p in model.disc.parameters())
+    model.loss("disc", batch, step=2)[0].backward()
+    assert not all(torch.equal(v, before[k]) for k, v in stats().items())
