@@ -207,8 +207,8 @@ class DiTBlock(nn.Module):
     """adaLN-Zero block (Sec. 3.2, Fig. 3 right).
 
     LayerNorm without affine; scale/shift (gamma, beta) AND a residual gate alpha are regressed from c.
-    The regression Linear is zero-initialised (DiT.initialize_weights), so every block starts as the
-    identity: the "-Zero" of adaLN-Zero, the best of the four conditioning designs in Fig. 5.
+    The regression Linear is zero-initialised (zero_adaLN), so every block starts as the identity: the
+    "-Zero" of adaLN-Zero, the best of the four conditioning designs in Fig. 5.
     """
 
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
@@ -220,6 +220,12 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))  # hidden width 4D (mlp_ratio 4)
         # index 1 in the state dict because index 0 is the parameter-free SiLU
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+        self.zero_adaLN()
+
+    def zero_adaLN(self):
+        """adaLN-Zero: gamma = beta = alpha = 0 for any c, so the block starts as the identity (Sec. 3.2)."""
+        nn.init.constant_(self.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(self.adaLN_modulation[-1].bias, 0)
 
     def forward(self, x, c):
         # (N, D) -> 6 x (N, D), in the official order
@@ -302,10 +308,9 @@ class DiT(nn.Module):
         # timestep MLP: both Linear weights N(0, 0.02^2) (mlp[1] is the SiLU); biases stay 0 from _basic_init
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        # adaLN-Zero: every block starts as the identity
+        # adaLN-Zero again: _basic_init re-drew the blocks' regressions (kept, so the RNG stream is the official one)
         for block in self.blocks:
-            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
-            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+            block.zero_adaLN()
         # final adaLN (shift, scale) zero too: the decoder starts as a plain non-affine LayerNorm + Linear
         nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
         nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
@@ -407,6 +412,9 @@ class DiT(nn.Module):
             raise ValueError(f"labels must be {n} class indices in [0, {self.num_classes}), got {labels.tolist()}")
         # sample.py: x = cat([z, z]), y = cat([labels, null])
         if cfg > 1.0:
+            if self.y_embedder.embedding_table.num_embeddings == self.num_classes:
+                raise ValueError("dit: cfg > 1 needs the null class, but this model was built with "
+                                 "class_dropout_prob 0 (no null embedding); sample with cfg=1")
             x = torch.cat([z, z], dim=0)  # (n, C, H, W) -> (2n, C, H, W)
             y = torch.cat([labels, torch.full_like(labels, self.num_classes)], dim=0)  # (2n,)
             model_fn = partial(self.forward_with_cfg, cfg_scale=cfg)
@@ -728,10 +736,10 @@ CONFIGS = {
                  num_classes=4, clip_denoised=True),
 }
 
-# Official train.py: AdamW(lr=1e-4, weight_decay=0), global batch 256, EMA 0.9999, no warm-up and NO
-# gradient clipping; grad_clip = inf keeps clip_grad_norm_ a no-op (it scales by min(1, inf) = 1).
-HPARAMS = dict(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, ema_decay=0.9999, warmup_steps=0,
-               grad_clip=float("inf"), batch_size=256)
+# Official train.py: AdamW(lr=1e-4, weight_decay=0), global batch 256, EMA 0.9999, no warm-up and no gradient
+# clipping (grad_clip 0.0 = off in train.py).
+HPARAMS = dict(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, ema_decay=0.9999, warmup_steps=0, grad_clip=0.0,
+               batch_size=256)
 
 # Where a preset trains differently from the paper: a CPU demo of minutes needs a larger lr with warm-up, a short
 # EMA and a small batch (the paper's EMA 0.9999 would still be the initial weights after 2,000 steps).
@@ -778,16 +786,21 @@ def create(config="tiny", **overrides):
 
 
 def _unwrap_checkpoint(sd):
-    """Raw state dict from a path / train.py checkpoint ({"ema", "model"}: "ema" preferred, as download.find_model)."""
+    """A path or a dict -> the raw state dict: torch.load(weights_only=True); the "ema" (preferred, as the official
+    download.find_model), "model" or Lightning "state_dict" entry; a "module." (DDP) or "_orig_mod." (torch.compile)
+    prefix on every key stripped."""
     if isinstance(sd, (str, os.PathLike)):
-        sd = torch.load(sd, map_location="cpu", weights_only=True)
+        try:
+            sd = torch.load(sd, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"cannot read checkpoint {str(sd)!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     if not isinstance(sd, dict):
-        raise ValueError(f"dit checkpoint must be a state dict, got {type(sd).__name__}")
-    for key in ("ema", "model"):
+        raise ValueError(f"a checkpoint must be a state dict, got {type(sd).__name__}")
+    for key in ("ema", "model", "state_dict"):
         if isinstance(sd.get(key), dict):
             sd = sd[key]
             break
-    for prefix in ("module.", "_orig_mod."):  # DDP / torch.compile wrappers
+    for prefix in ("module.", "_orig_mod."):
         if sd and all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
     return sd

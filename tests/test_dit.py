@@ -1,4 +1,4 @@
-"""dit.py against the official DiT code (golden tensors in tests/golden/dit/, see ../shared/reference/dit)
+"""dit.py against the official DiT code (golden tensors in tests/golden/dit/, made by facebookresearch/DiT)
 plus the model-file contract, the official key sets, an overfit run and bad-input errors.
 
 Golden layout: the three tiny_* reference files hold the same state dict; it is stored once in
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import dit
-from conftest import GOLDEN, assert_close, load_golden
+from conftest import GOLDEN, assert_close, lift, load_golden
 
 KEYS = sorted((GOLDEN / "dit" / "keys").glob("*.txt"))
 ERRORS = {}  # case -> max abs error, printed at the end of each golden test (the numbers for the notes)
@@ -330,7 +330,7 @@ def test_contract_smoke(shape, one_thread):
     model = dit.create("tiny", **shape)
     hp = model.hparams
     assert hp["lr"] == 1e-4 and hp["weight_decay"] == 0.0 and hp["ema_decay"] == 0.9999 and hp["batch_size"] == 256
-    assert math.isinf(hp["grad_clip"])  # the official train.py does not clip
+    assert hp["grad_clip"] == 0.0  # the official train.py does not clip (0 = off in train.py)
     groups = model.optimizer_groups()
     assert list(groups) == ["model"]
     s, c = shape["image_size"], shape["in_channels"]
@@ -459,3 +459,86 @@ def test_loss_reproducible_and_bf16_autocast():
         x = model.sample(2, steps=2, cfg=2.0)
     assert loss.dtype == torch.float32 and torch.isfinite(loss) and x.dtype == torch.float32
     loss.backward()
+
+
+# -------------------------------------------------------------------------------------------------
+# whole sampling paths (issue 14) and liftable blocks (issue 16)
+# -------------------------------------------------------------------------------------------------
+def official_space_timesteps(T, section_counts):
+    """respace.space_timesteps, transcribed from facebookresearch/DiT diffusion/respace.py."""
+    if section_counts.startswith("ddim"):
+        want = int(section_counts[4:])
+        return next(set(range(0, T, i)) for i in range(1, T) if len(range(0, T, i)) == want)
+    counts = [int(x) for x in section_counts.split(",")]
+    size_per, extra, start, steps = T // len(counts), T % len(counts), 0, []
+    for i, count in enumerate(counts):
+        size = size_per + (1 if i < extra else 0)
+        stride = 1 if count <= 1 else (size - 1) / (count - 1)
+        cur = 0.0
+        for _ in range(count):
+            steps.append(start + round(cur))
+            cur += stride
+        start += size
+    return set(steps)
+
+
+def official_respaced_betas(kept):
+    """SpacedDiffusion.__init__: betas'_i = 1 - abar[k_i] / abar[k_{i-1}] over the kept steps (float64)."""
+    import numpy as np
+    abar = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))
+    last, betas = 1.0, []
+    for k in sorted(kept):
+        betas.append(1 - abar[k] / last)
+        last = abar[k]
+    return np.array(betas)
+
+
+@pytest.mark.parametrize("spacing", ["2", "7", "37", "250", "300", "999", "1000", "10,15,20", "ddim10", "ddim50",
+                                     "ddim250"])
+def test_respacing_matches_official(spacing):
+    """space_timesteps and the respaced betas for step counts that do and do not divide 1000."""
+    d = dit.GaussianDiffusion(spacing)
+    kept = official_space_timesteps(1000, spacing)
+    assert d.timestep_map == sorted(kept)
+    assert d.betas.tolist() == official_respaced_betas(kept).tolist()
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("S", [2, 7, 37, 250, 300])
+def test_sampler_sweep_timesteps(sampler, S, monkeypatch):
+    """sample(n, steps=S, sampler=...) calls the network at the original steps of create_diffusion(str(S))
+    (official sample.py), largest first, and never clips the latents of a paper preset."""
+    model = dit.create("tiny")
+    seen, clips = [], []
+    monkeypatch.setattr(model, "forward", lambda x, t, y: seen.append(int(t[0])) or torch.zeros(len(x), 8, 8, 8))
+    real = dit.GaussianDiffusion.p_mean_variance
+    monkeypatch.setattr(dit.GaussianDiffusion, "p_mean_variance",
+                        lambda self, *a, **k: clips.append(a[3] if len(a) > 3 else k.get("clip_denoised")) or real(self, *a, **k))
+    model.sample(2, steps=S, sampler=sampler)
+    assert seen == sorted(official_space_timesteps(1000, str(S)), reverse=True)
+    assert clips == [False] * S
+
+
+def test_cfg_needs_a_null_class():
+    """A model built without label dropout has no null embedding: cfg > 1 is refused with a clear error."""
+    model = dit.create("tiny", class_dropout_prob=0.0)
+    assert model.y_embedder.embedding_table.num_embeddings == 10
+    with pytest.raises(ValueError, match="null class"):
+        model.sample(2, steps=2, cfg=4.0)
+    assert model.sample(2, steps=2, cfg=1.0).shape == (2, 4, 8, 8)
+
+
+def test_dit_block_liftable():
+    """DiTBlock copied alone (with modulate, Attention, Mlp) is adaLN-Zero by itself and computes what the file's
+    block computes once given the same weights."""
+    ns = lift(dit, "modulate", "Attention", "Mlp", "DiTBlock")
+    torch.manual_seed(0)
+    block = ns["DiTBlock"](64, 4)
+    x, c = torch.randn(2, 16, 64), torch.randn(2, 64)
+    assert torch.equal(block(x, c), x)  # identity at init: the "-Zero"
+    mine = dit.DiTBlock(64, 4)
+    with torch.no_grad():
+        for p in mine.parameters():
+            p.normal_(0, 0.1)
+    block.load_state_dict(mine.state_dict())
+    assert torch.equal(block(x, c), mine(x, c))
