@@ -2,63 +2,59 @@
 
 Paper: Katherine Crowson, Stefan Andreas Baumann, Alex Birch, Tanishq Mathew Abraham, Daniel Z. Kaplan,
 Enrico Shippole, "Scalable High-Resolution Pixel-Space Image Synthesis with Hourglass Diffusion
-Transformers", ICML 2024, arXiv:2401.11605.
+Transformers", ICML 2024, arXiv:2401.11605. EDM = Karras et al. 2022, arXiv:2206.00364.
 
 Official code matched: crowsonkb/k-diffusion @ 4601bf085320592473f681a62808ed873d17fad5
   k_diffusion/models/image_transformer_v2.py  (ImageTransformerDenoiserModelV2: "image_transformer_v2" = HDiT)
   k_diffusion/models/axial_rope.py            (make_axial_pos)
   k_diffusion/layers.py                       (Denoiser, FourierFeatures)
   k_diffusion/sampling.py                     (get_sigmas_karras, Euler, DPM++(2M), DPM++(2M) SDE, DPM++(3M) SDE)
-  k_diffusion/utils.py, config.py             (rand_cosine_interpolated, stratified uniforms, EMA warmup)
-Golden tensors made by that code: ../shared/reference/hdit/ (tests/test_hdit.py checks them).
+  k_diffusion/utils.py, config.py, train.py   (noise-level densities, stratified uniforms, EMA warm-up, recipe)
+Golden tensors made by that code: tests/golden/hdit/ (tests/test_hdit.py checks them).
 
-Map from the paper to this file
-  Sec. 3.1  hourglass levels, PixelUnshuffle-style merge / split    -> TokenMerge, TokenSplit, HDiT.forward
-  Sec. 3.1  skip merge by a learnable lerp, Eq. (1)                 -> TokenSplit.fac
-  Sec. 3.2  AdaRMSNorm + mapping network (Fourier features, class)  -> AdaRMSNorm, FourierFeatures, MappingNetwork
-  Sec. 3.2  cosine-similarity attention (Swin v2)                   -> scale_for_cosine_sim
-  Sec. 3.2  axial RoPE on half of each head                         -> make_axial_pos, AxialRoPE, apply_rotary_emb
-  Sec. 3.2  GEGLU feed-forward, zero-initialised output projections -> LinearGEGLU, FeedForwardBlock
-  Sec. 3.3  neighborhood attention (local) / global attention       -> neighborhood_attention_*, SelfAttentionBlock
-  Sec. 3.3  shifted-window attention (ablation, Table 2)            -> apply_window_attention
-  Sec. 4 / App.  EDM preconditioning (Karras et al. 2022)           -> HDiT.get_scalings, HDiT.denoise
-  Sec. 4    soft-min-SNR loss weighting, Eq. (2)-(4)                -> loss_weighting
-  App.      cosine-interpolated noise-level sampling                -> rand_cosine_interpolated
-  Sampling  Karras schedule, Euler, DPM++(2M), DPM++ 2M/3M SDE, CFG -> get_sigmas_karras, sample_* , HDiT.sample
+Map from the papers to this file
+  HDiT Sec. 4.1  hourglass levels, PixelUnshuffle-style token merge / split  -> TokenMerge, TokenSplit, HDiT.forward
+  HDiT Sec. 4.1  skip merge by a learnable lerp                              -> TokenSplit.fac
+  HDiT Sec. 4.2  AdaRMSNorm + mapping network (noise level, class)          -> AdaRMSNorm, MappingNetwork
+  HDiT Sec. 4.2  cosine-similarity attention (Swin v2)                      -> scale_for_cosine_sim
+  HDiT Sec. 4.2  axial RoPE on half of each head                            -> make_axial_pos, AxialRoPE, apply_rotary_emb
+  HDiT Sec. 4.2  GEGLU feed-forward, zero-initialised output projections     -> LinearGEGLU, FeedForwardBlock
+  HDiT Sec. 4.3  neighborhood attention at high resolution, global at low    -> neighborhood_attention*, SelfAttentionBlock
+  HDiT Sec. 4.3  shifted-window attention, the local attention NA beat       -> apply_window_attention
+  HDiT Sec. 5    soft-min-SNR loss weighting                                 -> loss_weighting
+  EDM Table 1, Eq. (7), Eq. (8)  preconditioning, denoiser, training loss   -> HDiT.get_scalings, denoise, loss_per_sample
+  EDM Eq. (5), Alg. 2; DPM-Solver++  Karras schedule, Euler, DPM++ samplers -> get_sigmas_karras, sample_*, HDiT.sample
+  simple diffusion (Hoogeboom et al. 2023) shifted cosine noise levels      -> cosine_interpolated_sigma, HDiT.sample_sigma
+Suggested reading order: TokenMerge / TokenSplit and HDiT.forward (the hourglass), AdaRMSNorm and MappingNetwork,
+SelfAttentionBlock with scale_for_cosine_sim, AxialRoPE and neighborhood_attention_reference, then HDiT.denoise,
+loss_per_sample with loss_weighting, sample_sigma, and last get_sigmas_karras with sample_dpmpp_2m_sde.
 
-The network keeps the official module tree, so the official state dict loads with an EMPTY rename table
-(`OFFICIAL_RENAMES`). Tensors inside blocks are channels-last, (B, h, w, C), as in the official code.
+The network keeps the official module tree, so the official state dict loads with no renames. Tensors inside
+blocks are channels-last, (B, h, w, C), as in the official code.
 
-Contract notes (README "Model file contract")
-  * create(config, image_size=, in_channels=, num_classes=): num_classes is the number of labels in the data;
-    0 or 1 (an unlabelled folder) builds an UNCONDITIONAL model (no class_emb, as the official with dataset
-    num_classes 0); N > 1 builds class_emb with N + 1 rows, row N being the dropped class used for CFG
-    (labels are dropped with probability cond_dropout_rate = 0.1 in loss()).
-  * optimizer_groups(): one AdamW group "model" holding the official 4 parameter groups as torch param-group
-    dicts: {"params", "lr_scale", ["weight_decay": 0]}; the mapping network and every AdaRMSNorm linear use
-    lr * 1/3, and norms' scales, the lerp factors, the attention scales and the conditioning input
-    projections / embeddings get no weight decay.
-  * hparams: lr 5e-4, betas (0.9, 0.95), weight decay per config, no gradient clipping, ema_decay 0.9999
-    with the official EMA warm-up decay_t = min(0.9999, 1 - (1 + t) ** -ema_power) (ema_power 0.6667 or 0.75).
-  * loss("model", batch, step): sigma ~ the cosine-interpolated density with stratified uniforms, noise,
-    label dropout, all from the global torch RNG; returns the mean soft-min-SNR-weighted loss in float32.
-  * sample(n, labels, steps, cfg, sampler in SAMPLERS, generator): Karras schedule from the config's
-    sigma_max down to sigma_min, default sampler "dpmpp_2m_sde" (eta 0, heun) with 50 steps, the official
-    train.py's demo-grid / FID sampler.
-
-Deliberately left out
-  * NATTEN (a CUDA extension): replaced by a pure-PyTorch gather reference, a flex_attention fast path (CUDA)
-    and, on CPU for grids up to 64x64 tokens, masked dense SDPA (neighborhood_attention dispatches).
+Left out / differs from the official code
+  * NATTEN (a CUDA extension): a pure-PyTorch gather reference, a flex_attention fast path (CUDA) and, on CPU or
+    without flex_attention, masked dense SDPA up to 64x64 tokens (neighborhood_attention dispatches).
   * flash-attn 2 and torch.compile of the small kernels: PyTorch SDPA does the dense attention instead.
-  * The official non-leaky augmentation pipeline (k_diffusion/augmentation.py): `aug_cond` is zeros unless
-    the batch carries an "aug_cond" (B, 9) tensor, exactly what the official code does with augment_prob 0.
-  * The DCT frequency loss scales (`loss_scales != 1`): no HDiT config uses them.
+  * The non-leaky augmentation pipeline (augmentation.py): `aug_cond` is zeros unless the batch carries an
+    "aug_cond" (B, 9) tensor, so CIFAR-10 / MNIST train without their configs' augment_prob 0.12.
+  * The DCT frequency loss scales (`loss_scales != 1`) and the loglogistic, loguniform, v-diffusion and
+    split-lognormal noise-level densities: no HDiT config uses them (create rejects them).
   * The Brownian-tree noise of the official SDE samplers (torchsde): i.i.d. Gaussian noise per step, which
-    has the same law for a fixed step sequence.
+    has the same law for a fixed step sequence. A single-step SDE run returns the denoised estimate (both
+    official SDE loops raise UnboundLocalError there).
+  * HDiT.sample runs each sampler as the official train.py (DPM++(2M) SDE: eta 0, heun) or with sampling.py's
+    defaults; other eta / churn values go through the sample_* functions. clip_denoised is ours, on only in the
+    pixel-space "demo" preset; the official never clamps.
+  * Noise levels are always stratified (the official turns stratification off only with --gns).
+  * hdit_imagenet256 / hdit_ffhq1024: the repo ships no JSON. Sizes, weight decay 1e-2 and batch 256 follow the
+    paper; sigma range [1e-3, 1e3], betas (0.9, 0.95) and EMA power 0.6667 (load_config's default) are assumed.
+  * tiny and demo are ours (CI and the CPU demo), not official configurations.
 """
 import functools
 import json
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -69,40 +65,33 @@ from torch import nn
 # Small kernels (official: image_transformer_v2.py "Kernels"). All compute in at least float32.
 # ----------------------------------------------------------------------------------------------------------
 
-def _compute_dtype(*tensors):
-    """The dtype the official kernels compute in: promote(inputs..., float32) (float64 stays float64)."""
-    return functools.reduce(torch.promote_types, [t.dtype for t in tensors] + [torch.float32])
-
-
 def rms_norm(x, scale, eps):
-    """RMSNorm over the last dim: x * scale / sqrt(mean(x^2) + eps), computed in >= float32."""
-    dtype = _compute_dtype(x, scale)
+    """RMSNorm over the last dim: x * scale / sqrt(mean(x^2) + eps), statistics in >= float32."""
     # Statistics in >= float32: mean(x^2) of bf16 activations under autocast would lose precision.
-    mean_sq = torch.mean(x.to(dtype) ** 2, dim=-1, keepdim=True)  # (..., C) -> (..., 1)
-    scale = scale.to(dtype) * torch.rsqrt(mean_sq + eps)  # (C,) * (..., 1) -> (..., C)
+    dtype = torch.promote_types(torch.promote_types(x.dtype, scale.dtype), torch.float32)
+    mean_sq = torch.mean(x.to(dtype) ** 2, dim=-1, keepdim=True)
+    scale = scale.to(dtype) * torch.rsqrt(mean_sq + eps)
     # The official multiplies in x's dtype (the scale is cast down, not x up).
     return x * scale.to(x.dtype)
 
 
 def scale_for_cosine_sim(q, k, scale, eps):
-    """Sec. 3.2, cosine-similarity attention: q, k -> sqrt(scale) * q / |q| (eps on the SUM of squares).
+    """Cosine-similarity attention (Swin v2): q, k -> sqrt(scale) * q / |q| (eps on the SUM of squares).
 
-    q . k then equals scale * cos(q, k), which is why attention later runs with SDPA scale=1.0.
+    q . k then equals scale * cos(q, k), which is why attention later runs with scale=1.0.
     """
-    dtype = _compute_dtype(q, k, scale)
-    sum_sq_q = torch.sum(q.to(dtype) ** 2, dim=-1, keepdim=True)  # (..., e) -> (..., 1)
-    sum_sq_k = torch.sum(k.to(dtype) ** 2, dim=-1, keepdim=True)  # (..., e) -> (..., 1)
+    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), torch.promote_types(scale.dtype, torch.float32))
+    sum_sq_q = torch.sum(q.to(dtype) ** 2, dim=-1, keepdim=True)
+    sum_sq_k = torch.sum(k.to(dtype) ** 2, dim=-1, keepdim=True)
     # sqrt on each side, so the product q . k carries the full learnable per-head scale (init 10).
     sqrt_scale = torch.sqrt(scale.to(dtype))
-    # sqrt(scale) / |q|, broadcast over e
     scale_q = sqrt_scale * torch.rsqrt(sum_sq_q + eps)
     scale_k = sqrt_scale * torch.rsqrt(sum_sq_k + eps)
-    # |q| and |k| become sqrt(scale) each, so q . k = scale * cos(q, k).
     return q * scale_q.to(q.dtype), k * scale_k.to(k.dtype)
 
 
 class LinearGEGLU(nn.Linear):
-    """Sec. 3.2, GEGLU (Shazeer 2020): one bias-free Linear to 2*d_ff; first half = value, second = gate."""
+    """Sec. 4.2, GEGLU (Shazeer 2020): one bias-free Linear to 2*d_ff; first half = value, second = gate."""
 
     def __init__(self, in_features, out_features, bias=False):
         # One fused matmul for value and gate: weight (2*d_ff, in), the layout of the official checkpoint.
@@ -128,7 +117,7 @@ class RMSNorm(nn.Module):
 
 
 class AdaRMSNorm(nn.Module):
-    """Sec. 3.2: RMSNorm whose scale is 1 + Linear(cond); the Linear is zero-initialised (starts as RMSNorm)."""
+    """Sec. 4.2: RMSNorm whose scale is 1 + Linear(cond); the Linear is zero-initialised (starts as RMSNorm)."""
 
     def __init__(self, features, cond_features, eps=1e-6):
         super().__init__()
@@ -144,7 +133,7 @@ class AdaRMSNorm(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Axial rotary position embeddings (Sec. 3.2; official axial_rope.py + AxialRoPE in image_transformer_v2.py)
+# Axial rotary position embeddings (Sec. 4.2; official axial_rope.py + AxialRoPE in image_transformer_v2.py)
 # ----------------------------------------------------------------------------------------------------------
 
 def make_axial_pos(h, w, device=None):
@@ -174,7 +163,7 @@ def downscale_pos(pos):
 
 
 class AxialRoPE(nn.Module):
-    """Sec. 3.2: axial RoPE on the first half of every head; y uses d_head/8 frequencies, x the next d_head/8.
+    """Sec. 4.2: axial RoPE on the first half of every head; y uses d_head/8 frequencies, x the next d_head/8.
 
     Frequencies are log-spaced from pi to 10*pi (excluded) and interleaved across heads (each head gets its own
     ladder), stored as a persistent buffer `freqs` (n_heads, d_head // 8) like the official checkpoint.
@@ -202,76 +191,58 @@ def apply_rotary_emb(x, theta, conj=False):
 
     "Half-split" pairs, not interleaved neighbours; computed in >= float32, returned in x's dtype.
     """
-    out_dtype = x.dtype
-    dtype = _compute_dtype(x, theta)
+    dtype = torch.promote_types(torch.promote_types(x.dtype, theta.dtype), torch.float32)
     d = theta.shape[-1]
-    x1, x2, x3 = x[..., :d], x[..., d:2 * d], x[..., 2 * d:]  # rotated pair halves, untouched rest
-    x1, x2, theta = x1.to(dtype), x2.to(dtype), theta.to(dtype)
-    # each (..., d), broadcast against x1 and x2
-    cos, sin = torch.cos(theta), torch.sin(theta)
-    # sin(-theta) = -sin(theta); cos is even
+    x1, x2, x3 = x[..., :d].to(dtype), x[..., d:2 * d].to(dtype), x[..., 2 * d:]
+    cos, sin = torch.cos(theta.to(dtype)), torch.sin(theta.to(dtype))
+    # conj=True rotates by -theta (the inverse): sin is odd, cos is even.
     sin = -sin if conj else sin
-    # 2-D rotation of each (x1, x2) pair by theta; conj=True rotates by -theta (the inverse).
     y1 = x1 * cos - x2 * sin
     y2 = x2 * cos + x1 * sin
-    # (..., d) x 2 + (..., D - 2d) -> (..., D)
-    return torch.cat((y1.to(out_dtype), y2.to(out_dtype), x3), dim=-1)
+    return torch.cat((y1.to(x.dtype), y2.to(x.dtype), x3), dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Neighborhood attention (Sec. 3.3), NATTEN semantics, dilation 1, odd kernel K. Layout (B, heads, H, W, e).
+# Neighborhood attention (Sec. 4.3), NATTEN semantics, dilation 1, odd kernel K. Layout (B, heads, H, W, e).
 # Query (i, j) attends to the K x K keys starting at (clamp(i - K//2, 0, H - K), clamp(j - K//2, 0, W - K)):
 # the window is centred on the query but shifted INWARD at the borders (never padded, never truncated).
 # ----------------------------------------------------------------------------------------------------------
 
-def neighborhood_starts(n, kernel_size, device=None):
-    """(n,) first row (or column) of each query's window: clamp(i - K//2, 0, n - K)."""
-    i = torch.arange(n, device=device)  # (n,) query positions
-    # (n,); every window holds exactly K in-range cells
-    return (i - kernel_size // 2).clamp(0, n - kernel_size)
-
-
 def neighborhood_index(h, w, kernel_size, device=None):
     """(h, w, K*K) flat key index r*w + c of every neighbour, neighbour a*K + b (row-major), like NATTEN."""
+    if kernel_size % 2 != 1 or h < kernel_size or w < kernel_size:
+        raise ValueError(f"neighborhood attention needs an odd kernel no larger than the token grid; got kernel "
+                         f"{kernel_size} on a {h}x{w} grid")
+    offsets = torch.arange(kernel_size, device=device)
     # Rows and columns are clamped independently: the K x K window is an outer product of two ranges.
-    offsets = torch.arange(kernel_size, device=device)  # (K,)
-    rows = neighborhood_starts(h, kernel_size, device)[:, None] + offsets  # (h, K)
-    cols = neighborhood_starts(w, kernel_size, device)[:, None] + offsets  # (w, K)
-    # (h, 1, K, 1) + (1, w, 1, K) -> (h, w, K, K)
+    rows = (torch.arange(h, device=device) - kernel_size // 2).clamp(0, h - kernel_size)[:, None] + offsets
+    cols = (torch.arange(w, device=device) - kernel_size // 2).clamp(0, w - kernel_size)[:, None] + offsets
+    # (h, 1, K, 1) * w + (1, w, 1, K) -> (h, w, K, K)
     flat = rows[:, None, :, None] * w + cols[None, :, None, :]
-    return flat.reshape(h, w, kernel_size * kernel_size)  # (h, w, K, K) -> (h, w, K*K)
+    return flat.reshape(h, w, kernel_size * kernel_size)
+
+
+def neighborhood_attention_reference(q, k, v, kernel_size, scale=None):
+    """Readable reference: gather each query's K*K keys and values, softmax over them. O(N K^2) work instead of
+    O(N^2), the linear cost Sec. 4.3 relies on at high resolution. scale: logit scale, None = 1/sqrt(e) as SDPA
+    (HDiT passes 1.0: cosine-sim attention has already put its learnable scale into q and k)."""
+    b, nh, h, w, e = q.shape
+    scale = e ** -0.5 if scale is None else scale
+    index = neighborhood_index(h, w, kernel_size, q.device).view(-1)
+    # (B, nh, H, W, e) -> (B, nh, H*W*K*K, e) -> (B, nh, H, W, K*K, e)
+    k_n = k.reshape(b, nh, h * w, e)[:, :, index].view(b, nh, h, w, kernel_size ** 2, e)
+    v_n = v.reshape(b, nh, h * w, e)[:, :, index].view(b, nh, h, w, kernel_size ** 2, e)
+    # (B, nh, H, W, K*K) logits, what NATTEN's na2d_qk returns
+    logits = torch.einsum("bnhwe,bnhwke->bnhwk", q, k_n) * scale
+    attn = torch.softmax(logits, dim=-1).to(v.dtype)
+    return torch.einsum("bnhwk,bnhwke->bnhwe", attn, v_n)
 
 
 def neighborhood_mask(h, w, kernel_size, device=None):
     """(h*w, h*w) bool, True where key (column) lies in the query's (row) neighbourhood; K*K per row."""
-    index = neighborhood_index(h, w, kernel_size, device).view(h * w, -1)  # (h*w, K*K)
-    mask = torch.zeros(h * w, h * w, dtype=torch.bool, device=device)  # (h*w, h*w), all False
-    return mask.scatter_(1, index, True)  # K*K distinct True columns per row
-
-
-def _check_neighborhood(h, w, kernel_size):
-    if kernel_size % 2 != 1 or h < kernel_size or w < kernel_size:
-        raise ValueError(f"neighborhood attention needs an odd kernel no larger than the token grid; got kernel "
-                         f"{kernel_size} on a {h}x{w} grid")
-
-
-def neighborhood_attention_reference(q, k, v, kernel_size):
-    """Readable reference: gather each query's K*K keys and values, softmax over them. Logits are plain q . k
-    (cosine-sim scaling is already folded into q and k, so no 1/sqrt(d))."""
-    b, nh, h, w, e = q.shape
-    _check_neighborhood(h, w, kernel_size)
-    index = neighborhood_index(h, w, kernel_size, q.device).view(-1)  # (h*w*K*K,)
-    # (B, nh, H, W, e) -> (B, nh, h*w*K*K, e)
-    k_n = k.reshape(b, nh, h * w, e)[:, :, index]
-    v_n = v.reshape(b, nh, h * w, e)[:, :, index]  # same gather for the values
-    k_n = k_n.view(b, nh, h, w, kernel_size * kernel_size, e)  # -> (B, nh, H, W, K*K, e)
-    v_n = v_n.view(b, nh, h, w, kernel_size * kernel_size, e)  # -> (B, nh, H, W, K*K, e)
-    # K*K logits per query: O(N K^2) work instead of O(N^2), the linear cost Sec. 3.3 relies on at high resolution.
-    # (B, nh, H, W, K*K), what NATTEN's na2d_qk returns
-    logits = torch.einsum("bnhwe,bnhwke->bnhwk", q, k_n)
-    # softmax over the K*K neighbours of each query
-    attn = torch.softmax(logits, dim=-1).to(v.dtype)
-    return torch.einsum("bnhwk,bnhwke->bnhwe", attn, v_n)  # (B, nh, H, W, e)
+    index = neighborhood_index(h, w, kernel_size, device).view(h * w, -1)
+    mask = torch.zeros(h * w, h * w, dtype=torch.bool, device=device)
+    return mask.scatter_(1, index, True)
 
 
 @functools.lru_cache(maxsize=16)
@@ -279,15 +250,14 @@ def _cached_mask(h, w, kernel_size, device):
     return neighborhood_mask(h, w, kernel_size, device)
 
 
-def neighborhood_attention_dense(q, k, v, kernel_size):
+def neighborhood_attention_dense(q, k, v, kernel_size, scale=None):
     """Brute force: dense SDPA over all H*W keys with the boolean neighbourhood mask. O(N^2), but one fused
     kernel: on CPU the fastest of the three for small grids (see neighborhood_attention)."""
     b, nh, h, w, e = q.shape
-    _check_neighborhood(h, w, kernel_size)
-    mask = _cached_mask(h, w, kernel_size, str(q.device))  # (h*w, h*w), read-only
-    flat = [t.reshape(b, nh, h * w, e) for t in (q, k, v)]  # (B, nh, H, W, e) -> (B, nh, H*W, e)
-    out = F.scaled_dot_product_attention(*flat, attn_mask=mask, scale=1.0)  # (B, nh, H*W, e)
-    return out.view(b, nh, h, w, e)  # (B, nh, H*W, e) -> (B, nh, H, W, e)
+    mask = _cached_mask(h, w, kernel_size, str(q.device))
+    flat = [t.reshape(b, nh, h * w, e) for t in (q, k, v)]
+    out = F.scaled_dot_product_attention(*flat, attn_mask=mask, scale=scale)
+    return out.view(b, nh, h, w, e)
 
 
 @functools.lru_cache(maxsize=64)
@@ -302,11 +272,9 @@ def neighborhood_block_mask(h, w, kernel_size, device, block_size=128):
     r = kernel_size // 2
 
     def mask_mod(b, head, q_idx, kv_idx):
-        q_row, q_col = q_idx // w, q_idx % w  # flat row-major index -> (row, col)
-        k_row, k_col = kv_idx // w, kv_idx % w  # flat row-major index -> (row, col)
-        # Clamping the centre to [r, n-1-r] equals clamping the window start to [0, n-K] (neighborhood_starts).
-        c_row = q_row.clamp(r, h - 1 - r)
-        c_col = q_col.clamp(r, w - 1 - r)
+        q_row, q_col, k_row, k_col = q_idx // w, q_idx % w, kv_idx // w, kv_idx % w
+        # Clamping the centre to [r, n-1-r] equals clamping the window start to [0, n-K] (neighborhood_index).
+        c_row, c_col = q_row.clamp(r, h - 1 - r), q_col.clamp(r, w - 1 - r)
         return ((c_row - k_row).abs() <= r) & ((c_col - k_col).abs() <= r)
 
     # None, None: one mask for every batch element and head (the rule depends only on token positions).
@@ -316,46 +284,49 @@ def neighborhood_block_mask(h, w, kernel_size, device, block_size=128):
 _FLEX_COMPILED = None
 
 
-def neighborhood_attention_flex(q, k, v, kernel_size, compiled=None):
-    """Fast path: torch.nn.attention.flex_attention with the block mask above (compiled on CUDA).
-
-    On CPU flex_attention runs eagerly (forward only; it materialises scores) - used there only by the tests.
-    """
+def neighborhood_attention_flex(q, k, v, kernel_size, scale=None):
+    """Fast path: torch.nn.attention.flex_attention with the block mask above, compiled on CUDA (eager on CPU,
+    forward only, which only the tests use)."""
     from torch.nn.attention.flex_attention import flex_attention
     global _FLEX_COMPILED
     b, nh, h, w, e = q.shape
-    _check_neighborhood(h, w, kernel_size)
-    compiled = q.is_cuda if compiled is None else compiled
+    neighborhood_index(h, w, kernel_size)  # the same one-line error for a kernel that does not fit
     # Compiled once and cached module-wide: eager flex_attention is an unfused reference, compile fuses it.
-    if compiled and _FLEX_COMPILED is None:
+    if q.is_cuda and _FLEX_COMPILED is None:
         _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False)
-    attend = _FLEX_COMPILED if compiled else flex_attention
+    attend = _FLEX_COMPILED if q.is_cuda else flex_attention
     block_mask = neighborhood_block_mask(h, w, kernel_size, str(q.device))
-    flat = [t.reshape(b, nh, h * w, e) for t in (q, k, v)]  # (B, nh, H, W, e) -> (B, nh, H*W, e)
-    out = attend(*flat, block_mask=block_mask, scale=1.0)  # (B, nh, H*W, e)
-    return out.view(b, nh, h, w, e)  # -> (B, nh, H, W, e)
+    flat = [t.reshape(b, nh, h * w, e) for t in (q, k, v)]
+    return attend(*flat, block_mask=block_mask, scale=scale).view(b, nh, h, w, e)
 
 
-# On CPU, grids of up to this many tokens use the masked dense kernel: it does (h*w)^2 instead of h*w*K^2 logits,
-# but in one fused SDPA call, while the gather's backward is a slow scatter-add. Measured forward + backward,
-# K = 7, 2 heads of 64, 2 CPU cores: 8x8 (batch 64) 416 -> 7 ms, 16x16 (16) 415 -> 17 ms, 32x32 (4) 409 -> 62 ms,
-# 64x64 (1) 413 -> 270 ms. Past 64x64 the quadratic mask (16M entries there) and logits take over.
+# On CPU, and on CUDA without flex_attention (torch < 2.5), grids of up to this many tokens use the masked dense
+# kernel: (h*w)^2 logits instead of h*w*K^2, but in one fused SDPA call, while the gather's backward is a slow
+# scatter-add. Past 64x64 the quadratic mask (16M entries there) and logits take over.
 DENSE_MAX_TOKENS = 64 * 64
 
 
-def neighborhood_attention(q, k, v, kernel_size):
-    """Dispatch (all three compute the same thing): the flex fast path on CUDA; on CPU the masked dense kernel
-    for grids up to DENSE_MAX_TOKENS tokens and the gather reference above that."""
-    if q.is_cuda:
-        return neighborhood_attention_flex(q, k, v, kernel_size)
-    # q is (B, nh, H, W, e): shape[2] * shape[3] is the token count H*W.
+def neighborhood_attention(q, k, v, kernel_size, scale=None):
+    """Dispatch (all three compute the same thing): the flex fast path on CUDA when torch has it; otherwise the
+    masked dense kernel for grids up to DENSE_MAX_TOKENS tokens and the gather reference above that."""
+    if q.is_cuda and _has_flex_attention():
+        return neighborhood_attention_flex(q, k, v, kernel_size, scale)
     if q.shape[2] * q.shape[3] <= DENSE_MAX_TOKENS:
-        return neighborhood_attention_dense(q, k, v, kernel_size)
-    return neighborhood_attention_reference(q, k, v, kernel_size)
+        return neighborhood_attention_dense(q, k, v, kernel_size, scale)
+    return neighborhood_attention_reference(q, k, v, kernel_size, scale)
+
+
+@functools.lru_cache(maxsize=1)
+def _has_flex_attention():
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Shifted-window attention (Swin; the official supports it, the paper ablates it against NA in Table 2).
+# Shifted-window attention (Swin): the official supports it; Sec. 4.3 reports NA works better.
 # Note the official rolls by +shift (Swin rolls by -shift); the masks below follow the official.
 # ----------------------------------------------------------------------------------------------------------
 
@@ -412,7 +383,7 @@ def apply_window_attention(window_size, window_shift, q, k, v):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Transformer blocks (Sec. 3.2)
+# Transformer blocks (Sec. 4.2)
 # ----------------------------------------------------------------------------------------------------------
 
 class SelfAttentionBlock(nn.Module):
@@ -435,7 +406,7 @@ class SelfAttentionBlock(nn.Module):
         self.pos_emb = AxialRoPE(d_head // 2, self.n_heads)
         self.dropout = nn.Dropout(dropout)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
-        # zero-init residual branch (no adaLN-Zero gate, Sec. 3.2)
+        # zero-init residual branch (no adaLN-Zero gate, Sec. 4.2)
         nn.init.zeros_(self.out_proj.weight)
 
     def extra_repr(self):
@@ -457,7 +428,7 @@ class SelfAttentionBlock(nn.Module):
             # autocast); the local blocks keep float32 positions.
             pos = pos.to(qkv.dtype)  # (H, W, 2)
         theta = self.pos_emb(pos).movedim(-2, -4)  # (H, W, nh, e/4) -> (nh, H, W, e/4)
-        # theta has e/4 angles, so dims [0, e/2) of each head are rotated and [e/2, e) pass through (Sec. 3.2).
+        # theta has e/4 angles, so dims [0, e/2) of each head are rotated and [e/2, e) pass through (Sec. 4.2).
         # v is not rotated: position only enters through the q . k logits.
         q, k = apply_rotary_emb(q, theta), apply_rotary_emb(k, theta)
         if self.kind == "global":
@@ -465,7 +436,7 @@ class SelfAttentionBlock(nn.Module):
             x = F.scaled_dot_product_attention(*flat, scale=1.0)  # cosine-sim logits: no 1/sqrt(d)
             x = x.view(b, self.n_heads, h, w, self.d_head)  # (B, nh, H*W, e) -> (B, nh, H, W, e)
         elif self.kind == "neighborhood":
-            x = neighborhood_attention(q, k, v, self.kernel_size)  # (B, nh, H, W, e)
+            x = neighborhood_attention(q, k, v, self.kernel_size, scale=1.0)
         else:
             x = apply_window_attention(self.window_size, self.window_shift, q, k, v)  # (B, nh, H, W, e)
         x = x.permute(0, 2, 3, 1, 4).reshape(b, h, w, c)  # (B, nh, H, W, e) -> (B, H, W, nh*e)
@@ -566,7 +537,7 @@ class MappingFeedForwardBlock(nn.Module):
 
 
 class MappingNetwork(nn.Module):
-    """Sec. 3.2: the shared conditioning MLP; its output `cond` drives every AdaRMSNorm of the network."""
+    """Sec. 4.2: the shared conditioning MLP; its output `cond` drives every AdaRMSNorm of the network."""
 
     def __init__(self, n_layers, d_model, d_ff, dropout=0.0):
         super().__init__()
@@ -584,39 +555,24 @@ class MappingNetwork(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Token merge / split (Sec. 3.1). Packing order (dy, dx, c): feature (dy*pw + dx)*C + c.
+# Token merge / split (Sec. 4.1). Packing order (dy, dx, c): feature (dy*pw + dx)*C + c.
 # NOTE: this is NOT F.pixel_unshuffle's order (c*ph*pw + dy*pw + dx), so official weights need this order.
 # ----------------------------------------------------------------------------------------------------------
 
-def _merge_tokens(x, ph, pw):
-    """(..., H, W, C) -> (..., H/ph, W/pw, ph*pw*C), (dy, dx, c) order."""
-    *b, h, w, c = x.shape
-    x = x.reshape(*b, h // ph, ph, w // pw, pw, c)  # -> (..., h, ph, w, pw, C)
-    x = x.movedim(-4, -3)  # -> (..., h, w, ph, pw, C)
-    return x.reshape(*b, h // ph, w // pw, ph * pw * c)  # -> (..., h, w, ph*pw*C)
-
-
-def _split_tokens(x, ph, pw):
-    """(..., h, w, ph*pw*C) -> (..., h*ph, w*pw, C), inverse of _merge_tokens."""
-    *b, h, w, f = x.shape
-    c = f // (ph * pw)
-    x = x.reshape(*b, h, w, ph, pw, c)  # -> (..., h, w, ph, pw, C)
-    x = x.movedim(-3, -4)  # -> (..., h, ph, w, pw, C)
-    return x.reshape(*b, h * ph, w * pw, c)  # -> (..., h*ph, w*pw, C)
-
-
 class TokenMerge(nn.Module):
-    """Patching / downsampling: pack each ph x pw block of tokens into one, then a bias-free Linear."""
+    """Patching / downsampling: pack each ph x pw block of tokens into one, then a bias-free Linear (a Linear on
+    the packed features is a stride-p conv, i.e. ViT-style patch embedding)."""
 
     def __init__(self, in_features, out_features, patch_size=(2, 2)):
         super().__init__()
         self.h, self.w = patch_size
-        # A Linear on the packed ph*pw*C features is a stride-p conv, i.e. ViT-style patch embedding (Sec. 3.1).
         self.proj = nn.Linear(in_features * self.h * self.w, out_features, bias=False)
 
     def forward(self, x):
-        # (B, H, W, C) -> (B, H/ph, W/pw, out)
-        return self.proj(_merge_tokens(x, self.h, self.w))
+        *b, h, w, c = x.shape
+        # (..., H, W, C) -> (..., H/ph, ph, W/pw, pw, C) -> (..., H/ph, W/pw, ph, pw, C) -> (..., H/ph, W/pw, ph*pw*C)
+        x = x.reshape(*b, h // self.h, self.h, w // self.w, self.w, c).movedim(-4, -3)
+        return self.proj(x.reshape(*b, h // self.h, w // self.w, self.h * self.w * c))
 
 
 class TokenSplitWithoutSkip(nn.Module):
@@ -628,15 +584,18 @@ class TokenSplitWithoutSkip(nn.Module):
         self.proj = nn.Linear(in_features, out_features * self.h * self.w, bias=False)
 
     def forward(self, x):
-        # (B, h, w, in) -> (B, h*ph, w*pw, out)
-        return _split_tokens(self.proj(x), self.h, self.w)
+        x = self.proj(x)
+        *b, h, w, f = x.shape
+        # (..., h, w, ph*pw*C) -> (..., h, w, ph, pw, C) -> (..., h, ph, w, pw, C) -> (..., h*ph, w*pw, C)
+        x = x.reshape(*b, h, w, self.h, self.w, f // (self.h * self.w)).movedim(-3, -4)
+        return x.reshape(*b, h * self.h, w * self.w, f // (self.h * self.w))
 
 
 class TokenSplit(nn.Module):
-    """Upsampling + skip merge, Sec. 3.1 Eq. (1): lerp(skip, upsampled, fac) = (1 - fac) skip + fac up.
+    """Upsampling + skip merge by a learnable lerp (Sec. 4.1): lerp(skip, up, fac) = (1 - fac) skip + fac up.
 
-    (The paper writes f * skip + (1 - f) * upsampled; the code's learnable `fac` (init 0.5) weights the
-    upsampled branch. We follow the code.)
+    The paper writes f * skip + (1 - f) * upsampled; the code's learnable `fac` (init 0.5) weights the
+    upsampled branch. We follow the code.
     """
 
     def __init__(self, in_features, out_features, patch_size=(2, 2)):
@@ -647,9 +606,13 @@ class TokenSplit(nn.Module):
         self.fac = nn.Parameter(torch.ones(1) * 0.5)
 
     def forward(self, x, skip):
-        x = _split_tokens(self.proj(x), self.h, self.w)  # (B, h, w, in) -> (B, 2h, 2w, out)
+        x = self.proj(x)
+        *b, h, w, f = x.shape
+        # (..., h, w, ph*pw*C) -> (..., h, w, ph, pw, C) -> (..., h, ph, w, pw, C) -> (..., h*ph, w*pw, C)
+        x = x.reshape(*b, h, w, self.h, self.w, f // (self.h * self.w)).movedim(-3, -4)
+        x = x.reshape(*b, h * self.h, w * self.w, f // (self.h * self.w))
         # lerp(skip, x, fac) = skip + fac * (x - skip); fac is cast so bf16 activations stay bf16.
-        return torch.lerp(skip, x, self.fac.to(x.dtype))  # (B, 2h, 2w, out)
+        return torch.lerp(skip, x, self.fac.to(x.dtype))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -679,10 +642,20 @@ def cosine_interpolated_sigma(u, image_d, noise_d_low, noise_d_high, sigma_data,
     return sigma_data * torch.exp(-logsnr / 2)
 
 
-def stratified_uniform(n, device=None, generator=None):
-    """Official train.py stratifies the batch's uniforms: u_i = (i + rand_i) / n (one process, no accumulation)."""
-    # u_i lies in [i/n, (i+1)/n): one sample per stratum, so every batch spreads over the whole noise range.
-    return (torch.arange(n, device=device) + torch.rand(n, device=device, generator=generator)) / n
+def stratified_uniform(n, group=0, groups=1, device=None):
+    """n uniforms for part `group` of a global batch of n * groups samples cut into `groups` parts (ranks x
+    gradient-accumulation steps), as k-diffusion's utils.stratified_uniform: part k takes strata k, k + groups,
+    ... of the n * groups equal strata of [0, 1), so one global batch holds exactly one sample per stratum."""
+    if not 0 <= group < groups:
+        raise ValueError(f"stratified sampling: shard {group} is not in [0, {groups})")
+    offsets = torch.arange(group, n * groups, groups, dtype=torch.float32, device=device)
+    return (offsets + torch.rand(n, device=device)) / (n * groups)
+
+
+# sigma_sample_density types and the keys each takes (k-diffusion config.make_sample_density). The official's
+# loglogistic, loguniform, v-diffusion / cosine and split-lognormal densities are left out: no HDiT config uses them.
+DENSITY_KEYS = {"cosine-interpolated": {"min_value", "max_value", "image_d", "noise_d_low", "noise_d_high"},
+                "lognormal": {"mean", "std", "loc", "scale"}}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -691,7 +664,7 @@ def stratified_uniform(n, device=None, generator=None):
 # ----------------------------------------------------------------------------------------------------------
 
 def get_sigmas_karras(n, sigma_min, sigma_max, rho=7.0, device="cpu"):
-    """Karras et al. 2022 Eq. (5): n levels from sigma_max to sigma_min, plus a final 0 (float32)."""
+    """EDM Eq. (5): n levels from sigma_max to sigma_min, plus a final 0 (float32)."""
     # rho = 7 (EDM's choice) puts the steps densely near sigma_min, where fine detail is decided.
     ramp = torch.linspace(0, 1, n)  # (n,) in [0, 1]
     min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
@@ -705,7 +678,7 @@ def _sigma_list(sigmas):
 
 
 def sample_euler(denoiser, x, sigmas):
-    """Karras Alg. 2 with s_churn = 0: the probability-flow ODE with Euler steps."""
+    """EDM (Karras et al. 2022) Algorithm 2 with S_churn = 0 and Euler steps: the probability-flow ODE."""
     s = _sigma_list(sigmas)
     for i in range(len(s) - 1):
         denoised = denoiser(x, x.new_full([x.shape[0]], s[i]))  # sigma as a (B,) vector
@@ -736,9 +709,11 @@ def sample_dpmpp_2m(denoiser, x, sigmas):
     return x
 
 
-def sample_dpmpp_2m_sde(denoiser, x, sigmas, eta=0.0, noise_sampler=None, solver_type="heun"):
-    """DPM-Solver++(2M) SDE; eta = 0 is deterministic (what the official train.py uses for demo grids/FID)."""
+def sample_dpmpp_2m_sde(denoiser, x, sigmas, eta=1.0, noise_sampler=None, solver_type="midpoint"):
+    """DPM-Solver++(2M) SDE with the official defaults (eta 1, midpoint); the official train.py's demo grids and
+    FID use eta 0 with "heun", which is deterministic and what HDiT.sample runs."""
     s = _sigma_list(sigmas)
+    noise_sampler = noise_sampler or (lambda sigma, sigma_next: torch.randn_like(x))
     old_denoised, h_last = None, None
     for i in range(len(s) - 1):
         denoised = denoiser(x, x.new_full([x.shape[0]], s[i]))
@@ -766,6 +741,7 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, eta=0.0, noise_sampler=None, solver
 def sample_dpmpp_3m_sde(denoiser, x, sigmas, eta=1.0, s_noise=1.0, noise_sampler=None):
     """DPM-Solver++(3M) SDE (k-diffusion): third-order multistep in the denoised space plus SDE noise."""
     s = _sigma_list(sigmas)
+    noise_sampler = noise_sampler or (lambda sigma, sigma_next: torch.randn_like(x))
     denoised_1 = denoised_2 = None
     h = h_1 = h_2 = None
     for i in range(len(s) - 1):
@@ -809,7 +785,7 @@ LOSS_WEIGHTINGS = ("karras", "snr", "soft-min-snr")
 
 
 def loss_weighting(sigma, sigma_data, weighting):
-    """Per-sample weight of the F-space MSE (official layers.Denoiser), Sec. 4 / Eq. (4).
+    """Per-sample weight of the F-space MSE (official layers.Denoiser); soft-min-SNR is the paper's (Sec. 5).
 
     soft-min-snr: (sigma*sd)^2 / (sigma^2 + sd^2)^2 = SNR / (1 + SNR)^2, SNR = sd^2 / sigma^2; in denoised
     space this is ||D - x0||^2 / (sigma^2 + sd^2), the paper's 1 / (sigma^2 + gamma^-1) with gamma = sd^-2.
@@ -822,7 +798,7 @@ def loss_weighting(sigma, sigma_data, weighting):
         return sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2)
     if weighting == "soft-min-snr":
         return (sigma * sigma_data) ** 2 / (sigma ** 2 + sigma_data ** 2) ** 2
-    raise ValueError(f"unknown loss_weighting {weighting!r}; expected one of {LOSS_WEIGHTINGS}")
+    raise ValueError(f"unknown loss_weighting {weighting!r}; expected karras, snr or soft-min-snr")
 
 
 class HDiT(nn.Module):
@@ -840,6 +816,9 @@ class HDiT(nn.Module):
         self.hparams = dict(cfg["hparams"])
         self.image_size = tuple(cfg["input_size"])
         self.in_channels = cfg["in_channels"]
+        # Sampling only: clamp every denoised estimate to [-1, 1]. The official samplers never clamp; only the
+        # pixel-space demo preset turns it on (never for latents).
+        self.clip_denoised = cfg["clip_denoised"]
 
         # Patchify: (B, H, W, C_in) -> (B, H/p, W/p, width_0), a ViT-style patch embedding.
         self.patch_in = TokenMerge(cfg["in_channels"], widths[0], cfg["patch_size"])
@@ -853,10 +832,10 @@ class HDiT(nn.Module):
         self.class_emb = nn.Embedding(self.num_classes + 1, mw) if self.num_classes else None
         self.mapping_cond_in_proj = (nn.Linear(cfg["mapping_cond_dim"], mw, bias=False)
                                      if cfg["mapping_cond_dim"] else None)
-        # Noise level, augmentation and class embeddings are summed, then one shared mapping network (Sec. 3.2).
+        # Noise level, augmentation and class embeddings are summed, then one shared mapping network (Sec. 4.2).
         self.mapping = MappingNetwork(cfg["mapping_depth"], mw, cfg["mapping_d_ff"], cfg["mapping_dropout_rate"])
 
-        # Every level but the last gets a down level and a mirrored up level at the same resolution (Sec. 3.1);
+        # Every level but the last gets a down level and a mirrored up level at the same resolution (Sec. 4.1);
         # the last (coarsest) level is mid_level.
         self.down_levels, self.up_levels = nn.ModuleList(), nn.ModuleList()
         for i, (width, depth, d_ff, attn, drop) in enumerate(zip(widths, depths, d_ffs, attns, drops)):
@@ -891,8 +870,7 @@ class HDiT(nn.Module):
             raise ValueError("class_cond must be given for a class-conditional HDiT (num_classes > 0)")
         if mapping_cond is None and self.mapping_cond_in_proj is not None:
             raise ValueError("mapping_cond must be given when mapping_cond_dim > 0")
-        # EDM Table 1: c_noise(sigma) = ln(sigma) / 4.
-        # EDM c_noise (computed inside the network, as the official)
+        # EDM Table 1: c_noise(sigma) = ln(sigma) / 4, computed inside the network as the official does.
         c_noise = torch.log(sigma) / 4
         cond = self.time_in_proj(self.time_emb(c_noise[..., None]))  # (B,) -> (B, 1) -> (B, mw)
         aug_cond = x.new_zeros([x.shape[0], 9]) if aug_cond is None else aug_cond  # (B, 9)
@@ -903,7 +881,7 @@ class HDiT(nn.Module):
             cond = cond + self.mapping_cond_in_proj(mapping_cond)  # (B, mapping_cond_dim) -> (B, mw)
         cond = self.mapping(cond)  # (B, mw)
 
-        # Hourglass (Sec. 3.1): down levels with merges, the middle level, up levels with lerp skips.
+        # Hourglass (Sec. 4.1): down levels with merges, the middle level, up levels with lerp skips.
         skips, poses = [], []
         for down_level, merge in zip(self.down_levels, self.merges):
             x = down_level(x, pos, cond)  # (B, h, w, C_i), grid unchanged
@@ -946,7 +924,7 @@ class HDiT(nn.Module):
         out = self(x * c_in, sigma, **cond)  # (B, C, H, W)
         return out.to(c_out.dtype) * c_out + x * c_skip  # (B, C, H, W), >= float32
 
-    def loss_per_sample(self, x0, noise, sigma, weighting=None, **cond):
+    def loss_per_sample(self, x0, noise, sigma, **cond):
         """Official Denoiser.loss: weighted MSE between F and its target (B,) in float32."""
         c_skip, c_out, c_in = [c[:, None, None, None] for c in self.get_scalings(sigma)]  # each (B, 1, 1, 1)
         # Variance-exploding corruption of EDM: x = x0 + sigma * n, n ~ N(0, I).
@@ -955,24 +933,26 @@ class HDiT(nn.Module):
         # EDM Eq. (8): F is regressed onto this effective training target.
         target = (x0 - c_skip * x_noisy) / c_out  # the F that makes D(x_noisy) = x0
         mse = ((model_output - target) ** 2).flatten(1).mean(1)  # (B, C, H, W) -> (B,)
-        # (B,) per-sample loss: the F-space MSE times the Sec. 4 weighting.
-        return mse * loss_weighting(sigma.to(mse.dtype), self.sigma_data, weighting or self.cfg["loss_weighting"])
+        return mse * loss_weighting(sigma.to(mse.dtype), self.sigma_data, self.cfg["loss_weighting"])
 
-    def sample_sigma(self, n, device):
-        """Training noise levels from the global RNG: the config's sigma_sample_density."""
+    def sample_sigma(self, n, device, shard=(0, 1)):
+        """Training noise levels of micro-batch part `shard` = (k, K) of the global batch (k-diffusion's
+        make_sample_density under enable_stratified_accelerate): the config's sigma_sample_density at stratified
+        uniforms from the global RNG."""
         density = self.cfg["sigma_sample_density"]
+        u = stratified_uniform(n, *shard, device=device)
         if density["type"] == "cosine-interpolated":
             # the resolution d of simple diffusion's shift
-            image_d = max(self.image_size)
-            u = stratified_uniform(n, device=device)  # (n,) stratified in [0, 1)
+            d = max(self.image_size)
             # The official widens the density's range to at least [1e-3, 1e3], whatever the sampling sigma range.
-            return cosine_interpolated_sigma(u, image_d, density.get("noise_d_low", 32),
-                                             density.get("noise_d_high", image_d), self.sigma_data,
-                                             min(self.cfg["sigma_min"], 1e-3), max(self.cfg["sigma_max"], 1e3))
-        # EDM's log-normal (Karras et al. 2022, Table 1)
-        if density["type"] == "lognormal":
-            return torch.exp(torch.randn(n, device=device) * density["std"] + density["mean"])  # (n,)
-        raise ValueError(f"unknown sigma_sample_density type {density['type']!r}")
+            return cosine_interpolated_sigma(u, density.get("image_d", d), density.get("noise_d_low", 32),
+                                             density.get("noise_d_high", d), self.sigma_data,
+                                             density.get("min_value", min(self.cfg["sigma_min"], 1e-3)),
+                                             density.get("max_value", max(self.cfg["sigma_max"], 1e3)))
+        # EDM's log-normal ln(sigma) ~ N(mean, std^2), by the inverse normal CDF of the stratified uniforms.
+        loc, scale = density.get("mean", density.get("loc")), density.get("std", density.get("scale"))
+        u = u * (1 - 2e-7) + 1e-7
+        return (loc + scale * torch.erfinv(2 * u - 1) * math.sqrt(2)).exp()
 
     # --- the contract ---------------------------------------------------------------------------------------
 
@@ -991,7 +971,9 @@ class HDiT(nn.Module):
                           {"params": groups["mapping_no_wd"], "lr_scale": scale, "weight_decay": 0.0}]}
 
     def loss(self, group, batch, step):
-        """Diffusion loss for one batch: sigma from the cosine-interpolated density, label dropout for CFG."""
+        """Diffusion loss for one micro-batch: label dropout for CFG, noise, sigma from the config's density.
+        batch["shard"] = (k, K): this micro-batch is part k of the K parts of the global batch (ranks x
+        gradient-accumulation steps); the noise-level strata are spread over the K parts. Absent: (0, 1)."""
         if group != "model":
             raise ValueError(f"HDiT has one optimizer group 'model', got {group!r}")
         x0 = batch["x"]
@@ -1005,50 +987,53 @@ class HDiT(nn.Module):
             # Label dropout for CFG: dropped labels become the null row `num_classes` of class_emb.
             drop = torch.rand(b, device=x0.device) < self.cfg["cond_dropout_rate"]  # (B,) bool
             cond["class_cond"] = torch.where(drop, torch.full_like(y, self.num_classes), y)  # (B,)
-        noise = torch.randn_like(x0)  # (B, C, H, W), n ~ N(0, I)
-        sigma = self.sample_sigma(b, x0.device)  # (B,)
+        # Same RNG order as the official train.py: label dropout, noise, noise levels.
+        noise = torch.randn_like(x0)
+        sigma = self.sample_sigma(b, x0.device, tuple(int(v) for v in batch.get("shard", (0, 1))))
         # Targets in float32 whatever the data dtype, as the official Denoiser; the network itself may run in bf16.
-        losses = self.loss_per_sample(x0.float(), noise.float(), sigma, **cond)  # (B,) float32
-        loss = losses.mean()  # scalar: mean over the batch
+        loss = self.loss_per_sample(x0.float(), noise.float(), sigma, **cond).mean()
         return loss, {"sigma_mean": sigma.mean().detach()}
 
     @torch.no_grad()
-    def sample(self, n, labels=None, steps=None, cfg=1.0, sampler=None, generator=None, sigma_min=None,
-               sigma_max=None, eta=None):
-        """n images (n, C, H, W) in [-1, 1]. Karras schedule between the config's sigma_min and sigma_max.
+    def sample(self, n, labels=None, steps=None, cfg=1.0, sampler=None, generator=None, clip_denoised=None):
+        """n samples (n, C, H, W) in the model's space. Karras schedule from the config's sigma_max to sigma_min.
 
         labels: (n,) int64 or None (random classes for a class-conditional model). cfg: guidance scale,
-        1 = none, ignored by unconditional models. sampler: "euler", "dpmpp_2m", "dpmpp_2m_sde" (eta 0,
-        heun: the official train.py's demo/FID sampler, the default), "dpmpp_3m_sde" (eta 1).
+        1 = none, ignored by unconditional models. sampler: "euler", "dpmpp_2m", "dpmpp_2m_sde" (eta 0, heun:
+        the official train.py's demo/FID sampler, the default), "dpmpp_3m_sde" (eta 1, the official default).
+        clip_denoised: clamp each denoised estimate to [-1, 1] (None = the preset's setting, off but for "demo").
+        Initial noise, random labels and SDE noise come from `generator` (None = global RNG), in that order.
         """
         sampler = sampler or self.cfg["sampler"]
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; expected one of {sorted(SAMPLERS)}")
         steps = steps or self.cfg["sample_steps"]
+        clip_denoised = self.clip_denoised if clip_denoised is None else clip_denoised
         device = next(self.parameters()).device
         gen_device = generator.device if generator is not None else device
-        sigmas = get_sigmas_karras(steps, sigma_min or self.cfg["sigma_min"], sigma_max or self.cfg["sigma_max"])
-        shape = (n, self.in_channels, *self.image_size)  # (n, C, H, W)
+        sigmas = get_sigmas_karras(steps, self.cfg["sigma_min"], self.cfg["sigma_max"])
+        shape = (n, self.in_channels, *self.image_size)
         # x ~ N(0, sigma_max^2 I), drawn on the generator's device so a CPU generator gives device-independent samples.
         x = torch.randn(shape, generator=generator, device=gen_device).to(device) * float(sigmas[0])
         extra = {}
         if self.class_emb is not None:
             if labels is None:
-                labels = torch.randint(0, self.num_classes, (n,), generator=generator, device=gen_device)  # (n,)
+                labels = torch.randint(0, self.num_classes, (n,), generator=generator, device=gen_device)
             labels = labels.to(device)
             if labels.shape != (n,) or labels.min() < 0 or labels.max() >= self.num_classes:
                 raise ValueError(f"labels must be (n,) in [0, {self.num_classes}), got {tuple(labels.shape)}")
             extra["class_cond"] = labels
         denoiser = self._cfg_denoiser(extra, cfg)
-        # eta defaults: 0 for 2M SDE (official demo / FID), 1 for 3M SDE. The noise sampler ignores (s, s_next):
-        # i.i.d. noise per step stands in for the official Brownian tree.
+        if clip_denoised:
+            unclipped = denoiser
+            denoiser = lambda x, sigma: unclipped(x, sigma).clamp(-1, 1)  # noqa: E731
         kwargs = {}
         if sampler in ("dpmpp_2m_sde", "dpmpp_3m_sde"):
-            kwargs["eta"] = (0.0 if sampler == "dpmpp_2m_sde" else 1.0) if eta is None else eta
-            kwargs["noise_sampler"] = lambda s, s_next: torch.randn(
-                shape, generator=generator, device=gen_device).to(device)
-        x = SAMPLERS[sampler](denoiser, x, sigmas, **kwargs)  # (n, C, H, W) at sigma = 0
-        return x.clamp(-1, 1)
+            kwargs = {"eta": 0.0, "solver_type": "heun"} if sampler == "dpmpp_2m_sde" else {"eta": 1.0}
+            # i.i.d. noise per step from `generator` stands in for the official Brownian tree.
+            kwargs["noise_sampler"] = lambda s, s_next: torch.randn(shape, generator=generator,
+                                                                    device=gen_device).to(device)
+        return SAMPLERS[sampler](denoiser, x, sigmas, **kwargs)
 
     def _cfg_denoiser(self, extra, cfg):
         """D(x, sigma) with classifier-free guidance as the official train.py: one batched call on
@@ -1103,9 +1088,10 @@ def _swin(ws=8, d_head=64):
     return {"type": "shifted-window", "d_head": d_head, "window_size": ws}
 
 
-# Official train.py / configs: AdamW lr 5e-4, betas (0.9, 0.95), eps 1e-8, constant lr, no grad clipping,
-# EMA with the "inverse" warmup decay min(0.9999, 1 - (1 + step) ** -ema_power).
-_HP = dict(lr=5e-4, betas=(0.9, 0.95), weight_decay=1e-4, ema_decay=0.9999, ema_power=0.6667, grad_clip=0.0,
+# Official train.py / configs: AdamW lr 5e-4, betas (0.9, 0.95), eps 1e-8, constant lr, gradient norm clipped at
+# 1.0 (train.py: accelerator.clip_grad_norm_(..., 1.)), EMA with the "inverse" warm-up decay
+# min(0.9999, 1 - (1 + step) ** -ema_power), ema_power 0.6667 unless a config says otherwise (load_config default).
+_HP = dict(lr=5e-4, betas=(0.9, 0.95), weight_decay=1e-4, ema_decay=0.9999, ema_power=0.6667, grad_clip=1.0,
            warmup_steps=0)
 
 DEFAULTS = dict(
@@ -1114,7 +1100,7 @@ DEFAULTS = dict(
     d_ffs=None, self_attns=None, dropout_rate=0.0, mapping_lr_scale=1 / 3,
     sigma_data=0.5, sigma_min=1e-2, sigma_max=160.0, loss_weighting="soft-min-snr",
     sigma_sample_density={"type": "cosine-interpolated"}, cond_dropout_rate=0.1,
-    sampler="dpmpp_2m_sde", sample_steps=50, hparams=_HP,
+    sampler="dpmpp_2m_sde", sample_steps=50, clip_denoised=False, hparams=_HP,
 )
 
 CONFIGS = {
@@ -1129,26 +1115,30 @@ CONFIGS = {
                           self_attns=[_na(), _na(), _na(), _glob(), _glob()], dropout_rate=[0, 0, 0, 0, 0.1],
                           sigma_min=1e-3, sigma_max=1e3, hparams={**_HP, "weight_decay": 1e-2, "batch_size": 256}),
     # FFHQ-1024 without its two outermost levels: the same widths / attention per token grid at 256x256
-    # (64x64 NA, 32x32 global, 16x16 global), Sec. 3.3's recipe of adding / removing levels: 79,009,258 params,
-    # 163 GFLOPs forward.
+    # (64x64 NA, 32x32 global, 16x16 global), Sec. 4.3's recipe of adding / removing levels. No paper run; kept
+    # for the README's FFHQ-256 command. 79,009,258 params, 163 GFLOPs forward.
     "hdit_ffhq256": dict(input_size=(256, 256), widths=[384, 768, 1024], depths=[2, 2, 2],
                          self_attns=[_na(), _glob(), _glob()], dropout_rate=[0, 0, 0.1], sigma_min=1e-3,
                          sigma_max=1e3, hparams={**_HP, "weight_decay": 1e-2, "batch_size": 256}),
-    # Official configs/config_oxford_flowers.json: 22,361,274 params, 23.3 GFLOPs forward.
+    # Official configs/config_oxford_flowers.json (ema power 0.75; batch 32 as the k-diffusion README's command):
+    # 22,361,274 params, 23.3 GFLOPs forward.
     "oxford_flowers": dict(widths=[128, 256, 512], depths=[2, 2, 4], self_attns=[_na(), _na(), _glob()],
-                           dropout_rate=[0.0, 0.0, 0.1], hparams={**_HP, "weight_decay": 1e-3, "batch_size": 32}),
+                           dropout_rate=[0.0, 0.0, 0.1],
+                           hparams={**_HP, "weight_decay": 1e-3, "ema_power": 0.75, "batch_size": 32}),
     # Official configs/config_oxford_flowers_shifted_window.json: 22,361,274 params, 23.5 GFLOPs.
     "oxford_flowers_shifted_window": dict(widths=[128, 256, 512], depths=[2, 2, 4],
                                           self_attns=[_swin(), _swin(), _glob()], dropout_rate=[0.0, 0.0, 0.1],
-                                          hparams={**_HP, "weight_decay": 1e-3, "batch_size": 32}),
-    # Official configs/config_cifar10_transformer.json: 20,981,809 params, 3.9 GFLOPs forward.
+                                          hparams={**_HP, "weight_decay": 1e-3, "ema_power": 0.75, "batch_size": 32}),
+    # Official configs/config_cifar10_transformer.json (ema power 0.6667; batch 64, train.py's default; its
+    # augment_prob 0.12 is left out): 20,981,809 params, 3.9 GFLOPs forward.
     "cifar10_transformer": dict(input_size=(32, 32), patch_size=(2, 2), widths=[256, 512], depths=[2, 4],
                                 self_attns=[_glob(), _glob()], dropout_rate=0.05, num_classes=10, sigma_max=80.0,
-                                hparams={**_HP, "ema_power": 0.75, "batch_size": 256}),
-    # Official configs/config_mnist_transformer.json (one level: only mid_level): 9,187,360 params, 0.69 GFLOPs.
+                                hparams={**_HP, "batch_size": 64}),
+    # Official configs/config_mnist_transformer.json (one level: only mid_level; as CIFAR-10 above):
+    # 9,187,360 params, 0.69 GFLOPs.
     "mnist_transformer": dict(in_channels=1, input_size=(28, 28), widths=[256], depths=[8],
                               self_attns=[_glob()], dropout_rate=0.05, num_classes=10, sigma_data=0.6162,
-                              sigma_max=80.0, hparams={**_HP, "ema_power": 0.75, "batch_size": 256}),
+                              sigma_max=80.0, hparams={**_HP, "batch_size": 64}),
     # Tests / CI smoke runs: 2 levels (NA k3 then global), patch 2 so 8x8 latents still give a 4x4 NA grid.
     # 116,775 params at 3x32x32 with 4 classes, 0.02 GFLOPs forward.
     "tiny": dict(input_size=(32, 32), patch_size=(2, 2), widths=[32, 64], depths=[1, 1],
@@ -1157,9 +1147,11 @@ CONFIGS = {
     # CPU demo (`python train.py --model hdit --data shapes`): 32x32 pixels, patch 4 -> 8x8 tokens with NA k5,
     # then 4x4 global. 1,844,089 params (4 classes), 0.1 GFLOPs forward. EMA 0.995 (not 0.9999): a run of a few
     # thousand steps must not average in its first, blurry weights.
+    # Pixel space, so its samples clamp each denoised estimate to [-1, 1] (clip_denoised, as dit.py's demo).
     "demo": dict(input_size=(32, 32), patch_size=(4, 4), widths=[96, 192], depths=[2, 2],
                  self_attns=[_na(5, 32), _glob(32)], mapping_width=96, mapping_depth=1, sigma_max=80.0,
-                 sample_steps=30, hparams={**_HP, "lr": 1e-3, "ema_decay": 0.995, "batch_size": 32}),
+                 sample_steps=30, clip_denoised=True,
+                 hparams={**_HP, "lr": 1e-3, "ema_decay": 0.995, "batch_size": 32}),
 }
 
 
@@ -1192,7 +1184,7 @@ def _resolve(config, overrides):
     # Official default d_ff = 3 * width (GEGLU: the up projection then has 6 * width outputs).
     cfg["mapping_d_ff"] = cfg["mapping_d_ff"] or 3 * cfg["mapping_width"]
     cfg["d_ffs"] = cfg["d_ffs"] or [3 * w for w in cfg["widths"]]
-    # Default: neighborhood attention on every level but the innermost, which is global (Sec. 3.3).
+    # Default: neighborhood attention on every level but the innermost, which is global (Sec. 4.3).
     cfg["self_attns"] = cfg["self_attns"] or [_na()] * (n - 1) + [_glob()]
     if not isinstance(cfg["dropout_rate"], (list, tuple)):
         cfg["dropout_rate"] = [cfg["dropout_rate"]] * n  # one rate per level
@@ -1208,6 +1200,15 @@ def _validate(cfg):
             raise ValueError(f"HDiT config: {key} has {len(cfg[key])} entries for {n} levels")
     if cfg["loss_weighting"] not in LOSS_WEIGHTINGS:
         raise ValueError(f"unknown loss_weighting {cfg['loss_weighting']!r}; expected one of {LOSS_WEIGHTINGS}")
+    density = dict(cfg["sigma_sample_density"])
+    kind = density.pop("type", None)
+    if kind not in DENSITY_KEYS:
+        raise ValueError(f"sigma_sample_density type {kind!r} is not supported; hdit offers {sorted(DENSITY_KEYS)}")
+    if set(density) - DENSITY_KEYS[kind]:
+        raise ValueError(f"sigma_sample_density {kind}: unknown key(s) {sorted(set(density) - DENSITY_KEYS[kind])}; "
+                         f"it takes {sorted(DENSITY_KEYS[kind])}")
+    if kind == "lognormal" and not ({"mean", "loc"} & set(density) and {"std", "scale"} & set(density)):
+        raise ValueError("sigma_sample_density lognormal needs mean (or loc) and std (or scale)")
     (H, W), (ph, pw) = cfg["input_size"], cfg["patch_size"]
     if H % ph or W % pw:
         raise ValueError(f"image size {H}x{W} is not divisible by the patch size {ph}x{pw}")
@@ -1240,23 +1241,13 @@ def create(config="tiny", **overrides):
 # Official checkpoints
 # ----------------------------------------------------------------------------------------------------------
 
-# Our module tree is the official one, so no key needs renaming. (Official checkpoints of train.py hold the
-# inner model's state dict under "model" / "model_ema"; convert_for_inference.py writes a safetensors file.)
-OFFICIAL_RENAMES = {}
-
 _ATTN_TYPES = {"GlobalAttentionSpec": "global", "NeighborhoodAttentionSpec": "neighborhood",
                "ShiftedWindowAttentionSpec": "shifted-window", "NoAttentionSpec": "none"}
 
 
 def config_from_official(kwargs):
-    """Official ImageTransformerDenoiserModelV2 kwargs (keys-file first line or a golden file's `config`)
+    """Official ImageTransformerDenoiserModelV2 kwargs (a keys file's JSON or a golden file's `config`)
     -> our config dict. The official num_classes is already data classes + 1."""
-    if isinstance(kwargs, str):
-        text = kwargs.strip()
-        # "# ImageTransformerDenoiserModelV2 {json} params=N"
-        if text.startswith("#"):
-            text = text[text.index("{"):text.rindex("}") + 1]
-        kwargs = json.loads(text)
     levels, mapping = kwargs["levels"], kwargs["mapping"]
     attns = []
     for lv in levels:
@@ -1307,16 +1298,28 @@ def read_safetensors(path):
     return sd
 
 
+def _unwrap_checkpoint(sd):
+    """Raw state dict from a path / checkpoint: an official train.py `.pth` ({"model_ema", "model"}: the EMA
+    preferred) or ours ({"ema", "model"}), a convert_for_inference.py `.safetensors` file, or a state dict."""
+    if isinstance(sd, (str, os.PathLike)):
+        sd = read_safetensors(sd) if str(sd).endswith(".safetensors") else torch.load(sd, map_location="cpu",
+                                                                                       weights_only=True)
+    if not isinstance(sd, dict):
+        raise ValueError(f"hdit checkpoint must be a state dict, got {type(sd).__name__}")
+    for key in ("model_ema", "ema", "model"):
+        if isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    for prefix in ("module.", "_orig_mod."):  # DDP / torch.compile wrappers
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
 def load_official(path_or_state_dict, config):
-    """Load an official k-diffusion HDiT state dict strictly. Accepts a state dict, a train.py `.pth`
-    checkpoint (uses "model_ema", else "model") or a convert_for_inference.py `.safetensors` file."""
-    sd = path_or_state_dict
-    if isinstance(sd, str):
-        sd = read_safetensors(sd) if sd.endswith(".safetensors") else torch.load(sd, map_location="cpu",
-                                                                                  weights_only=True)
-    if "model_ema" in sd or "model" in sd and isinstance(sd["model"], dict):
-        sd = sd.get("model_ema") or sd["model"]
-    sd = {OFFICIAL_RENAMES.get(k, k): v for k, v in sd.items()}
+    """Load an official k-diffusion HDiT checkpoint strictly. Our module tree is the official one, so no key
+    needs renaming."""
+    sd = _unwrap_checkpoint(path_or_state_dict)
     model = create(config)
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
