@@ -611,7 +611,7 @@ class Decoder(nn.Module):
 
 # Copied from ae_kl.weights_init
 def weights_init(m):
-    """taming's init: conv weights ~ N(0, 0.02) (biases keep PyTorch's init); BatchNorm gamma ~ N(1, 0.02), beta 0."""
+    """taming-transformers' init: conv weights ~ N(0, 0.02), biases as PyTorch's; BatchNorm gamma ~ N(1, 0.02), beta 0."""
     classname = m.__class__.__name__
     if classname.find("Conv") != -1:
         nn.init.normal_(m.weight.data, 0.0, 0.02)
@@ -622,7 +622,7 @@ def weights_init(m):
 
 # Copied from ae_kl.NLayerDiscriminator
 class NLayerDiscriminator(nn.Module):
-    """PatchGAN D_psi of pix2pix (Isola et al. 2017): one logit per overlapping patch.
+    """PatchGAN discriminator of pix2pix (Isola et al. 2017) as taming-transformers builds it: one logit per patch.
 
     main = [conv s2 (bias), lrelu] + (n_layers - 1) x [conv s2 (no bias), BN, lrelu]
            + [conv s1 (no bias), BN, lrelu] + [conv s1 -> 1 channel (bias)], kernel 4, padding 1.
@@ -652,23 +652,24 @@ class NLayerDiscriminator(nn.Module):
 
 # Copied from ae_kl.hinge_d_loss
 def hinge_d_loss(logits_real, logits_fake):
-    """0.5 * (E[relu(1 - D(x))] + E[relu(1 + D(x_rec))]) (the log D_psi(x) term of Eq. 25, hinge form)."""
+    """Hinge loss of the discriminator (taming-transformers): 0.5 * (E[relu(1 - D(x))] + E[relu(1 + D(x_rec))])."""
     return 0.5 * (torch.mean(F.relu(1.0 - logits_real)) + torch.mean(F.relu(1.0 + logits_fake)))
 
 
 # Copied from ae_kl.calculate_adaptive_weight
 def calculate_adaptive_weight(nll_loss, g_loss, last_layer, disc_weight):
-    """VQGAN Eq. 7: lambda = ||grad_W L_rec|| / (||grad_W L_GAN|| + 1e-4), W = the decoder's last layer.
+    """VQGAN Eq. 7: lambda = ||grad_W L_rec|| / (||grad_W L_GAN|| + delta), W = the decoder's last layer.
 
-    Clamped to [0, 1e4], detached, times disc_weight. Both gradients come from torch.autograd.grad, which
-    touches no .grad field (so it is safe under DDP and autocast) and keeps the graph for the real backward.
-    Without a graph (no_grad, evaluation) the official falls into its except-branch and uses 0; so do we.
+    delta = 1e-4 as in the taming-transformers / LDM code (the VQGAN paper writes 1e-6). Clamped to [0, 1e4],
+    detached, times disc_weight. torch.autograd.grad touches no .grad field (safe under DDP and autocast) and
+    keeps the graph for the real backward. Without a graph (no_grad, evaluation) the taming code falls into its
+    except-branch and uses 0; so do we.
     """
     if not (torch.is_grad_enabled() and nll_loss.requires_grad and g_loss.requires_grad):
         return torch.zeros((), device=nll_loss.device)
     nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
     g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    d_weight = torch.norm(nll_grads.float()) / (torch.norm(g_grads.float()) + 1e-4)
+    d_weight = torch.norm(nll_grads.float()) / (torch.norm(g_grads.float()) + 1e-4)  # delta 1e-4, see above
     d_weight = torch.clamp(d_weight, 0.0, 1e4).detach()
     return d_weight * disc_weight
 
@@ -684,6 +685,7 @@ def build_lpips(pretrained=True):
     touching the global RNG, so every process builds the same network. pretrained=True needs the
     torchvision VGG16 file; when it cannot be downloaded this raises one clear error naming the file.
     """
+    import lpips  # here, not at the top: the networks alone need neither lpips nor torchvision
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchvision's "pretrained is deprecated" notices
         torch.manual_seed(0)
@@ -730,7 +732,8 @@ class DCAE(nn.Module):
 
     encode(x) = encoder(x) * scale_factor, decode(z) = decoder(z / scale_factor) (the official DCAE never
     scales; the factor is the latent-diffusion convention). `disc` (PatchGAN) only trains in phase 3 but
-    always exists, so checkpoints of every phase have the same keys. LPIPS is kept outside the state dict.
+    exists in every phase, so checkpoints of every phase have the same keys; with loss=None (inference,
+    load_official) there is no `disc` and no LPIPS. LPIPS is kept outside the state dict.
     """
 
     def __init__(self, cfg, train_cfg):
@@ -739,11 +742,15 @@ class DCAE(nn.Module):
         self.encoder = Encoder(cfg["encoder"])
         self.decoder = Decoder(cfg["decoder"])
         self.in_channels, self.latent_channels = cfg["in_channels"], cfg["latent_channels"]
-        # one x2 per stage transition: 6 stages -> f32, 7 -> f64, 8 -> f128 (Table 1)
+        # one x2 per stage transition: 6 stages -> f32, 7 -> f64, 8 -> f128 (official spatial_compression_ratio)
         self.spatial_compression_ratio = 2 ** (len(cfg["decoder"]["width_list"]) - 1)
-        self.disc = NLayerDiscriminator(cfg["in_channels"], train_cfg["disc_ndf"], train_cfg["disc_layers"]).apply(weights_init)
-        # 0 = "not measured yet" (train.py --ae measures it); encode/decode then use 1
+        self.disc = None
+        if train_cfg["loss"] is not None:
+            self.disc = NLayerDiscriminator(cfg["in_channels"], train_cfg["disc_ndf"], train_cfg["disc_layers"])
+            self.disc.apply(weights_init)
+        # 0 = "not measured yet" (train.py --ae measures it); encode/decode then use 1, with a warning
         self.register_buffer("scale_factor", torch.tensor(float(train_cfg["scale_factor"])))
+        self._scale_checked = False
         # LPIPS lives outside the module (get_lpips): not in state_dict() / parameters(), built at first loss
         self.phase = 1
         self._first_trainable = 0  # index into _steps() of the first module that trains (phases 2/3 skip autograd before it)
@@ -751,7 +758,11 @@ class DCAE(nn.Module):
     # ---- contract: encode / decode ----------------------------------------------------------------------------
 
     def _scale(self):
-        # no host sync: the 0 ("not measured") -> 1 switch happens on the device
+        """scale_factor, or 1 while it is 0 ("not measured"); one host sync per model, for the warning."""
+        if not self._scale_checked and not self.scale_factor.is_meta:
+            self._scale_checked = True
+            if float(self.scale_factor) == 0:
+                warnings.warn("DC-AE scale_factor is not measured (0): encode/decode use 1 (train.py --ae measures it)")
         return torch.where(self.scale_factor == 0, torch.ones_like(self.scale_factor), self.scale_factor)
 
     def _check_images(self, x):
@@ -761,8 +772,9 @@ class DCAE(nn.Module):
         if x.shape[-2] % f or x.shape[-1] % f:
             raise ValueError(f"image size {tuple(x.shape[-2:])} is not divisible by the compression factor {f}")
 
-    def encode(self, x):
-        """Images in [-1, 1] (B, C, H, W) -> scaled latents (B, latent_channels, H/f, W/f)."""
+    def encode(self, x, sample=True):
+        """Images in [-1, 1] (B, C, H, W) -> scaled latents (B, latent_channels, H/f, W/f). DC-AE is
+        deterministic (no posterior): `sample` is accepted, as by the other autoencoders, and ignored."""
         self._check_images(x)
         # the factor brings latents near unit variance for the diffusion model (LDM convention)
         return self.encoder(x) * self._scale()  # (B, C, H, W) -> (B, latent, H/f, W/f)
@@ -811,12 +823,17 @@ class DCAE(nn.Module):
         """Encoder then decoder modules in execution order (for the no-autograd frozen prefix)."""
         return self.encoder.steps() + self.decoder.steps()
 
+    def _check_trainable(self):
+        if self.disc is None:
+            raise ValueError("this DC-AE was built with loss=None (inference only): no losses, no optimizer groups")
+
     def optimizer_groups(self, phase=None):
         """Set the phase, freeze everything outside it, return exactly the trainable parameters.
 
         Phases 1-2: {"ae": [...]}; phase 3: {"ae": decoder head, "disc": PatchGAN}. Frozen parameters get
         requires_grad=False and frozen BatchNorms stay in eval mode (their running stats do not move either).
         """
+        self._check_trainable()
         phase = 1 if phase is None else int(phase)
         modules = self.trainable_modules(phase)
         self.phase = phase
@@ -880,6 +897,7 @@ class DCAE(nn.Module):
     def loss(self, group, batch, step):
         """One loss per optimizer group. "ae": L1 + LPIPS (+ adaptive-weight hinge GAN loss in phase 3);
         "disc" (phase 3 only): hinge loss of the PatchGAN on real vs. reconstructed images."""
+        self._check_trainable()
         x = batch["x"]
         self._check_images(x)
         tc = self.train_cfg
@@ -951,9 +969,12 @@ DECODER_DEFAULTS = {
 DCAE_DEFAULTS = {"in_channels": 3, "latent_channels": 32, "use_quant_conv": False, "pretrained_path": None,
                  "pretrained_source": "dc-ae", "scaling_factor": None}
 
-# Our training options (not in the official config). scale_factor: latent multiplier of encode().
+# Our training options: none is in the official code (no trainer is released); see "Chosen here" above.
+# loss=None builds the network only (no PatchGAN, no LPIPS): inference and load_official.
+# disc_ndf / disc_layers: taming's PatchGAN width and depth (64, 3; the tiny preset narrows it).
+# adapt_stages / head_stages: how many stages phases 2 / 3 tune (the paper ablates this, lists no modules).
 TRAIN_DEFAULTS = {
-    "scale_factor": 0.0, "lpips_pretrained": True, "l1_weight": 1.0, "lpips_weight": 1.0,
+    "loss": True, "scale_factor": 0.0, "lpips_pretrained": True, "l1_weight": 1.0, "lpips_weight": 1.0,
     "disc_weight": 0.5, "disc_start": 0, "disc_ndf": 64, "disc_layers": 3,
     "adapt_stages": 1, "head_stages": 1, "hparams": {},
 }
@@ -1122,34 +1143,33 @@ def read_safetensors(path):
 
 
 def _read_state_dict(path_or_state_dict):
-    """A state dict from a dict, a torch file (flat or under 'state_dict' as DCAE.load_model expects) or the
-    HF repos' model.safetensors (flat DCAE_HF.state_dict())."""
-    if isinstance(path_or_state_dict, dict):
-        sd = path_or_state_dict
-    elif str(path_or_state_dict).endswith(".safetensors"):
-        sd = read_safetensors(path_or_state_dict)
-    else:
-        sd = torch.load(path_or_state_dict, map_location="cpu", weights_only=True)
+    """A flat {key: tensor} from a dict, a torch file (weights_only; flat, or under "state_dict" / "model") or
+    the HF repos' model.safetensors; DDP's `module.` and torch.compile's `_orig_mod.` prefixes are dropped."""
+    sd = path_or_state_dict
+    if not isinstance(sd, dict):
+        try:
+            sd = read_safetensors(sd) if str(sd).endswith(".safetensors") else \
+                torch.load(sd, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 (missing file, pickle, bad header: one line names it)
+            raise ValueError(f"cannot read checkpoint {path_or_state_dict!r}: {type(e).__name__}: {e}") from None
     for wrapper in ("state_dict", "model"):
-        if wrapper in sd and isinstance(sd[wrapper], dict):
+        if isinstance(sd.get(wrapper), dict):
             sd = sd[wrapper]
-    return sd
+    return {k.removeprefix("module.").replace("_orig_mod.", ""): v for k, v in sd.items() if torch.is_tensor(v)}
 
 
 def load_official(path_or_state_dict, config):
     """Load an official DC-AE checkpoint (efficientvit naming, e.g. HF mit-han-lab/dc-ae-f32c32-in-1.0), strict.
 
-    config: a CONFIGS name ("dc-ae-f32c32-in-1.0", ...) or the official cfg dict (as in keys/*.txt). Every
-    official key must map onto an encoder/decoder key of ours with the same shape and vice versa; `disc.*`
-    (our PatchGAN) and `scale_factor` are ours only and keep their initial / preset values.
+    config: a CONFIGS name ("dc-ae-f32c32-in-1.0", ...) or the official cfg dict (as in the key files). The
+    model is built with loss=None (no PatchGAN), so every key but our `scale_factor` (the preset's) must match.
     """
-    # same architecture as the official config; disc/scale_factor come from our defaults
-    model = create(config)
+    model = create(config, loss=None)
     # official names -> ours (".op_list." -> "."), tensors untouched
     sd = {official_to_ours(k): v for k, v in _read_state_dict(path_or_state_dict).items()}
-    # disc.* (our PatchGAN) and scale_factor are not in official checkpoints
-    ours = {k: v for k, v in model.state_dict().items() if not k.startswith("disc.") and k != "scale_factor"}
-    # strict key match both ways, checked before load_state_dict for a readable error
+    ours = model.state_dict()
+    sd.setdefault("scale_factor", ours["scale_factor"])
+    # strict key and shape match, checked before load_state_dict for a readable one-line error
     missing, unexpected = sorted(set(ours) - set(sd)), sorted(set(sd) - set(ours))
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match DC-AE config: missing {missing[:5]} ({len(missing)}), "
@@ -1157,7 +1177,5 @@ def load_official(path_or_state_dict, config):
     bad = [k for k in ours if tuple(ours[k].shape) != tuple(sd[k].shape)]
     if bad:
         raise ValueError(f"checkpoint shapes differ from the config: {[(k, tuple(sd[k].shape)) for k in bad[:5]]}")
-    # strict=False only because disc.* and scale_factor are absent from official checkpoints
-    result = model.load_state_dict(sd, strict=False)
-    assert all(k.startswith("disc.") or k == "scale_factor" for k in result.missing_keys)
+    model.load_state_dict(sd, strict=True)
     return model

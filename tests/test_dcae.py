@@ -271,9 +271,9 @@ def test_scale_factors():
         assert dcae.resolve_config(dcae.CONFIGS[name])[1]["scale_factor"] == sf, name
     model = dcae.create("tiny")
     assert "scale_factor" in model.state_dict() and model.scale_factor.item() == 0.0
-    # 0 = "not measured": encode/decode use 1, so a fresh tiny model still reconstructs
+    # 0 = "not measured": encode/decode use 1 (with a warning), so a fresh tiny model still reconstructs
     x = torch.rand(1, 3, 16, 16) * 2 - 1
-    with torch.no_grad():
+    with torch.no_grad(), pytest.warns(UserWarning, match="not measured"):
         assert torch.equal(model.encode(x), model.encoder(x))
 
 
@@ -664,3 +664,54 @@ def test_disc_batchnorm_frozen_before_disc_start():
     assert all(p.grad is not None and not p.grad.any() for p in model.disc.parameters())
     model.loss("disc", batch, step=2)[0].backward()
     assert not all(torch.equal(v, before[k]) for k, v in stats().items())
+
+
+# ------------------------------------------------------------------------------------------------------------
+# issue 16: inference builds no training modules, the shared encode signature, the unmeasured-scale warning
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_loss_none_builds_no_training_modules():
+    """loss=None (and load_official) builds no PatchGAN and no LPIPS; training calls then fail with one line."""
+    lpips_before = dict(dcae._LPIPS_CACHE)
+    model = dcae.create("tiny", loss=None)
+    assert model.disc is None and not any(k.startswith("disc.") for k in model.state_dict())
+    with pytest.raises(ValueError, match="loss=None"):
+        model.optimizer_groups(1)
+    with pytest.raises(ValueError, match="loss=None"):
+        model.loss("ae", {"x": torch.zeros(1, 3, 32, 32)}, 0)
+    g = golden("tiny_in")
+    official = dcae.load_official(g["state_dict"], g["config"])
+    assert official.disc is None
+    with torch.no_grad():
+        official.decode(official.encode(g["inputs"]["x"]))
+    assert dcae._LPIPS_CACHE == lpips_before
+
+
+def test_encode_signature_and_scale_warning():
+    """encode(x, sample=...) as the other autoencoders (DC-AE is deterministic: ignored); an unmeasured scale
+    factor (0) falls back to 1 with a warning, a measured one stays silent."""
+    model = dcae.create("tiny", loss=None).eval()
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with pytest.warns(UserWarning, match="scale_factor is not measured"), torch.no_grad():
+        z = model.encode(x, sample=True)
+    with torch.no_grad():
+        assert torch.equal(z, model.encode(x, sample=False)) and torch.equal(z, model.encoder(x))
+    measured = dcae.create("dc-ae-f32c32-sana-1.0", loss=None, **{"encoder.width_list": [8, 16, 32, 32, 32, 32],
+                                                                  "decoder.width_list": [8, 16, 32, 32, 32, 32]})
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        measured.decode(torch.zeros(1, 32, 1, 1))
+
+
+def test_read_state_dict_unwraps_and_names_bad_files(tmp_path):
+    """One idiom for checkpoints: weights_only load, "state_dict"/"model" wrappers, DDP `module.` and
+    torch.compile `_orig_mod.` prefixes dropped; an unreadable file is one clear error."""
+    g = golden("tiny_in")
+    wrapped = {"model": {f"module._orig_mod.{k}": v for k, v in g["state_dict"].items()}, "step": 3}
+    torch.save(wrapped, tmp_path / "ckpt.pt")
+    a, b = dcae.load_official(tmp_path / "ckpt.pt", g["config"]), dcae.load_official(g["state_dict"], g["config"])
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        dcae.load_official(tmp_path / "missing.pt", g["config"])
