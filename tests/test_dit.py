@@ -36,31 +36,6 @@ def tiny_golden(name):
 # -------------------------------------------------------------------------------------------------
 # golden cases
 # -------------------------------------------------------------------------------------------------
-def test_embeddings_golden():
-    """pos_embed to float32 rounding; timestep_embedding to 4e-5 (README: float32 vs exact math 3.1e-5).
-    The float32 exp/cos/sin of the golden machine and ours differ by an ulp in a few frequencies (column 3
-    of d64, 12/13 of d256); at t = 999 an ulp of the argument (6e-5 rad) moves the output by ~3e-5."""
-    g = load_golden("dit", "embeddings.pt")
-    out, inp = g["outputs"], g["inputs"]
-    worst = 0.0
-    for grid, dim in [(4, 64), (2, 8), (8, 32)]:
-        mine = dit.get_2d_sincos_pos_embed(dim, grid).float()
-        worst = max(worst, assert_close(mine, out[f"pos_embed_g{grid}_d{dim}"], atol=1e-6, what=f"pos g{grid} d{dim}"))
-    report("embeddings/pos_embed", worst)
-    worst = 0.0
-    for dim in (64, 256, 65):
-        mine = dit.TimestepEmbedder.timestep_embedding(inp["t_values"], dim)
-        assert mine.dtype == torch.float32
-        worst = max(worst, assert_close(mine, out[f"timestep_embedding_d{dim}"], atol=4e-5, what=f"t-emb d{dim}"))
-    mine = dit.TimestepEmbedder.timestep_embedding(inp["t_int_values"], 256)
-    worst = max(worst, assert_close(mine, out["timestep_embedding_d256_int_t"], atol=4e-5, what="t-emb int"))
-    report("embeddings/timestep_embedding", worst)
-    # the quirk: first half of the features follows the COLUMN index, second half the ROW index
-    pe = dit.get_2d_sincos_pos_embed(8, 2)  # rows k = r*2 + s
-    assert torch.equal(pe[0, :4], pe[2, :4]) and not torch.equal(pe[0, :4], pe[1, :4])
-    assert torch.equal(pe[0, 4:], pe[1, 4:]) and not torch.equal(pe[0, 4:], pe[2, 4:])
-
-
 def test_schedule_golden():
     g = load_golden("dit", "schedule.pt")
     ref, ref64 = g["outputs"], g["outputs_float64"]
@@ -273,15 +248,6 @@ def test_adaln_zero_init():
     assert trained == {id(p) for n, p in model.named_parameters() if n != "pos_embed"}
 
 
-def test_label_dropout():
-    torch.manual_seed(0)
-    emb = dit.LabelEmbedder(10, 8, 0.5)
-    labels = torch.zeros(4000, dtype=torch.long)
-    dropped = (emb.token_drop(labels) == 10).float().mean().item()
-    assert 0.45 < dropped < 0.55
-    assert torch.equal(emb(labels[:5], train=False), emb.embedding_table.weight[[0] * 5])
-
-
 @pytest.fixture
 def one_thread():
     n = torch.get_num_threads()
@@ -459,6 +425,132 @@ def test_loss_reproducible_and_bf16_autocast():
         x = model.sample(2, steps=2, cfg=2.0)
     assert loss.dtype == torch.float32 and torch.isfinite(loss) and x.dtype == torch.float32
     loss.backward()
+
+
+# -------------------------------------------------------------------------------------------------
+# one focused test per headline block, graded by the golden tensors (the instructor table of the README).
+# Each builds its block alone and loads only that block's weights, so a blanked block fails only its tests.
+# -------------------------------------------------------------------------------------------------
+def golden_part(name, prefix):
+    """(golden case, that case's weights under `prefix`, prefix stripped)."""
+    g = load_golden("dit", name)
+    sd = load_golden("dit", g["state_dict"])["state_dict"]
+    return g, {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def test_block_pos_embed():
+    """get_2d_sincos_pos_embed (Sec. 3.2) against the official numpy table, float32 rounding."""
+    g = load_golden("dit", "embeddings.pt")
+    for grid, dim in [(4, 64), (2, 8), (8, 32)]:
+        mine = dit.get_2d_sincos_pos_embed(dim, grid).float()
+        report(f"pos_embed g{grid} d{dim}", assert_close(mine, g["outputs"][f"pos_embed_g{grid}_d{dim}"], atol=1e-6))
+    # the quirk: first half of the features follows the COLUMN index, second half the ROW index
+    pe = dit.get_2d_sincos_pos_embed(8, 2)  # rows k = r*2 + s
+    assert torch.equal(pe[0, :4], pe[2, :4]) and not torch.equal(pe[0, :4], pe[1, :4])
+    assert torch.equal(pe[0, 4:], pe[1, 4:]) and not torch.equal(pe[0, 4:], pe[2, 4:])
+
+
+def test_block_timestep_embedding():
+    """The sinusoid [cos, sin] of TimestepEmbedder (float32; 4e-5: an ulp of the float32 argument at t = 999)."""
+    g = load_golden("dit", "embeddings.pt")
+    out, inp = g["outputs"], g["inputs"]
+    for dim in (64, 256, 65):
+        mine = dit.TimestepEmbedder.timestep_embedding(inp["t_values"], dim)
+        assert mine.dtype == torch.float32
+        report(f"t-emb d{dim}", assert_close(mine, out[f"timestep_embedding_d{dim}"], atol=4e-5))
+    mine = dit.TimestepEmbedder.timestep_embedding(inp["t_int_values"], 256)
+    assert_close(mine, out["timestep_embedding_d256_int_t"], atol=4e-5)
+
+
+def test_block_patch_embed():
+    g, sd = golden_part("tiny_forward.pt", "x_embedder.")
+    block = dit.PatchEmbed(8, 2, 4, 64)
+    block.load_state_dict(sd)
+    with torch.no_grad():
+        assert_close(block(g["inputs"]["x"]), g["outputs"]["x_embedder_out"], atol=1e-5, rtol=1e-5)
+
+
+def test_block_timestep_embedder():
+    g, sd = golden_part("tiny_forward.pt", "t_embedder.")
+    block = dit.TimestepEmbedder(64)
+    block.load_state_dict(sd)
+    with torch.no_grad():
+        assert_close(block(g["inputs"]["t"]), g["outputs"]["t_emb"], atol=1e-5, rtol=1e-5)
+
+
+def test_block_label_embedder():
+    """Table lookup (golden), the null row for CFG, and label dropout at dropout_prob."""
+    g, sd = golden_part("tiny_forward.pt", "y_embedder.")
+    block = dit.LabelEmbedder(10, 64, 0.1)
+    block.load_state_dict(sd)
+    with torch.no_grad():
+        assert_close(block(g["inputs"]["y"], train=False), g["outputs"]["y_emb"], atol=0)
+    assert dit.LabelEmbedder(10, 8, 0.0).embedding_table.num_embeddings == 10  # no dropout: no null row
+    torch.manual_seed(0)
+    emb = dit.LabelEmbedder(10, 8, 0.5)
+    labels = torch.zeros(4000, dtype=torch.long)
+    assert 0.45 < (emb.token_drop(labels) == 10).float().mean().item() < 0.55
+    assert torch.equal(emb(labels[:5], train=False), emb.embedding_table.weight[[0] * 5])
+    forced = emb(labels[:3], train=False, force_drop_ids=torch.tensor([1, 0, 1]))
+    assert torch.equal(forced, emb.embedding_table.weight[[10, 0, 10]])
+
+
+def test_block_adaln_zero():
+    """DiTBlock: both golden blocks given the golden tokens and c; a fresh block is the identity (adaLN-Zero)."""
+    g, _ = golden_part("tiny_forward.pt", "")
+    out = g["outputs"]
+    x = out["tokens_in"]
+    for i in range(2):
+        _, sd = golden_part("tiny_forward.pt", f"blocks.{i}.")
+        block = dit.DiTBlock(64, 4)
+        block.load_state_dict(sd)
+        with torch.no_grad():
+            x = block(x, out["c"])
+        assert_close(x, out[f"block{i}_out"], atol=1e-5, rtol=1e-5, what=f"block {i}")
+        x = out[f"block{i}_out"]
+    tokens = torch.randn(2, 16, 64)
+    assert torch.equal(dit.DiTBlock(64, 4)(tokens, torch.randn(2, 64)), tokens)
+
+
+def test_block_final_layer():
+    """FinalLayer (adaLN without gate + Linear) and unpatchify back to (N, 2C, H, W)."""
+    g, sd = golden_part("tiny_forward.pt", "final_layer.")
+    out = g["outputs"]
+    block = dit.FinalLayer(64, 2, 8)
+    block.load_state_dict(sd)
+    with torch.no_grad():
+        y = block(out["block1_out"], out["c"])
+    assert_close(y, out["final_layer_out"], atol=1e-5, rtol=1e-5)
+    shell = dit.DiT.__new__(dit.DiT)  # unpatchify reads only out_channels and patch_size
+    shell.out_channels, shell.patch_size = 8, 2
+    assert_close(dit.DiT.unpatchify(shell, out["final_layer_out"]), out["out"], atol=1e-5, rtol=1e-5)
+
+
+def test_block_hybrid_loss():
+    """GaussianDiffusion.training_losses on the golden network output: L_simple + L_vlb per sample, and the
+    stop-gradient (the eps channels carry only the mse gradient)."""
+    g = load_golden("dit", "tiny_training_losses.pt")
+    inp, ref = g["inputs"], g["outputs"]
+    model_output = ref["model_output"].clone().requires_grad_(True)
+    terms = dit.GaussianDiffusion("").training_losses(lambda x, t, y: model_output, inp["x_start"], inp["t"],
+                                                       dict(y=inp["y"]), noise=inp["noise"])
+    for k in ("loss", "mse", "vb", "x_t"):
+        assert_close(terms[k], ref[k], atol=1e-5, rtol=1e-5, what=k)
+    terms["loss"].mean().backward()
+    assert_close(model_output.grad, ref["dlossmean_dmodel_output"], atol=1e-6, what="d loss / d output")
+    eps = model_output[:, :4].detach()
+    assert_close(model_output.grad[:, :4], 2 * (eps - inp["noise"]) / eps.numel(), atol=1e-9)
+
+
+def test_block_respacing():
+    """space_timesteps + the respaced process: golden "250" (exact map, float64 tables)."""
+    g = load_golden("dit", "schedule.pt")
+    ref, ref64 = g["outputs"], g["outputs_float64"]
+    assert sorted(dit.space_timesteps(1000, "250")) == ref["timestep_map_250"].tolist()
+    d250 = dit.GaussianDiffusion("250")
+    assert d250.timestep_map == ref["timestep_map_250"].tolist()
+    for k in ("betas", "alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped"):
+        assert_close(torch.from_numpy(getattr(d250, k)), ref64[f"respaced_{k}_250"], atol=0, rtol=1e-12, what=k)
 
 
 # -------------------------------------------------------------------------------------------------
