@@ -55,10 +55,10 @@ Deliberately left out / changed (each is also noted where it happens):
       method. `load_official` renames `loss.*` -> `loss_fn.*` (the only rename).
     * Logs, image logging, validation, EMA (the official has none for the autoencoder) live in train.py.
 """
+import copy
 import math
 import warnings
 
-import lpips
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -334,7 +334,7 @@ class DiagonalGaussianDistribution:
 # ----------------------------------------------------------------------------------------------------------
 
 def weights_init(m):
-    """taming's init: conv weights ~ N(0, 0.02) (biases keep PyTorch's init); BatchNorm gamma ~ N(1, 0.02), beta 0."""
+    """taming-transformers' init: conv weights ~ N(0, 0.02), biases as PyTorch's; BatchNorm gamma ~ N(1, 0.02), beta 0."""
     classname = m.__class__.__name__
     if classname.find("Conv") != -1:
         nn.init.normal_(m.weight.data, 0.0, 0.02)
@@ -344,7 +344,7 @@ def weights_init(m):
 
 
 class NLayerDiscriminator(nn.Module):
-    """PatchGAN D_psi of pix2pix (Isola et al. 2017): one logit per overlapping patch.
+    """PatchGAN discriminator of pix2pix (Isola et al. 2017) as taming-transformers builds it: one logit per patch.
 
     main = [conv s2 (bias), lrelu] + (n_layers - 1) x [conv s2 (no bias), BN, lrelu]
            + [conv s1 (no bias), BN, lrelu] + [conv s1 -> 1 channel (bias)], kernel 4, padding 1.
@@ -378,7 +378,7 @@ def adopt_weight(weight, global_step, threshold=0, value=0.0):
 
 
 def hinge_d_loss(logits_real, logits_fake):
-    """0.5 * (E[relu(1 - D(x))] + E[relu(1 + D(x_rec))]) (the log D_psi(x) term of Eq. 25, hinge form)."""
+    """Hinge loss of the discriminator (taming-transformers): 0.5 * (E[relu(1 - D(x))] + E[relu(1 + D(x_rec))])."""
     return 0.5 * (torch.mean(F.relu(1.0 - logits_real)) + torch.mean(F.relu(1.0 + logits_fake)))
 
 
@@ -388,17 +388,18 @@ def vanilla_d_loss(logits_real, logits_fake):
 
 
 def calculate_adaptive_weight(nll_loss, g_loss, last_layer, disc_weight):
-    """VQGAN Eq. 7: lambda = ||grad_W L_rec|| / (||grad_W L_GAN|| + 1e-4), W = the decoder's last layer.
+    """VQGAN Eq. 7: lambda = ||grad_W L_rec|| / (||grad_W L_GAN|| + delta), W = the decoder's last layer.
 
-    Clamped to [0, 1e4], detached, times disc_weight. Both gradients come from torch.autograd.grad, which
-    touches no .grad field (so it is safe under DDP and autocast) and keeps the graph for the real backward.
-    Without a graph (no_grad, evaluation) the official falls into its except-branch and uses 0; so do we.
+    delta = 1e-4 as in the taming-transformers / LDM code (the VQGAN paper writes 1e-6). Clamped to [0, 1e4],
+    detached, times disc_weight. torch.autograd.grad touches no .grad field (safe under DDP and autocast) and
+    keeps the graph for the real backward. Without a graph (no_grad, evaluation) the taming code falls into its
+    except-branch and uses 0; so do we.
     """
     if not (torch.is_grad_enabled() and nll_loss.requires_grad and g_loss.requires_grad):
         return torch.zeros((), device=nll_loss.device)
     nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
     g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    d_weight = torch.norm(nll_grads.float()) / (torch.norm(g_grads.float()) + 1e-4)
+    d_weight = torch.norm(nll_grads.float()) / (torch.norm(g_grads.float()) + 1e-4)  # delta 1e-4, see above
     d_weight = torch.clamp(d_weight, 0.0, 1e4).detach()
     return d_weight * disc_weight
 
@@ -410,6 +411,7 @@ def build_lpips(pretrained=True):
     touching the global RNG, so every process builds the same network. pretrained=True needs the
     torchvision VGG16 file; when it cannot be downloaded this raises one clear error naming the file.
     """
+    import lpips  # here, not at the top: the networks alone need neither lpips nor torchvision
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchvision's "pretrained is deprecated" notices
         torch.manual_seed(0)
@@ -427,6 +429,19 @@ def build_lpips(pretrained=True):
     for p in net.parameters():
         p.requires_grad_(False)
     return net.eval()
+
+
+_LPIPS_CACHE = {}  # one frozen LPIPS per (pretrained, device) and process: building VGG16 takes seconds
+
+
+def get_lpips(pretrained, device):
+    """The process-wide frozen LPIPS for `device` (frozen, so models can share it)."""
+    key = (bool(pretrained), str(device))
+    if key not in _LPIPS_CACHE:
+        cpu = _LPIPS_CACHE.get((bool(pretrained), "cpu")) or build_lpips(pretrained)
+        _LPIPS_CACHE[(bool(pretrained), "cpu")] = cpu
+        _LPIPS_CACHE[key] = cpu if str(device) == "cpu" else copy.deepcopy(cpu).to(device)
+    return _LPIPS_CACHE[key]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -456,8 +471,7 @@ class LPIPSWithDiscriminator(nn.Module):
         self.kl_weight = kl_weight
         self.pixel_weight = pixelloss_weight  # stored and never used, as in the official code
         self.perceptual_weight = perceptual_weight
-        self.lpips_pretrained = lpips_pretrained
-        self._lpips = []  # the frozen LPIPS, built on first use; a plain list keeps it out of state_dict()
+        self.lpips_pretrained = lpips_pretrained  # LPIPS: get_lpips, built at the first loss, not in state_dict()
         # output log variance: the reconstruction is scored as a Laplace likelihood with a learned scale
         self.logvar = nn.Parameter(torch.ones(size=()) * logvar_init, requires_grad=learn_logvar)
         # the official LPIPSWithDiscriminator has no ndf argument (always 64); disc_ndf is our extension
@@ -473,19 +487,9 @@ class LPIPSWithDiscriminator(nn.Module):
         # the constant delta that multiplies the adaptive weight lambda (VQGAN Eq. 7)
         self.discriminator_weight = disc_weight
 
-    def _apply(self, fn, *args, **kwargs):
-        # .to() / .cuda() / .double() also move the unregistered LPIPS network
-        for net in self._lpips:
-            net._apply(fn, *args, **kwargs)
-        return super()._apply(fn, *args, **kwargs)
-
     def perceptual_loss(self, x, x_rec):
-        """LPIPS(x, x_rec), shape (B, 1, 1, 1). Builds the network on first use, on x's device."""
-        if not self._lpips:
-            self._lpips.append(build_lpips(self.lpips_pretrained).to(x.device))
-        # lpips takes inputs in [-1, 1] (normalize=False), the range x and x_rec already have
-        # two (B, C, H, W) images -> (B, 1, 1, 1): lpips (spatial=False) averages its distance map over H, W
-        return self._lpips[0](x.contiguous(), x_rec.contiguous()).float()
+        """LPIPS(x, x_rec), shape (B, 1, 1, 1); lpips takes inputs in [-1, 1], the range x and x_rec have."""
+        return get_lpips(self.lpips_pretrained, x.device)(x.contiguous(), x_rec.contiguous()).float()
 
     def _discriminate_for_generator(self, x_rec):
         """D(x_rec) with D's parameters frozen for this call (Lightning's toggle_optimizer): the
@@ -672,14 +676,22 @@ class AutoencoderKL(nn.Module):
 # disc_weight 0.5, everything else at the constructor defaults (hinge, n_layers 3, perceptual_weight 1)
 _RELEASED_LOSS = {"disc_start": 50001, "kl_weight": 1e-6, "disc_weight": 0.5}
 
-# Training defaults: Adam betas (0.5, 0.9) and lr = base_learning_rate 4.5e-6 x batch (x GPUs x accumulation:
-# LDM main.py --scale_lr, on by default) with the configs' batch_size 12 -> 5.4e-5 for one GPU. train.py
-# does not rescale lr with --batch-size: pass --lr 4.5e-6*global_batch to follow the official rule.
-# The official trains the autoencoder without EMA and without gradient clipping: ema_decay 0 makes the EMA
-# copy equal the raw weights; grad_clip inf makes clipping a no-op (the norm is still measured).
-# both optimizers (opt_ae, opt_disc) use these Adam betas in the official configure_optimizers
-_HPARAMS = {"lr": 4.5e-6 * 12, "betas": (0.5, 0.9), "weight_decay": 0.0, "ema_decay": 0.0,
-            "warmup_steps": 0, "grad_clip": float("inf"), "batch_size": 12}
+
+def _hparams(batch_size):
+    """The official recipe for train.py, whose batch_size is the GLOBAL batch (all GPUs x --grad-accum).
+
+    LDM main.py --scale_lr (on by default): lr = accumulate_grad_batches x GPUs x per-GPU batch x
+    base_learning_rate 4.5e-6 = 4.5e-6 x global batch. configs/autoencoder/autoencoder_kl_*.yaml train with
+    batch_size 12 and accumulate_grad_batches 2: global batch 24, lr 1.08e-4 on one GPU. Run it as
+    --batch-size 24 --grad-accum 2 (12 per pass, as the official: the PatchGAN's BatchNorm sees the same
+    batches); with more GPUs pass --lr 4.5e-6 x the new global batch (train.py does not rescale lr). The
+    yamls shipped beside the checkpoints (models/first_stage_models/kl-f*/config.yaml) say batch 10/4/6/6
+    without accumulation; we follow the training configs. Adam betas (0.5, 0.9) for both optimizers; no
+    EMA (ema_decay 0: the EMA copy equals the raw weights), no gradient clipping (grad_clip inf: a no-op).
+    """
+    return {"lr": 4.5e-6 * batch_size, "betas": (0.5, 0.9), "weight_decay": 0.0, "ema_decay": 0.0,
+            "warmup_steps": 0, "grad_clip": float("inf"), "batch_size": batch_size}
+
 
 CONFIGS = {
     # 55,312,063 | 58,077,697 params; 64x64x3 latents for 256^2
@@ -780,7 +792,8 @@ def create(config="tiny", **overrides):
     loss = {k: cfg.pop(k) for k in _LOSS_KEYS if k in cfg}
     loss.setdefault("disc_start", 50001)
     loss.setdefault("disc_in_channels", cfg.get("in_channels", 3))  # D_psi sees images: encoder input channels
-    hparams = dict(_HPARAMS)  # a copy: a model's hparams never alias the module dict
+    # the official batch 12 x 2 accumulation; tiny keeps the same lr rule at a CPU-sized batch of 12
+    hparams = _hparams(12 if config == "tiny" else 24)
     return AutoencoderKL(**cfg, loss=loss, hparams=hparams)
 
 

@@ -40,9 +40,9 @@ Deliberately left out / changed:
       (VQModelInterface semantics times scale_factor).
     * Perplexity uses a scatter-add histogram instead of a one-hot matrix (same numbers, no N x n_embed tensor).
 """
+import copy
 import warnings
 
-import lpips
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -270,7 +270,7 @@ class Decoder(nn.Module):
 
 # Copied from ae_kl.weights_init
 def weights_init(m):
-    """taming's init: conv weights ~ N(0, 0.02) (biases keep PyTorch's init); BatchNorm gamma ~ N(1, 0.02), beta 0."""
+    """taming-transformers' init: conv weights ~ N(0, 0.02), biases as PyTorch's; BatchNorm gamma ~ N(1, 0.02), beta 0."""
     classname = m.__class__.__name__
     if classname.find("Conv") != -1:
         nn.init.normal_(m.weight.data, 0.0, 0.02)
@@ -281,7 +281,7 @@ def weights_init(m):
 
 # Copied from ae_kl.NLayerDiscriminator
 class NLayerDiscriminator(nn.Module):
-    """PatchGAN D_psi of pix2pix (Isola et al. 2017): one logit per overlapping patch.
+    """PatchGAN discriminator of pix2pix (Isola et al. 2017) as taming-transformers builds it: one logit per patch.
 
     main = [conv s2 (bias), lrelu] + (n_layers - 1) x [conv s2 (no bias), BN, lrelu]
            + [conv s1 (no bias), BN, lrelu] + [conv s1 -> 1 channel (bias)], kernel 4, padding 1.
@@ -317,7 +317,7 @@ def adopt_weight(weight, global_step, threshold=0, value=0.0):
 
 # Copied from ae_kl.hinge_d_loss
 def hinge_d_loss(logits_real, logits_fake):
-    """0.5 * (E[relu(1 - D(x))] + E[relu(1 + D(x_rec))]) (the log D_psi(x) term of Eq. 25, hinge form)."""
+    """Hinge loss of the discriminator (taming-transformers): 0.5 * (E[relu(1 - D(x))] + E[relu(1 + D(x_rec))])."""
     return 0.5 * (torch.mean(F.relu(1.0 - logits_real)) + torch.mean(F.relu(1.0 + logits_fake)))
 
 
@@ -329,17 +329,18 @@ def vanilla_d_loss(logits_real, logits_fake):
 
 # Copied from ae_kl.calculate_adaptive_weight
 def calculate_adaptive_weight(nll_loss, g_loss, last_layer, disc_weight):
-    """VQGAN Eq. 7: lambda = ||grad_W L_rec|| / (||grad_W L_GAN|| + 1e-4), W = the decoder's last layer.
+    """VQGAN Eq. 7: lambda = ||grad_W L_rec|| / (||grad_W L_GAN|| + delta), W = the decoder's last layer.
 
-    Clamped to [0, 1e4], detached, times disc_weight. Both gradients come from torch.autograd.grad, which
-    touches no .grad field (so it is safe under DDP and autocast) and keeps the graph for the real backward.
-    Without a graph (no_grad, evaluation) the official falls into its except-branch and uses 0; so do we.
+    delta = 1e-4 as in the taming-transformers / LDM code (the VQGAN paper writes 1e-6). Clamped to [0, 1e4],
+    detached, times disc_weight. torch.autograd.grad touches no .grad field (safe under DDP and autocast) and
+    keeps the graph for the real backward. Without a graph (no_grad, evaluation) the taming code falls into its
+    except-branch and uses 0; so do we.
     """
     if not (torch.is_grad_enabled() and nll_loss.requires_grad and g_loss.requires_grad):
         return torch.zeros((), device=nll_loss.device)
     nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
     g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    d_weight = torch.norm(nll_grads.float()) / (torch.norm(g_grads.float()) + 1e-4)
+    d_weight = torch.norm(nll_grads.float()) / (torch.norm(g_grads.float()) + 1e-4)  # delta 1e-4, see above
     d_weight = torch.clamp(d_weight, 0.0, 1e4).detach()
     return d_weight * disc_weight
 
@@ -352,6 +353,7 @@ def build_lpips(pretrained=True):
     touching the global RNG, so every process builds the same network. pretrained=True needs the
     torchvision VGG16 file; when it cannot be downloaded this raises one clear error naming the file.
     """
+    import lpips  # here, not at the top: the networks alone need neither lpips nor torchvision
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchvision's "pretrained is deprecated" notices
         torch.manual_seed(0)
@@ -369,6 +371,20 @@ def build_lpips(pretrained=True):
     for p in net.parameters():
         p.requires_grad_(False)
     return net.eval()
+
+
+_LPIPS_CACHE = {}  # one frozen LPIPS per (pretrained, device) and process: building VGG16 takes seconds
+
+
+# Copied from ae_kl.get_lpips
+def get_lpips(pretrained, device):
+    """The process-wide frozen LPIPS for `device` (frozen, so models can share it)."""
+    key = (bool(pretrained), str(device))
+    if key not in _LPIPS_CACHE:
+        cpu = _LPIPS_CACHE.get((bool(pretrained), "cpu")) or build_lpips(pretrained)
+        _LPIPS_CACHE[(bool(pretrained), "cpu")] = cpu
+        _LPIPS_CACHE[key] = cpu if str(device) == "cpu" else copy.deepcopy(cpu).to(device)
+    return _LPIPS_CACHE[key]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -488,8 +504,7 @@ class VQLPIPSWithDiscriminator(nn.Module):
         self.pixel_loss = pixel_loss
         # n_classes = n_embed: the histogram size of measure_perplexity (not a class count)
         self.n_classes = n_classes
-        self.lpips_pretrained = lpips_pretrained
-        self._lpips = []  # the frozen LPIPS, built on first use; a plain list keeps it out of state_dict()
+        self.lpips_pretrained = lpips_pretrained  # LPIPS: get_lpips, built at the first loss, not in state_dict()
         # PatchGAN D of VQGAN Sec. 3.1: one real/fake logit per image patch, not per image
         self.discriminator = NLayerDiscriminator(disc_in_channels, ndf=disc_ndf, n_layers=disc_num_layers)
         self.discriminator.apply(weights_init)
@@ -499,17 +514,9 @@ class VQLPIPSWithDiscriminator(nn.Module):
         self.disc_factor = disc_factor
         self.discriminator_weight = disc_weight
 
-    def _apply(self, fn, *args, **kwargs):
-        # .to() / .cuda() / .double() also move the unregistered LPIPS network
-        for net in self._lpips:
-            net._apply(fn, *args, **kwargs)
-        return super()._apply(fn, *args, **kwargs)
-
     def perceptual_loss(self, x, x_rec):
-        """LPIPS(x, x_rec), shape (B, 1, 1, 1). Builds the network on first use, on x's device."""
-        if not self._lpips:
-            self._lpips.append(build_lpips(self.lpips_pretrained).to(x.device))
-        return self._lpips[0](x.contiguous(), x_rec.contiguous()).float()  # (B, 1, 1, 1)
+        """LPIPS(x, x_rec), shape (B, 1, 1, 1); lpips takes inputs in [-1, 1], the range x and x_rec have."""
+        return get_lpips(self.lpips_pretrained, x.device)(x.contiguous(), x_rec.contiguous()).float()
 
     def _discriminate_for_generator(self, x_rec):
         """D(x_rec) with D's parameters frozen for this call (Lightning's toggle_optimizer): the
@@ -621,7 +628,7 @@ class VQModel(nn.Module):
         # 1.0 in every official VQ LDM config; 0 = "not measured yet" (encode/decode use 1 until train.py
         # --ae measures 1/std and stores it here)
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
-        # optimizer settings read by train.py (see _HPARAMS below), not used by the model itself
+        # optimizer settings read by train.py (see _hparams below), not used by the model itself
         self.hparams = dict(hparams or {})
 
     # --- the official VQModel methods --------------------------------------------------------------------
@@ -698,11 +705,18 @@ class VQModel(nn.Module):
 # measured by tests/test_ae_vq.py::test_param_counts. LPIPS (14.7M, frozen) is not counted.
 # ----------------------------------------------------------------------------------------------------------
 
-# Training defaults as ae_kl: Adam betas (0.5, 0.9), lr = base_learning_rate 4.5e-6 x batch size (x GPUs x
-# accumulation, LDM main.py --scale_lr) -> 5.4e-5 at batch 12; no EMA (ema_decay 0: EMA = raw weights), no
-# gradient clipping (inf).
-_HPARAMS = {"lr": 4.5e-6 * 12, "betas": (0.5, 0.9), "weight_decay": 0.0, "ema_decay": 0.0,
-            "warmup_steps": 0, "grad_clip": float("inf"), "batch_size": 12}
+# Training batch per preset: the batch_size of its released yaml (no accumulate_grad_batches there; the GPU
+# count is not recorded, so these are one GPU's batch). tiny: ours; a dict config gets vq-f4's 8.
+_BATCH = {"vq-f4": 8, "vq-f4-noattn": 8, "vq-f8": 10, "vq-f8-n256": 10, "vq-f16": 14, "tiny": 12}
+
+
+def _hparams(batch_size):
+    """LDM main.py --scale_lr: lr = base_learning_rate 4.5e-6 x global batch (accumulation x GPUs x per-GPU
+    batch; train.py's batch_size is the global one and it does not rescale lr: pass --lr with --batch-size).
+    Adam betas (0.5, 0.9) for both optimizers, no EMA (ema_decay 0), no gradient clipping (grad_clip inf)."""
+    return {"lr": 4.5e-6 * batch_size, "betas": (0.5, 0.9), "weight_decay": 0.0, "ema_decay": 0.0,
+            "warmup_steps": 0, "grad_clip": float("inf"), "batch_size": batch_size}
+
 
 # released models/first_stage_models/vq-*/config.yaml; all hinge, perceptual_weight 1, codebook_weight 1
 # f = 2^(len(ch_mult) - 1); a 256^2 image gives (256/f)^2 latent pixels of embed_dim channels; n_embed = |Z|
@@ -796,8 +810,9 @@ def create(config="tiny", **overrides):
         c = overrides.pop("in_channels")
         cfg.update(in_channels=c, out_ch=c, disc_in_channels=c)
     cfg.update(overrides)
-    for k in ("monitor", "disc_conditional"):
-        cfg.pop(k, None)
+    cfg.pop("monitor", None)  # Lightning's checkpoint metric, present in official kwargs, no role here
+    if cfg.pop("disc_conditional", False):
+        raise ValueError("disc_conditional discriminators are not supported (no released config uses them)")
     # reject typos early instead of silently dropping a key
     unknown = sorted(set(cfg) - set(_BODY_KEYS) - set(_LOSS_KEYS))
     if unknown:
@@ -813,7 +828,7 @@ def create(config="tiny", **overrides):
     loss = {k: cfg.pop(k) for k in _LOSS_KEYS if k in cfg}
     loss.setdefault("disc_start", 250001)
     loss.setdefault("disc_in_channels", cfg.get("in_channels", 3))
-    return VQModel(**cfg, loss=loss, hparams=dict(_HPARAMS))
+    return VQModel(**cfg, loss=loss, hparams=_hparams(_BATCH[config] if isinstance(config, str) else 8))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -38,10 +38,10 @@ downsampled L1/LPIPS, scale-conditioned discriminator, SimpleRendererNetLarger, 
 Conventions (official): images in [-1, 1]; coordinates in [-1, 1] are pixel CENTRES, last dim (y, x) = (row, col);
 `cell` is the full pixel size (2/H, 2/W). decode(z) renders at the encoder resolution; render(z, size) at any size.
 """
+import copy
 import os
 import warnings
 
-import lpips
 import numpy as np
 import torch
 import torch.nn as nn
@@ -508,7 +508,7 @@ def sample_patch(img, rng, resize_inp, resize_gt_lb, resize_gt_ub, final_crop_gt
 # =============================================================================================================
 # Copied from ae_kl.weights_init
 def weights_init(m):
-    """taming's init: conv weights ~ N(0, 0.02) (biases keep PyTorch's init); BatchNorm gamma ~ N(1, 0.02), beta 0."""
+    """taming-transformers' init: conv weights ~ N(0, 0.02), biases as PyTorch's; BatchNorm gamma ~ N(1, 0.02), beta 0."""
     classname = m.__class__.__name__
     if classname.find("Conv") != -1:
         nn.init.normal_(m.weight.data, 0.0, 0.02)
@@ -519,7 +519,7 @@ def weights_init(m):
 
 # Copied from ae_kl.NLayerDiscriminator
 class NLayerDiscriminator(nn.Module):
-    """PatchGAN D_psi of pix2pix (Isola et al. 2017): one logit per overlapping patch.
+    """PatchGAN discriminator of pix2pix (Isola et al. 2017) as taming-transformers builds it: one logit per patch.
 
     main = [conv s2 (bias), lrelu] + (n_layers - 1) x [conv s2 (no bias), BN, lrelu]
            + [conv s1 (no bias), BN, lrelu] + [conv s1 -> 1 channel (bias)], kernel 4, padding 1.
@@ -555,6 +555,7 @@ def build_lpips(pretrained=True):
     touching the global RNG, so every process builds the same network. pretrained=True needs the
     torchvision VGG16 file; when it cannot be downloaded this raises one clear error naming the file.
     """
+    import lpips  # here, not at the top: the networks alone need neither lpips nor torchvision
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchvision's "pretrained is deprecated" notices
         torch.manual_seed(0)
@@ -572,6 +573,20 @@ def build_lpips(pretrained=True):
     for p in net.parameters():
         p.requires_grad_(False)
     return net.eval()
+
+
+_LPIPS_CACHE = {}  # one frozen LPIPS per (pretrained, device) and process: building VGG16 takes seconds
+
+
+# Copied from ae_kl.get_lpips
+def get_lpips(pretrained, device):
+    """The process-wide frozen LPIPS for `device` (frozen, so models can share it)."""
+    key = (bool(pretrained), str(device))
+    if key not in _LPIPS_CACHE:
+        cpu = _LPIPS_CACHE.get((bool(pretrained), "cpu")) or build_lpips(pretrained)
+        _LPIPS_CACHE[(bool(pretrained), "cpu")] = cpu
+        _LPIPS_CACHE[key] = cpu if str(device) == "cpu" else copy.deepcopy(cpu).to(device)
+    return _LPIPS_CACHE[key]
 
 
 # =============================================================================================================
@@ -627,19 +642,9 @@ class INFD(nn.Module):
         self.disc = NLayerDiscriminator(in_channels, disc_ndf, disc_layers).apply(weights_init)
         # Latent scale for diffusion (contract): 0 = not measured yet (treated as 1 by encode / decode).
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
-        # LPIPS is frozen, in eval mode and NOT a registered submodule: it stays out of parameters() / state_dict()
-        # (the official state dict has it as perc_loss.*, which load_official drops; the weights are the same
-        # published VGG-LPIPS ones). _apply below moves it with .to() / .cuda(). It is built on the first loss()
-        # call, so sampling and rendering never need the VGG16 download.
+        # LPIPS (get_lpips) is frozen and not a submodule: out of state_dict() (the official has it as perc_loss.*,
+        # which load_official drops), built at the first loss() call, so rendering never needs the VGG16 download
         self.lpips_pretrained = lpips_pretrained
-        self._lpips = []
-
-    def _apply(self, fn, recurse=True):
-        # the LPIPS net is kept in a plain list (see __init__), so move it by hand along with the registered modules
-        super()._apply(fn, recurse)
-        for net in self._lpips:
-            net._apply(fn)
-        return self
 
     # ---------------------------------------------------------------- autoencoder (Sec. 3.1)
     def encode_z(self, x):
@@ -794,9 +799,7 @@ class INFD(nn.Module):
             pred32, gt32 = pred.float(), gt.float()
             # Sec. 3.2: pixel (L1) + perceptual (LPIPS) reconstruction terms on the rendered patch vs the gt crop
             l1 = (pred32 - gt32).abs().mean()
-            if not self._lpips:
-                self._lpips.append(build_lpips(self.lpips_pretrained).to(x.device))
-            perc = self._lpips[0](pred32, gt32).float().mean()  # (B, 1, 1, 1) -> scalar
+            perc = get_lpips(self.lpips_pretrained, x.device)(pred32, gt32).float().mean()  # (B, 1, 1, 1) -> scalar
             nll = lc["l1"] * l1 + lc["perc"] * perc
             loss = lc["quant"] * quant_loss.float() + nll
             # images are in [-1, 1]: halving maps the error to the [0, 1] scale for PSNR

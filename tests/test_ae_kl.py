@@ -244,8 +244,9 @@ def test_key_set(name):
     assert [k for k in mine if k != "scale_factor" and not k.startswith("loss_fn.")] == list(model_keys)
     assert {k: tuple(v.shape) for k, v in m_preset.state_dict().items()} == {k: v[0] for k, v in mine.items()}
     # the LPIPS we build has the official perceptual_loss layout (pip lpips adds 5 aliases lins.*)
+    import lpips
     with torch.device("meta"):
-        net = ae_kl.lpips.LPIPS(net="vgg", pnet_rand=True, pretrained=False, verbose=False)
+        net = lpips.LPIPS(net="vgg", pnet_rand=True, pretrained=False, verbose=False)
     lp = {k: tuple(v.shape) for k, v in net.state_dict().items() if not k.startswith("lins.")}
     assert lp == {k[len("loss.perceptual_loss."):]: v[0] for k, v in loss_keys.items()
                   if k.startswith("loss.perceptual_loss.")}
@@ -255,6 +256,19 @@ def test_key_set(name):
     with torch.device("meta"):
         loaded = ae_kl.load_official(ckpt, cfg)
     assert loaded.scale_factor.shape == ()
+
+
+def test_training_recipe():
+    """Issue 14 item 7: LDM main.py --scale_lr sets lr = accumulate_grad_batches x GPUs x batch x 4.5e-6, and
+    configs/autoencoder/autoencoder_kl_*.yaml train with batch 12 and accumulate_grad_batches 2: a global batch of
+    24 on one GPU (train.py's --batch-size is global) and lr 1.08e-4. Adam (0.5, 0.9), no EMA, no clipping."""
+    for name in ("kl-f4", "kl-f8", "kl-f16", "kl-f32"):
+        with torch.device("meta"):
+            hp = ae_kl.create(name).hparams
+        assert hp["batch_size"] == 2 * 1 * 12 and hp["lr"] == pytest.approx(2 * 1 * 12 * 4.5e-6) == 1.08e-4
+        assert hp["betas"] == (0.5, 0.9) and hp["ema_decay"] == 0 and hp["grad_clip"] == float("inf")
+    hp = ae_kl.create("tiny", lpips_pretrained=False).hparams
+    assert hp["batch_size"] == 12 and hp["lr"] == pytest.approx(12 * 4.5e-6)
 
 
 def test_param_counts():
@@ -398,11 +412,18 @@ def test_lpips_in_loss_is_frozen_and_outside_state_dict():
     n_keys = len(m.state_dict())
     loss, _ = m.loss("ae", blob_batch(2), 0)
     loss.backward()
-    (net,) = m.loss_fn._lpips
+    net = ae_kl.get_lpips(False, "cpu")  # the process-wide cached network the loss used
     assert not net.training and all(p.grad is None and not p.requires_grad for p in net.parameters())
-    assert len(m.state_dict()) == n_keys
-    m.double()  # moved together with the model
-    assert next(net.parameters()).dtype == torch.float64
+    assert len(m.state_dict()) == n_keys and not any(mod is net for mod in m.modules())
+
+
+def test_architecture_needs_no_lpips():
+    """Issue 16 item 2: the model files import lpips (and so torchvision) only where the loss builds it."""
+    import subprocess
+    import sys
+    code = "import sys, ae_kl, ae_vq, infd; print(sorted({'lpips', 'torchvision'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(ae_kl.__file__).parent, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
 
 
 def test_offline_lpips_message(monkeypatch, tmp_path):

@@ -219,6 +219,16 @@ def test_key_set(name):
         ae_vq.load_official(ckpt, cfg)
 
 
+def test_training_recipe():
+    """Issue 14 item 7: lr = 4.5e-6 x global batch (LDM main.py --scale_lr), batch = each released yaml's batch_size
+    (models/first_stage_models/vq-*/config.yaml; no accumulate_grad_batches there)."""
+    for name, batch in {"vq-f4": 8, "vq-f4-noattn": 8, "vq-f8": 10, "vq-f8-n256": 10, "vq-f16": 14}.items():
+        with torch.device("meta"):
+            hp = ae_vq.create(name).hparams
+        assert hp["batch_size"] == batch and hp["lr"] == pytest.approx(4.5e-6 * batch), name
+        assert hp["betas"] == (0.5, 0.9) and hp["ema_decay"] == 0 and hp["grad_clip"] == float("inf")
+
+
 def test_param_counts():
     expect = {"vq-f4": (55322782, 58088415), "vq-f4-noattn": (53219486, 55985119), "vq-f8": (67717295, 68380656),
               "vq-f8-n256": (67652783, 70418416), "vq-f16": (69593371, 70256732), "tiny": (953231, 996192)}
@@ -328,6 +338,8 @@ def test_bad_input():
         ae_vq.create("vq-f32")
     with pytest.raises(ValueError, match="double_z = False"):
         ae_vq.create({"ddconfig": dict(ae_kl.CONFIGS["tiny"], double_z=True), "embed_dim": 4, "n_embed": 8})
+    with pytest.raises(ValueError, match="disc_conditional"):  # issue 14 item 7: was silently dropped
+        ae_vq.create("tiny", disc_conditional=True)
     m = ae_vq.create("tiny", lpips_pretrained=False)
     with pytest.raises(ValueError, match=r"x must be \(B, 3, H, W\)"):
         m.encode(torch.zeros(3, 32, 32))
