@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import hdit
-from conftest import GOLDEN, assert_close
+from conftest import GOLDEN, assert_close, lift
 
 FWD_TOL = dict(atol=1e-4, rtol=1e-4)
 SAMPLE_TOL = dict(atol=2e-4, rtol=1e-4)
@@ -117,25 +117,12 @@ def test_golden_components():
     norm = hdit.RMSNorm(16)
     norm.load_state_dict({"scale": sd["rmsnorm.scale"]})
     assert_close(norm(i["norm_x"]), o["rmsnorm_out"], **tol)
-    ada = hdit.AdaRMSNorm(16, 8)
-    ada.load_state_dict({"linear.weight": sd["adarmsnorm.linear.weight"]})
-    assert_close(ada(i["norm_x"], i["adanorm_cond"]), o["adarmsnorm_out"], **tol)
     geglu = hdit.LinearGEGLU(16, 24)
     geglu.load_state_dict({"weight": sd["geglu.weight"]})
     assert_close(geglu(i["geglu_x"]), o["geglu_out"], **tol)
-    # Packing order (dy, dx, c), not pixel_unshuffle's: identity weights expose it exactly.
-    merge = hdit.TokenMerge(3, 12)
-    merge.proj.weight.data = torch.eye(12)
-    assert torch.equal(merge(i["merge_x_arange"]), o["merge_identity_arange"])
     split0 = hdit.TokenSplitWithoutSkip(12, 3)
     split0.proj.weight.data = torch.eye(12)
     assert torch.equal(split0(o["merge_identity_arange"]), o["split_noskip_identity_roundtrip"])
-    merge = hdit.TokenMerge(3, 5)
-    merge.proj.weight.data = sd["merge.proj.weight"]
-    assert_close(merge(i["merge_x"]), o["merge_out"], **tol)
-    split = hdit.TokenSplit(5, 3)
-    split.load_state_dict({"proj.weight": sd["split.proj.weight"], "fac": sd["split.fac"]})
-    assert_close(split(i["split_x"], i["split_skip"]), o["split_out"], **tol)
     split0 = hdit.TokenSplitWithoutSkip(5, 3)
     split0.proj.weight.data = sd["split.proj.weight"]
     assert_close(split0(i["split_x"]), o["split_noskip_out"], **tol)
@@ -155,24 +142,117 @@ def test_golden_components():
         assert_close(out, o[f"win_attn_shift{shift}"], **tol, what=f"window shift {shift}")
 
 
-def test_golden_rope():
+def test_block_axial_rope():
+    """Axial RoPE (Sec. 4.2): make_axial_pos, AxialRoPE and apply_rotary_emb, lifted alone and the file's own,
+    against the official outputs."""
     g = golden("rope")
     i, o = g["inputs"], g["outputs"]
-    for h, w in [(4, 4), (4, 6), (6, 4), (3, 5)]:
-        assert torch.equal(hdit.make_axial_pos(h, w), o[f"pos_{h}x{w}"])
+    lifted = lift(hdit, "make_axial_pos", "AxialRoPE", "apply_rotary_emb")
+    for ns in (lifted, vars(hdit)):
+        make_axial_pos, AxialRoPE, apply_rotary_emb = ns["make_axial_pos"], ns["AxialRoPE"], ns["apply_rotary_emb"]
+        for h, w in [(4, 4), (4, 6), (6, 4), (3, 5)]:
+            assert torch.equal(make_axial_pos(h, w), o[f"pos_{h}x{w}"])
+        for d_head, heads in [(16, 2), (32, 2), (64, 6)]:
+            assert torch.equal(AxialRoPE(d_head // 2, heads).freqs, o[f"freqs_dhead{d_head}_heads{heads}"])
+        rope = AxialRoPE(8, 2)
+        theta = rope(i["pos_global"])  # (24, 2, 4)
+        assert_close(theta, o["theta_global_raw"], atol=1e-6)
+        th = theta.movedim(-2, -3)
+        err = assert_close(apply_rotary_emb(i["q_global"], th), o["q_global_rot"], atol=1e-5)
+        report("rope q_global_rot", err)
+        assert_close(apply_rotary_emb(i["q_global"], th, conj=True), o["q_global_rot_conj"], atol=1e-5)
+        th_na = rope(i["pos_na"]).movedim(-2, -4)
+        assert_close(th_na, o["theta_na"], atol=1e-6)
+        assert_close(apply_rotary_emb(i["q_na"], th_na), o["q_na_rot"], atol=1e-5)
     assert torch.equal(hdit.downscale_pos(hdit.make_axial_pos(8, 8).view(8, 8, 2)), o["pos_8x8_downscaled"])
     assert torch.equal(hdit.downscale_pos(hdit.make_axial_pos(4, 6).view(4, 6, 2)), o["pos_4x6_downscaled"])
-    for d_head, heads in [(16, 2), (32, 2), (64, 6)]:
-        assert torch.equal(hdit.AxialRoPE(d_head // 2, heads).freqs, o[f"freqs_dhead{d_head}_heads{heads}"])
-    rope = hdit.AxialRoPE(8, 2)
-    theta = rope(i["pos_global"])  # (24, 2, 4)
-    assert_close(theta, o["theta_global_raw"], atol=1e-6)
-    th = theta.movedim(-2, -3)
-    report("rope q_global_rot", assert_close(hdit.apply_rotary_emb(i["q_global"], th), o["q_global_rot"], atol=1e-5))
-    assert_close(hdit.apply_rotary_emb(i["q_global"], th, conj=True), o["q_global_rot_conj"], atol=1e-5)
-    th_na = rope(i["pos_na"]).movedim(-2, -4)
-    assert_close(th_na, o["theta_na"], atol=1e-6)
-    assert_close(hdit.apply_rotary_emb(i["q_na"], th_na), o["q_na_rot"], atol=1e-5)
+
+
+def test_block_ada_rms_norm():
+    """AdaRMSNorm (Sec. 4.2), lifted with rms_norm, against the official output; starts as plain RMSNorm; bf16
+    activations keep their dtype (statistics in float32) and agree with the file's own block."""
+    g = golden("components")
+    sd, i, o = g["state_dict"], g["inputs"], g["outputs"]
+    ns = lift(hdit, "rms_norm", "AdaRMSNorm")
+    ada = ns["AdaRMSNorm"](16, 8)
+    assert ada(i["norm_x"], i["adanorm_cond"]).equal(hdit.rms_norm(i["norm_x"], torch.ones(16), 1e-6))
+    ada.load_state_dict({"linear.weight": sd["adarmsnorm.linear.weight"]})
+    assert_close(ada(i["norm_x"], i["adanorm_cond"]), o["adarmsnorm_out"], atol=1e-5, rtol=1e-5)
+    own = hdit.AdaRMSNorm(16, 8)
+    own.load_state_dict(ada.state_dict())
+    x = i["norm_x"].bfloat16()
+    assert ada(x, i["adanorm_cond"]).dtype == torch.bfloat16
+    assert torch.equal(ada(x, i["adanorm_cond"]), own(x, i["adanorm_cond"]))
+
+
+def test_block_token_merge_split():
+    """Token merge / split with the lerp skip (Sec. 4.1), lifted alone, against the official outputs: packing order
+    (dy, dx, c), not pixel_unshuffle's (identity weights expose it exactly); fac weights the upsampled branch."""
+    g = golden("components")
+    sd, i, o = g["state_dict"], g["inputs"], g["outputs"]
+    ns = lift(hdit, "TokenMerge", "TokenSplit")
+    merge = ns["TokenMerge"](3, 12)
+    merge.proj.weight.data = torch.eye(12)
+    assert torch.equal(merge(i["merge_x_arange"]), o["merge_identity_arange"])
+    merge = ns["TokenMerge"](3, 5)
+    merge.proj.weight.data = sd["merge.proj.weight"]
+    assert_close(merge(i["merge_x"]), o["merge_out"], atol=1e-5, rtol=1e-5)
+    split = ns["TokenSplit"](5, 3)
+    split.load_state_dict({"proj.weight": sd["split.proj.weight"], "fac": sd["split.fac"]})
+    assert_close(split(i["split_x"], i["split_skip"]), o["split_out"], atol=1e-5, rtol=1e-5)
+    own = hdit.TokenSplit(5, 3)
+    own.load_state_dict(split.state_dict())
+    assert torch.equal(split(i["split_x"], i["split_skip"]), own(i["split_x"], i["split_skip"]))
+    with torch.no_grad():
+        split.fac.fill_(0.0)  # fac 0: the skip alone
+    assert torch.equal(split(i["split_x"], i["split_skip"]), i["split_skip"])
+
+
+def test_block_neighborhood_attention():
+    """Neighborhood attention (Sec. 4.3), lifted (neighborhood_index + the gather reference), against NATTEN's
+    semantics at scale 1 (cosine-sim attention); the scale argument defaults to 1/sqrt(e) like SDPA and NATTEN,
+    and the file's dispatched kernel agrees at every scale."""
+    ns = lift(hdit, "neighborhood_index", "neighborhood_attention_reference")
+    attend = ns["neighborhood_attention_reference"]
+    g = golden("natten_reference")
+    for tag in g["config"]["cases"]:
+        h, w, k = (int(t) for t in tag.replace("x", " ").replace("_k", " ").split())
+        q, key, v = (g["inputs"][f"{c}_{tag}"] for c in "qkv")
+        assert_close(attend(q, key, v, k, scale=1.0), g["outputs"][f"na2d_out_{tag}"], atol=1e-5, what=tag)
+    q, key, v = _qkv(9, 13, 3)
+    for scale in (None, 0.3, 1.0):
+        assert_close(attend(q, key, v, 5, scale), hdit.neighborhood_attention(q, key, v, 5, scale), atol=1e-12)
+    assert_close(attend(q, key, v, 5), attend(q * 8 ** -0.5, key, v, 5, scale=1.0), atol=1e-12)
+    with pytest.raises(ValueError, match="kernel 5 on a 4x9 grid"):
+        attend(*_qkv(4, 9, 0), 5)
+
+
+def test_neighborhood_fallback_without_flex_attention(monkeypatch):
+    """Without torch.nn.attention.flex_attention (torch < 2.5) the dispatcher falls back to the dense / gather
+    kernels instead of failing on import."""
+    import sys
+    hdit._has_flex_attention.cache_clear()
+    monkeypatch.setitem(sys.modules, "torch.nn.attention.flex_attention", None)  # import now raises ImportError
+    try:
+        assert hdit._has_flex_attention() is False
+        q, key, v = _qkv(8, 8, 1)
+        assert_close(hdit.neighborhood_attention(q, key, v, 3, 1.0),
+                     hdit.neighborhood_attention_reference(q, key, v, 3, 1.0), atol=1e-12)
+    finally:
+        hdit._has_flex_attention.cache_clear()
+
+
+def test_block_soft_min_snr():
+    """Soft-min-SNR weighting (Sec. 5), lifted alone, against the official Denoiser's weights."""
+    weighting = lift(hdit, "loss_weighting")["loss_weighting"]
+    g = golden("tiny_na_forward")
+    sigma = g["inputs"]["sigma"]
+    for w in ("karras", "snr", "soft-min-snr"):
+        ref = g["outputs"][f"weight_{w.replace('-', '_')}"]
+        assert_close(weighting(sigma, 0.5, w), ref, atol=1e-6, rtol=1e-6, what=w)
+        assert torch.equal(weighting(sigma, 0.5, w), hdit.loss_weighting(sigma, 0.5, w))
+    with pytest.raises(ValueError, match="unknown loss_weighting 'min-snr'"):
+        weighting(sigma, 0.5, "min-snr")
 
 
 def test_golden_sigma_sampler():
@@ -511,3 +591,143 @@ def test_presets_build_and_count():
     with torch.device("meta"):
         assert sum(p.numel() for p in hdit.create("tiny", num_classes=4).parameters()) == 116_775
         assert sum(p.numel() for p in hdit.create("demo", num_classes=4).parameters()) == 1_844_089
+
+
+# --------------------------------------------------------------------------------------------------------
+# Whole paths against the official code (issue 14): samplers at any step count, recipe, noise levels
+# --------------------------------------------------------------------------------------------------------
+
+PATHS = golden("paths")
+
+
+def toy_denoiser(x, sigma):
+    """The stand-in D(x, sigma) of make_paths_golden.py: EDM form, sigma_data 0.5, nonlinear in x."""
+    s = sigma[:, None, None, None]
+    c_skip, c_out, c_in = 0.25 / (s ** 2 + 0.25), s * 0.5 / (s ** 2 + 0.25) ** 0.5, 1 / (s ** 2 + 0.25) ** 0.5
+    return c_skip * x + c_out * torch.tanh(1.5 * c_in * x + 0.3 * torch.cos(3 * c_in * x))
+
+
+def test_karras_sigmas_every_preset_and_step_count():
+    """get_sigmas_karras == the official for every preset's (sigma_min, sigma_max) at 1..100 steps."""
+    ranges = {(c.get("sigma_min", hdit.DEFAULTS["sigma_min"]), c.get("sigma_max", hdit.DEFAULTS["sigma_max"]))
+              for c in hdit.CONFIGS.values()}
+    assert ranges <= {(smin, smax) for smin, smax, _ in PATHS["sigmas"]}
+    for (smin, smax, n), ref in PATHS["sigmas"].items():
+        assert torch.equal(hdit.get_sigmas_karras(n, smin, smax), ref), (smin, smax, n)
+
+
+@pytest.mark.parametrize("sampler", sorted(hdit.SAMPLERS))
+def test_sample_every_sampler_and_step_count(sampler):
+    """HDiT.sample(sampler, steps) == the official loop called as HDiT.sample calls it (noise from the same seeded
+    generator), at step counts that divide nothing (7, 13) and the default 50."""
+    model = hdit.create("tiny", image_size=8, in_channels=1, num_classes=0)
+    model.denoise = lambda x, sigma, **cond: toy_denoiser(x, sigma)
+    c = PATHS["config"]
+    assert (model.cfg["sigma_min"], model.cfg["sigma_max"]) == (c["sigma_min"], c["sigma_max"])
+    for (name, n), ref in PATHS["samples"].items():
+        if name != sampler:
+            continue
+        out = model.sample(c["shape"][0], steps=n, sampler=sampler, generator=torch.Generator().manual_seed(c["seed"]))
+        report(f"path {sampler} steps={n}", assert_close(out, ref, atol=2e-5, rtol=1e-5, what=f"{sampler} {n}"))
+    x_T = torch.randn(c["shape"], generator=torch.Generator().manual_seed(c["seed"]))
+    assert torch.equal(x_T * PATHS["sigmas"][(1e-2, 80.0, 7)][0], PATHS["x_T"][7])  # the initial noise is drawn first
+    if "sde" in sampler:  # a single step: the denoised estimate (the official loops crash there)
+        out = model.sample(2, steps=1, sampler=sampler, generator=torch.Generator().manual_seed(0))
+        assert_close(out, toy_denoiser(PATHS["x_T"][1], PATHS["sigmas"][(1e-2, 80.0, 1)][:1].expand(2)), atol=1e-5)
+
+
+def test_sample_dpmpp_2m_sde_eta_argument():
+    """sample_dpmpp_2m_sde with eta 0.5 and per-step noise == the official at 13 steps."""
+    c, ref = PATHS["config"], PATHS["samples"][("dpmpp_2m_sde_eta0.5", 13)]
+    g = torch.Generator().manual_seed(c["seed"])
+    sigmas = hdit.get_sigmas_karras(13, c["sigma_min"], c["sigma_max"])
+    x = torch.randn(c["shape"], generator=g) * sigmas[0]
+    out = hdit.sample_dpmpp_2m_sde(toy_denoiser, x, sigmas, eta=0.5, solver_type="heun",
+                                   noise_sampler=lambda s, s_next: torch.randn(c["shape"], generator=g))
+    assert_close(out, ref, atol=2e-5, rtol=1e-5)
+
+
+def test_sample_does_not_clamp_unless_the_preset_says_so():
+    """The official samplers never clamp: sample() returns the sampler's output as is (latents must not be
+    clipped); only the pixel-space demo preset clamps each denoised estimate (clip_denoised)."""
+    assert {name for name, c in hdit.CONFIGS.items() if c.get("clip_denoised")} == {"demo"}
+    model = hdit.create("tiny", image_size=8, in_channels=4, num_classes=0)
+    model.denoise = lambda x, sigma, **cond: torch.full_like(x, 3.0)
+    for sampler in hdit.SAMPLERS:
+        out = model.sample(2, steps=5, sampler=sampler, generator=torch.Generator().manual_seed(0))
+        assert_close(out, torch.full_like(out, 3.0), atol=1e-5, what=sampler)
+        clipped = model.sample(2, steps=5, sampler=sampler, clip_denoised=True)
+        assert_close(clipped, torch.ones_like(clipped), atol=1e-5, what=sampler)
+    demo = hdit.create("demo", num_classes=0)
+    demo.denoise = lambda x, sigma, **cond: torch.full_like(x, -3.0)
+    assert demo.sample(1, steps=3).max() <= -1 + 1e-6 and demo.sample(1, steps=3).min() >= -1 - 1e-6
+
+
+def test_training_recipe_matches_the_official():
+    """k-diffusion train.py clips the gradient norm at 1.0 for every config; EMA warm-up power 0.75 for the
+    oxford_flowers configs, 0.6667 (load_config's default, and the CIFAR-10 / MNIST configs') elsewhere;
+    AdamW lr 5e-4, betas (0.9, 0.95); weight decay per config."""
+    power = {"oxford_flowers": 0.75, "oxford_flowers_shifted_window": 0.75, "cifar10_transformer": 0.6667,
+             "mnist_transformer": 0.6667, "hdit_imagenet256": 0.6667, "hdit_ffhq1024": 0.6667}
+    decay = {"oxford_flowers": 1e-3, "oxford_flowers_shifted_window": 1e-3, "cifar10_transformer": 1e-4,
+             "mnist_transformer": 1e-4, "hdit_imagenet256": 1e-2, "hdit_ffhq1024": 1e-2}
+    for name in hdit.CONFIGS:
+        with torch.device("meta"):
+            hp = hdit.create(name, num_classes=0).hparams
+        assert hp["grad_clip"] == 1.0, name
+        if name in power:
+            assert (hp["ema_power"], hp["weight_decay"], hp["lr"], hp["betas"]) == (
+                power[name], decay[name], 5e-4, (0.9, 0.95)), name
+
+
+def test_stratified_uniform_shards():
+    """Shard (k, K) takes strata k, k + K, ... of the global batch, as k-diffusion's stratified_uniform (same RNG
+    draws); the K shards of one global batch hold every stratum exactly once."""
+    for (k, K), ref in PATHS["stratified"].items():
+        torch.manual_seed(123)
+        assert torch.equal(hdit.stratified_uniform(4, k, K), ref), (k, K)
+    for K in (1, 2, 6):
+        strata = torch.cat([(hdit.stratified_uniform(4, k, K) * 4 * K).floor() for k in range(K)])
+        assert sorted(strata.long().tolist()) == list(range(4 * K))
+    with pytest.raises(ValueError, match="shard 2 is not in"):
+        hdit.stratified_uniform(4, 2, 2)
+
+
+def test_loss_spreads_strata_over_the_shard():
+    """loss() draws sigma for batch["shard"] = (k, K) (absent: (0, 1)), after label dropout and noise."""
+    model = hdit.create("tiny", num_classes=4)
+    seen = []
+    real = model.sample_sigma
+    model.sample_sigma = lambda n, device, shard=(0, 1): seen.append(shard) or real(n, device, shard)
+    batch = {"x": torch.rand(4, 3, 32, 32) * 2 - 1, "y": torch.arange(4)}
+    model.loss("model", batch, 0)
+    model.loss("model", {**batch, "shard": (3, 4)}, 0)
+    assert seen == [(0, 1), (3, 4)]
+    torch.manual_seed(7)
+    torch.rand(4), torch.randn(4, 3, 32, 32)  # label dropout, then noise: the official train.py order
+    expected = model.sample_sigma(4, "cpu", (1, 2))
+    torch.manual_seed(7)
+    assert_close(model.loss("model", {**batch, "shard": (1, 2)}, 0)[1]["sigma_mean"], expected.mean(), atol=0)
+
+
+@pytest.mark.parametrize("name", sorted(PATHS["config"]["densities"]))
+def test_sigma_sample_density_overrides(name):
+    """sigma_sample_density keys (min_value, max_value, image_d, noise_d_low / high; lognormal mean / std or
+    loc / scale) are honoured as k-diffusion's make_sample_density does, stratified per shard."""
+    base, density = PATHS["config"]["base"], PATHS["config"]["densities"][name]
+    with torch.device("meta"):
+        model = hdit.create("tiny", image_size=base["input_size"][0], sigma_data=base["sigma_data"],
+                            sigma_min=base["sigma_min"], sigma_max=base["sigma_max"], sigma_sample_density=density)
+    for (case, k, K), ref in PATHS["density"].items():
+        if case == name:
+            torch.manual_seed(7)
+            assert_close(model.sample_sigma(6, "cpu", (k, K)), ref, atol=0, rtol=5e-4 if "cosine" in name else 1e-5,
+                         what=f"{name} shard {k}/{K}")
+
+
+def test_sigma_sample_density_rejects_what_it_cannot_honour():
+    for density, msg in [({"type": "loglogistic"}, "type 'loglogistic' is not supported"),
+                         ({"type": "cosine-interpolated", "image_D": 64}, r"unknown key\(s\) \['image_D'\]"),
+                         ({"type": "lognormal", "mean": -1.2}, "needs mean .or loc. and std .or scale.")]:
+        with pytest.raises(ValueError, match=msg):
+            hdit.create("tiny", sigma_sample_density=density)
