@@ -24,21 +24,25 @@ Paper -> code map
     Sigma_theta, L_simple + L_vlb
   Sec. 3.1 classifier-free guidance                DiT.forward_with_cfg, DiT.sample
   Sec. 4 training set-up (AdamW 1e-4, no wd,       HPARAMS
-    batch 256, EMA 0.9999, no warm-up)
-  Gflops the paper reports per model (Sec. 5)      comments of CONFIGS
+    batch 256, EMA 0.9999)
+Suggested reading order: modulate -> DiTBlock, PatchEmbed + get_2d_sincos_pos_embed, TimestepEmbedder,
+LabelEmbedder, FinalLayer, DiT.forward, then GaussianDiffusion (q_sample, p_mean_variance, training_losses,
+p_sample) with space_timesteps, and DiT.sample.
 
-Deliberately left out
-  * cond_fn (classifier guidance), the `progress` bar, p_sample_loop_progressive's per-step yields.
-  * Loss types other than the one DiT uses (RESCALED_MSE, KL, RESCALED_KL), mean types other than
-    EPSILON (START_X, PREVIOUS_X), the cosine schedule and `rescale_learned_sigmas` (all False in DiT).
-  * The evaluation helpers (calc_bpt / the whole-chain VLB), ddim_reverse_sample.
-  * sample_ddp.py / the FID pipeline, and the VAE (latents come from an autoencoder file + train.py --ae).
-Kept although DiT never uses it: learn_sigma=False (FIXED_LARGE variance, L_simple only), DDIM with eta.
+Left out / differs from the official code
+  * Left out: cond_fn (classifier guidance), progress bars and per-step yields, the loss types other than
+    MSE + learned range (RESCALED_MSE, KL, RESCALED_KL), mean types other than EPSILON, the cosine schedule,
+    rescale_learned_sigmas (all unused by DiT), calc_bpd_loop / ddim_reverse_sample, sample_ddp.py and FID,
+    the VAE (latents come from an autoencoder file + train.py --ae).
+  * Kept although DiT's scripts never use them (the official classes have them): learn_sigma=False (FIXED_LARGE
+    variance, L_simple only) and sampler "ddim" (GaussianDiffusion.ddim_sample_loop; it respaces with str(steps)
+    like the DDPM path; IDDPM's "ddimN" striding is GaussianDiffusion("ddimN")).
+  * cfg_all_channels (not official): the official forward_with_cfg guides eps channels 0-2 only, which would leave
+    most channels of a wider latent (--ae dcae, 32 channels) unguided.
+  * The presets "tiny" and "demo" are not in the paper; "demo" samples pixels and so clips x0 (clip_denoised).
 
-Rename table for official checkpoints: none. Our parameter names are the official ones (timm's names
-inside the blocks: attn.qkv, attn.proj, mlp.fc1, mlp.fc2; x_embedder.proj). load_official only unwraps
-train.py-style checkpoints ({"ema": ..., "model": ...}, "ema" preferred) and strips a "module." (DDP)
-or "_orig_mod." (torch.compile) prefix if every key carries it.
+Rename table for official checkpoints: none (timm's names inside the blocks: attn.qkv, attn.proj, mlp.fc1,
+mlp.fc2; x_embedder.proj). load_official also takes train.py checkpoints ("ema" preferred).
 """
 import inspect
 import math
@@ -95,13 +99,13 @@ def get_2d_sincos_pos_embed(embed_dim, grid_size):
     Returns (G*G, D) float64, row k = r*G + s for token row r, column s. Quirk of the official code
     (np.meshgrid's default 'xy' indexing): features [0, D/2) encode the COLUMN s, [D/2, D) the ROW r.
     """
-    coords = torch.arange(grid_size, dtype=torch.float64)  # (G,)
+    coords = torch.arange(grid_size, dtype=torch.float64)
     # each (G, G): [r, s] -> s and -> r
     grid_col, grid_row = torch.meshgrid(coords, coords, indexing="xy")
     # pos.reshape(-1) inside flattens the (G, G) grids row-major, so row k = r*G + s
     emb_first = get_1d_sincos_pos_embed(embed_dim // 2, grid_col)  # (G*G, D/2) encodes the column
     emb_second = get_1d_sincos_pos_embed(embed_dim // 2, grid_row)  # (G*G, D/2) encodes the row
-    return torch.cat([emb_first, emb_second], dim=1)  # (G*G, D)
+    return torch.cat([emb_first, emb_second], dim=1)
 
 
 class TimestepEmbedder(nn.Module):
@@ -118,18 +122,15 @@ class TimestepEmbedder(nn.Module):
 
     @staticmethod
     def timestep_embedding(t, dim, max_period=10000):
-        """[cos(t f), sin(t f)] (cos FIRST), f_m = exp(-ln(max_period) m / half); always float32.
-
-        Kept in float32 on purpose: the official code computes it so, and the arguments reach ~1000 rad,
-        where float64 would move the outputs by ~1e-5 (more than the golden tolerance allows).
-        """
+        """[cos(t f), sin(t f)] (cos FIRST), f_m = exp(-ln(max_period) m / half); float32 like the official code
+        (the arguments reach ~1000 rad, where float64 would move the outputs by ~1e-5)."""
         half = dim // 2
         # (half,) geometric frequencies f_m = max_period^(-m/half): from 1 down to just above 1/max_period
         freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         args = t[:, None].float() * freqs[None]  # (N, 1) * (1, half) -> (N, half)
-        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, 2*half)
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:  # odd width: one zero column
-            embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)  # (N, dim)
+            embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
         return embedding
 
     def forward(self, t):
@@ -186,7 +187,7 @@ class Attention(nn.Module):
         # softmax(q k^T / sqrt(D/H)) v, (N, H, T, D/H)
         x = F.scaled_dot_product_attention(q, k, v)
         x = x.transpose(1, 2).reshape(N, T, D)  # (N, H, T, D/H) -> (N, T, D)
-        return self.proj(x)  # (N, T, D) -> (N, T, D)
+        return self.proj(x)
 
 
 class Mlp(nn.Module):
@@ -298,7 +299,7 @@ class DiT(nn.Module):
                 nn.init.constant_(module.bias, 0)
         self.apply(_basic_init)
         grid = int(self.x_embedder.input_size // self.patch_size)  # G = I/p tokens per side
-        pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid).float()  # (T, D)
+        pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid).float()
         self.pos_embed.data.copy_(pos_embed.unsqueeze(0))  # (T, D) -> (1, T, D)
         # the patch conv initialised like a Linear
         w = self.x_embedder.proj.weight.data
@@ -330,12 +331,12 @@ class DiT(nn.Module):
 
     def forward(self, x, t, y):
         """x (N, C, H, W) latents, t (N,) timestep indices of the 1000-step process, y (N,) labels."""
-        x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        x = self.x_embedder(x) + self.pos_embed
         # (N, D): conditioning = t_emb + y_emb
         c = self.t_embedder(t) + self.y_embedder(y, self.training)
         for block in self.blocks:
-            x = block(x, c)  # (N, T, D)
-        x = self.final_layer(x, c)  # (N, T, p*p*Cout)
+            x = block(x, c)
+        x = self.final_layer(x, c)
         # (N, Cout, H, W): [0:C] eps, [C:2C] variance value v
         return self.unpatchify(x)
 
@@ -352,16 +353,16 @@ class DiT(nn.Module):
         # (N, C, H, W) -> (N/2, C, H, W): the z of cat([z, z])
         half = x[: len(x) // 2]
         combined = torch.cat([half, half], dim=0)  # (N/2, C, H, W) -> (N, C, H, W)
-        model_out = self.forward(combined, t, y)  # (N, Cout, H, W)
+        model_out = self.forward(combined, t, y)
         # as official models.py: eps, rest = model_out[:, :3], model_out[:, 3:]
         n_guided = self.in_channels if cfg_all_channels else 3
         # (N, n_guided, H, W), (N, Cout - n_guided, H, W)
         eps, rest = model_out[:, :n_guided], model_out[:, n_guided:]
         cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)  # 2 x (N/2, n_guided, H, W)
         # Sec. 3.1: eps(x, null) + s (eps(x, c) - eps(x, null)); s = 1 would give the plain conditional eps
-        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)  # (N/2, n_guided, H, W)
-        eps = torch.cat([half_eps, half_eps], dim=0)  # (N, n_guided, H, W)
-        return torch.cat([eps, rest], dim=1)  # (N, Cout, H, W)
+        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        eps = torch.cat([half_eps, half_eps], dim=0)
+        return torch.cat([eps, rest], dim=1)
 
     # ----- contract -------------------------------------------------------------------------------
     def optimizer_groups(self, phase=None):
@@ -376,7 +377,7 @@ class DiT(nn.Module):
         """
         if group != "model":
             raise ValueError(f"dit has one optimizer group 'model', got {group!r}")
-        x_start = batch["x"].float()  # (N, C, H, W)
+        x_start = batch["x"].float()
         # one uniform t per sample: an unbiased one-term estimate of the sum over t in L_vlb (IDDPM Eq. 4-6)
         t = torch.randint(0, self.diffusion.num_timesteps, (x_start.shape[0],), device=x_start.device)
         terms = self.diffusion.training_losses(self, x_start, t, model_kwargs=dict(y=batch["y"]))
@@ -416,7 +417,7 @@ class DiT(nn.Module):
                 raise ValueError("dit: cfg > 1 needs the null class, but this model was built with "
                                  "class_dropout_prob 0 (no null embedding); sample with cfg=1")
             x = torch.cat([z, z], dim=0)  # (n, C, H, W) -> (2n, C, H, W)
-            y = torch.cat([labels, torch.full_like(labels, self.num_classes)], dim=0)  # (2n,)
+            y = torch.cat([labels, torch.full_like(labels, self.num_classes)], dim=0)
             model_fn = partial(self.forward_with_cfg, cfg_scale=cfg)
         else:
             x, y, model_fn = z, labels, self.forward
@@ -497,7 +498,7 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
     over the bin [x - 1/255, x + 1/255] (data assumed in [-1, 1]; DiT applies it to latents as-is),
     with the edge bins extended to -inf / +inf. Arguments of the logs are clamped at 1e-12."""
     # 1/255 is half a bin: 8-bit values 0..255 mapped to [-1, 1] have bin width 2/255
-    centered_x = x - means  # (N, C, H, W)
+    centered_x = x - means
     inv_stdv = torch.exp(-log_scales)  # 1 / sigma
     cdf_plus = approx_standard_normal_cdf(inv_stdv * (centered_x + 1.0 / 255.0))
     cdf_min = approx_standard_normal_cdf(inv_stdv * (centered_x - 1.0 / 255.0))
@@ -667,7 +668,7 @@ class GaussianDiffusion:
         # log_scales = log sigma = log variance / 2
         decoder_nll = -discretized_gaussian_log_likelihood(x_start, out["mean"], 0.5 * out["log_variance"])
         decoder_nll = mean_flat(decoder_nll) / math.log(2.0)
-        return torch.where(t == 0, decoder_nll, kl)  # (N,)
+        return torch.where(t == 0, decoder_nll, kl)
 
     def training_losses(self, model_fn, x_start, t, model_kwargs=None, noise=None):
         """Hybrid loss L_hybrid = L_simple + lambda L_vlb (IDDPM Eq. 16) per sample.
@@ -731,7 +732,7 @@ CONFIGS = {
     # files' config): 183,200 params, 0.0017 Gflops
     "tiny": dict(_COMMON, input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=10),
     # not in the paper: the README's CPU demo, 32x32 RGB pixels of the built-in `shapes` data (64 tokens)
-    # pixels, so sampling clips x0 to [-1, 1] (unclipped, 250 ancestral steps saturate to flat colours after minutes)
+    # pixels, so sampling clips x0 to [-1, 1] (as improved-diffusion's pixel-space sampler does)
     "demo": dict(_COMMON, input_size=32, in_channels=3, patch_size=4, hidden_size=128, depth=6, num_heads=4,
                  num_classes=4, clip_denoised=True),
 }

@@ -1,8 +1,7 @@
 """unet_ldm.py: the denoising UNet of Latent Diffusion Models, with its diffusion loss and samplers.
 
 Paper: Robin Rombach, Andreas Blattmann, Dominik Lorenz, Patrick Esser, Bjoern Ommer,
-"High-Resolution Image Synthesis with Latent Diffusion Models", CVPR 2022, arXiv:2112.10752
-(Sec. 3.2 "Latent Diffusion Models", Sec. 3.3 "Conditioning Mechanisms"; Appendix E hyperparameters).
+"High-Resolution Image Synthesis with Latent Diffusion Models", CVPR 2022, arXiv:2112.10752.
 
 Official code matched: CompVis/latent-diffusion@a506df5756472e2ebaf9078affdde2c4f1502cd4
   ldm/modules/diffusionmodules/openaimodel.py  UNetModel, ResBlock, AttentionBlock, QKVAttentionLegacy,
@@ -14,37 +13,49 @@ Official code matched: CompVis/latent-diffusion@a506df5756472e2ebaf9078affdde2c4
   ldm/models/diffusion/ddpm.py                 LatentDiffusion (register_schedule, q_sample, p_losses, p_sample)
   ldm/models/diffusion/ddim.py                 DDIMSampler (make_schedule, p_sample_ddim, sample)
   ldm/modules/encoders/modules.py              ClassEmbedder
-Golden tensors produced by that code (tests/golden/unet_ldm/) are reproduced to float32 accuracy.
+  configs/latent-diffusion/*.yaml, scripts/    CONFIGS (sampling settings from sample_diffusion.py, txt2img.py
+                                               and latent_imagenet_diffusion.ipynb)
+Golden tensors of that code: tests/golden/unet_ldm/.
 
 Map from the paper to this file
-  Sec. 3.2, Eq. 1-2  eps-prediction objective L_LDM = E ||eps - eps_theta(z_t, t)||^2 -> LatentDiffusion.p_losses
-                     forward process z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps  -> LatentDiffusion.q_sample
-                     time-conditional UNet eps_theta (ADM backbone)            -> UNetModel, ResBlock,
-                                                                                 AttentionBlock, Down/Upsample
-  Sec. 3.3, Eq. 3    Attention(Q, K, V) = softmax(Q K^T / sqrt(d)) V with Q from the UNet features and K, V
-                     from tau_theta(y)                                        -> CrossAttention, SpatialTransformer
-  Sec. 3.3, Eq. 3    tau_theta for classes: a learned embedding table        -> ClassEmbedder (cin256-v2)
-  Sec. 3.3, Eq. 3    conditional objective E ||eps - eps_theta(z_t, t, tau_theta(y))||^2 -> p_losses with cond
-  Sec. 4.3 / App. C  classifier-free guidance, e = e_uncond + s (e_cond - e_uncond) -> LatentDiffusion.eps
-  App. D / Tab. 1-3  DDIM sampling (Song et al. 2021), eta                     -> ddim_schedule, ddim_step
-                     ancestral DDPM sampling (Ho et al. 2020)                  -> ddpm_step
-  App. E             released configurations                                  -> CONFIGS
+  Sec. 3.2, Eq. 1-2   L_LDM = E ||eps - eps_theta(z_t, t)||^2                     -> LatentDiffusion.p_losses
+                      z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps (DDPM Eq. 4)  -> LatentDiffusion.q_sample
+                      the time-conditional UNet eps_theta (ADM backbone)        -> UNetModel, ResBlock,
+                                                                                   AttentionBlock, Down/Upsample
+  Sec. 3.3            cross-attention softmax(Q K^T / sqrt(d)) V, Q from the UNet
+                      features, K and V from tau_theta(y)                      -> CrossAttention, SpatialTransformer
+                      tau_theta for classes: a learned embedding table         -> ClassEmbedder (cin256-v2)
+  Sec. 3.3, Eq. 3     conditional objective E ||eps - eps_theta(z_t, t, tau_theta(y))||^2 -> p_losses with cond
+  Sec. 4.3.1, App. D.4  classifier-free guidance e_uncond + s (e_cond - e_uncond) -> LatentDiffusion.guided_eps
+  (DDIM, Song et al.) DDIM sampling on a timestep sub-sequence, eta             -> ddim_schedule, ddim_step
+  (DDPM, Ho et al.)   ancestral sampling                                        -> ddpm_sample
+  App. E              hyper-parameters of the released models                  -> CONFIGS
+Suggested reading order: timestep_embedding, ResBlock, CrossAttention -> SpatialTransformer, UNetModel,
+LatentDiffusion (register_schedule, q_sample, p_losses), make_ddim_timesteps -> ddim_step, CONFIGS.
 
 Conditioning (the `conditioning` preset key)
   None     unconditional (celebahq, ffhq, lsun_churches): labels are ignored.
   "class"  cin256-v2: ClassEmbedder(label) -> context (B, 1, context_dim) -> cross-attention. The last
            embedding row is the null class used by classifier-free guidance (ImageNet: index 1000).
   "label"  the UNet's own `num_classes` path: label_emb(y) is added to the time embedding (no released
-           LDM config uses it; kept because the official UNetModel supports it). Last row = null class.
+           LDM config uses it; kept because the official UNetModel has it and a golden case covers it).
   "text"   txt2img: a PRECOMPUTED text context tensor batch["context"] (B, L, context_dim), e.g. the
            BERTEmbedder output of the official txt2img model; no text encoder ships with this file.
            sample(..., context=(n, L, D), uc_context=(n, L, D) for cfg != 1).
 
-Deliberately left out (unused by the released configurations, see the reference README):
-  use_new_attention_order (QKVAttention), n_embed / predict_codebook_ids, dims != 2, conv_resample=False,
-  TransposedUpsample, num_heads_upsample != num_heads, use_fp16 (we use autocast instead), the
-  concat / hybrid / adm conditioning keys, the BERT text encoder, the autoencoder (ae_kl.py / ae_vq.py;
-  train.py --ae composes them), PLMS sampling, learn_logvar, x0 parameterisation.
+Left out / differs from the official code
+  * Left out (no released configuration uses them): use_new_attention_order (QKVAttention), n_embed /
+    predict_codebook_ids, dims != 2, conv_resample=False, TransposedUpsample, num_heads_upsample != num_heads,
+    use_fp16 (autocast instead), the concat / hybrid / adm conditioning keys, learn_logvar, x0 parameterisation,
+    the PLMS sampler, the BERT text encoder and the autoencoder (ae_kl.py / ae_vq.py; train.py --ae composes them).
+  * DDPM with steps < T: the official loop always runs all T steps; fewer steps respace the chain as IDDPM does.
+  * DDIM draws its noise only when eta > 0 (the official sampler draws it every step and multiplies by 0):
+    same result, a different global-RNG stream.
+  * cin256-v2's ucg_rate 0.1: its training code is not released (see CONFIGS).
+  * LatentDiffusion's own defaults for sampling (DDIM, 200 steps, eta 0) are txt2img.py's; the presets set
+    their script's values. tiny and demo are not official presets.
+  * load_official reads checkpoints with torch.load(weights_only=True) (a full Lightning checkpoint that
+    needs pickle: load it yourself and pass the dict).
 """
 import math
 import os
@@ -61,7 +72,7 @@ from torch.utils.checkpoint import checkpoint
 def timestep_embedding(timesteps, dim, max_period=10000):
     """Sinusoidal embedding of the (integer or fractional) timestep t, as the official util.py computes it.
 
-    Quirks kept on purpose (they are visible at golden-test accuracy): frequencies exp(-ln(P) i / half) for
+    Quirks kept on purpose (each changes the output): frequencies exp(-ln(P) i / half) for
     i < half (divided by `half`, not `half - 1`), the COSINE half first, an odd `dim` padded with one zero
     column, and everything in float32 whatever the model dtype."""
     half = dim // 2
@@ -208,7 +219,7 @@ class AttentionBlock(nn.Module):
     def forward(self, x):
         b, c, *spatial = x.shape
         x = x.reshape(b, c, -1)  # (B, C, H, W) -> (B, C, T)
-        qkv = self.qkv(self.norm(x))  # (B, 3C, T)
+        qkv = self.qkv(self.norm(x))
         t, d = qkv.shape[-1], c // self.num_heads
         # legacy order [head][q|k|v][d]: reshape to (B*heads, 3d, T) BEFORE splitting into q, k, v
         q, k, v = qkv.reshape(b * self.num_heads, 3 * d, t).split(d, dim=1)  # (B, 3C, T) -> 3 x (B*heads, d, T)
@@ -220,7 +231,7 @@ class AttentionBlock(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Eq. 3: Attention(Q, K, V) = softmax(Q K^T / sqrt(d)) V, Q = W_Q phi(z_t), K = W_K tau(y), V = W_V tau(y).
+    """Sec. 3.3: Attention(Q, K, V) = softmax(Q K^T / sqrt(d)) V, Q = W_Q phi(z_t), K = W_K tau(y), V = W_V tau(y).
     Without a context it is self-attention. to_q/k/v have no bias; to_out.0 has one (to_out.1 is Dropout)."""
 
     def __init__(self, query_dim, context_dim=None, heads=8, dim_head=64, dropout=0.0):
@@ -233,7 +244,7 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
 
     def forward(self, x, context=None):
-        # Eq. 3: Q from the image tokens (B, N, query_dim), K and V from tau_theta(y) (B, L, context_dim)
+        # Q from the image tokens (B, N, query_dim), K and V from tau_theta(y) (B, L, context_dim)
         context = x if context is None else context
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)  # (B, N, h*d), (B, L, h*d) x 2
         # split heads on the last dim as (h d): (B, N, h*d) -> (B, h, N, d)
@@ -267,7 +278,7 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Pre-norm transformer block: self-attention, cross-attention on the context (Eq. 3), GEGLU MLP.
+    """Pre-norm transformer block: self-attention, cross-attention on the context (Sec. 3.3), GEGLU MLP.
     Attributes are registered in the official order (attn1, ff, attn2, norm1..3) so state_dict() order matches."""
 
     def __init__(self, dim, n_heads, d_head, context_dim=None, dropout=0.0):
@@ -278,7 +289,7 @@ class BasicTransformerBlock(nn.Module):
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
 
     def forward(self, x, context=None):
-        # pre-norm residuals (LayerNorm before each sublayer): self-attn, cross-attn on tau_theta(y) (Eq. 3), MLP
+        # pre-norm residuals (LayerNorm before each sublayer): self-attn, cross-attn on tau_theta(y), MLP
         x = self.attn1(self.norm1(x)) + x
         x = self.attn2(self.norm2(x), context=context) + x  # no context -> self-attention again (official)
         return self.ff(self.norm3(x)) + x
@@ -417,7 +428,7 @@ class UNetModel(nn.Module):
         """x (B, C, H, W), timesteps (B,) int or float, context (B, L, context_dim), y (B,) int64 -> eps (B, C, H, W)."""
         if (y is not None) != (self.num_classes is not None):
             raise ValueError("unet_ldm: pass y (B,) labels if and only if the model was built with num_classes")
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))  # (B, 4 mc)
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
         if self.num_classes is not None:
             emb = emb + self.label_emb(y)  # (B, 4 mc) + (B, 4 mc)
         # hs: every input block's output (B, C_i, H_i, W_i), consumed LIFO as U-Net skips
@@ -602,8 +613,8 @@ class LatentDiffusion(nn.Module):
         model_output = self.apply_model(x_noisy, t, cond).float()
         err = model_output - noise.float()
         # DDPM Eq. 14 (L_simple): Eq. 12 without its per-t weight; LDM Eq. 2 is the same loss on latents z
-        loss_simple = (err.abs() if self.loss_type == "l1" else err ** 2).mean(dim=(1, 2, 3))  # (B,)
-        logvar_t = self.logvar[t]  # (B,)
+        loss_simple = (err.abs() if self.loss_type == "l1" else err ** 2).mean(dim=(1, 2, 3))
+        logvar_t = self.logvar[t]
         loss = self.l_simple_weight * (loss_simple / torch.exp(logvar_t) + logvar_t).mean()
         # VLB term: the same per-sample error reweighted per t (DDPM Eq. 12); weight 0 in the released configs
         loss_vlb = (self.lvlb_weights[t] * loss_simple).mean()
@@ -631,7 +642,7 @@ class LatentDiffusion(nn.Module):
     def ddim_schedule(self, steps, eta):
         """DDIMSampler.make_schedule: timesteps and per-step alpha, alpha_prev, sigma (float32 results;
         sigma computed in float64 from the float32 alphas, as the official numpy/torch mix does)."""
-        ts = make_ddim_timesteps(steps, self.num_timesteps).to(self.alphas_cumprod.device)  # (S,)
+        ts = make_ddim_timesteps(steps, self.num_timesteps).to(self.alphas_cumprod.device)
         ac = self.alphas_cumprod
         alphas = ac[ts]  # (S,) abar at the kept steps
         # (1,) + (S-1,) -> (S,): abar of the previous kept step
@@ -738,7 +749,7 @@ class LatentDiffusion(nn.Module):
                 raise ValueError("unet_ldm: class-conditional model needs batch['y'] (B,) int64")
             if self.ucg_rate > 0:  # classifier-free guidance training: the null class replaces some labels
                 drop = torch.rand(b, device=x0.device) < self.ucg_rate  # (B,) bool
-                labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)  # (B,)
+                labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
         cond = self.get_learned_conditioning(labels, batch.get("context"))
         return self.p_losses(x0, cond, t, noise)
 
@@ -761,7 +772,7 @@ class LatentDiffusion(nn.Module):
             n_real = self.null_class  # real classes are 0 .. null_class - 1
             if labels is None:
                 gen_dev = generator.device if generator is not None else device
-                labels = torch.randint(0, n_real, (n,), generator=generator, device=gen_dev)  # (n,)
+                labels = torch.randint(0, n_real, (n,), generator=generator, device=gen_dev)
             labels = torch.as_tensor(labels, device=device).long()
             if labels.shape != (n,) or labels.min() < 0 or labels.max() > self.null_class:
                 raise ValueError(f"unet_ldm: labels must be ({n},) in 0..{self.null_class} (the null class), got {labels.tolist()}")
@@ -783,7 +794,7 @@ class LatentDiffusion(nn.Module):
 
 
 # =============================================================================================
-# Presets: the released configs (configs/latent-diffusion/*.yaml + App. E), tiny, demo
+# Presets: the released configs (configs/latent-diffusion/*.yaml, App. E), tiny, demo
 # =============================================================================================
 # hparams: AdamW as the official configure_optimizers builds it (torch default weight_decay 0.01, no
 # clipping = Lightning's default), EMA 0.9999 (LitEma; celebahq/ffhq/churches train with use_ema, the DDPM default).
@@ -843,7 +854,7 @@ CONFIGS = {
         num_res_blocks=1, channel_mult=[1, 1], num_heads=2, use_spatial_transformer=True, transformer_depth=1,
         context_dim=32, conditioning="class", n_classes=5, ucg_rate=0.1, sample_steps=50,
         hparams=dict(lr=2e-4, batch_size=16, betas=(0.9, 0.999), weight_decay=0.01, ema_decay=0.999, grad_clip=0.0)),
-    # CPU demo: pixel-space 32x32 shapes with 4 classes, ~10 minutes on 2 cores (train.py --config demo). Levels at
+    # CPU demo: pixel-space 32x32 shapes with 4 classes (train.py --config demo). Levels at
     # 32/16/8 pixels with 32/64/64 channels; 32 channels are enough at level 0 because use_scale_shift_norm makes the
     # embedding a per-channel SCALE, which GroupNorm cannot cancel. Cross-attention on the class token at 8x8 (and
     # in the middle block); 0.53 GFLOPs per forward, 1.59 per training sample.
@@ -852,8 +863,8 @@ CONFIGS = {
         image_size=32, in_channels=3, out_channels=3, model_channels=32, attention_resolutions=[4],
         num_res_blocks=1, channel_mult=[1, 2, 2], num_heads=2, use_spatial_transformer=True, transformer_depth=1,
         context_dim=64, use_scale_shift_norm=True, conditioning="class", n_classes=5, ucg_rate=0.1,
-        # pixel space: ancestral DDPM with x0 clipped to [-1, 1] (the official pixel-space DDPM default); unclipped
-        # DDIM saturates after 10 minutes of training (x0 from eps is amplified ~84x at t = 999)
+        # pixel space: ancestral DDPM with x0 clipped to [-1, 1] (the official pixel-space DDPM default): an
+        # undertrained eps is amplified ~84x in x0 at t = 999
         sampler="ddpm", sample_steps=250, clip_denoised=True,
         hparams=dict(lr=1e-3, batch_size=16, betas=(0.9, 0.999), weight_decay=0.01, ema_decay=0.995, grad_clip=1.0,
                      warmup_steps=100)),
