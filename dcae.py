@@ -3,7 +3,7 @@
 Junyu Chen, Han Cai, Junsong Chen, Enze Xie, Shang Yang, Haotian Tang, Muyang Li, Yao Lu, Song Han.
 ICLR 2025, arXiv:2410.10733.
 
-Official code matched (golden tensors in tests/golden/dcae/, key lists in ../shared/reference/dcae/keys/):
+Official code matched (golden tensors and the official key lists in tests/golden/dcae/):
 mit-han-lab/efficientvit @ de7d7733cc0329f391b33f1f459271562ec27bd5,
   efficientvit/models/efficientvit/dc_ae.py   (DCAE, Encoder, Decoder, DCAEConfig, build_* helpers)
   efficientvit/models/nn/ops.py               (ConvLayer, ResidualBlock, ResBlock, LiteMLA, GLUMBConv,
@@ -12,33 +12,39 @@ mit-han-lab/efficientvit @ de7d7733cc0329f391b33f1f459271562ec27bd5,
   efficientvit/ae_model_zoo.py                (the released configurations)
 
 Map from the paper to this file
-  Sec. 3.2 "Residual Autoencoding"     ChannelAveragingShortcut (space-to-channel, then channel averaging),
-                                       ChannelDuplicatingShortcut (channel duplication, then channel-to-space),
+  Sec. 3.1 "Motivation"                why residual autoencoding: high-compression AEs are hard to optimise.
+  Sec. 3.2 "Residual Autoencoding",    ChannelAveragingShortcut (space-to-channel, then channel averaging),
+  Fig. 4                               ChannelDuplicatingShortcut (channel duplication, then channel-to-space),
                                        build_downsample / build_upsample (learned branch + shortcut), the same
-                                       shortcut at the encoder output (Encoder.project_out) and the decoder
-                                       input (Decoder.project_in).
-  Sec. 3.2 / Sec. 4 (architecture)     ResBlock stages (high resolution) and EfficientViT stages
-                                       (ReLU linear attention LiteMLA with multi-scale aggregation + GLUMBConv),
-                                       TRMSNorm2d; Encoder, Decoder.
-  Sec. 3.2 "Decoupled High-Resolution  DCAE.optimizer_groups(phase) and DCAE.loss: phase 1 low-res full
-  Adaptation" (Fig. 6)                 training (L1 + LPIPS), phase 2 high-res latent adaptation (middle layers
-                                       only, L1 + LPIPS), phase 3 low-res local refinement (decoder head only,
-                                       + PatchGAN loss).
-  Table 1 / model zoo                  CONFIGS: f32c32, f64c128, f128c512 (-in, -mix), f32c32-sana, + tiny.
+                                       shortcuts at the latent (Encoder.project_out, Decoder.project_in).
+  Sec. 3.2 "Decoupled High-Resolution  DCAE.trainable_modules, optimizer_groups(phase), loss: phase 1 low-res
+  Adaptation"                          full training (L1 + LPIPS), phase 2 high-res latent adaptation (middle
+                                       layers), phase 3 low-res local refinement (decoder head, + PatchGAN).
+  official code only                   ResBlock and EfficientViT stages (LiteMLA + GLUMBConv), TRMSNorm2d,
+                                       Encoder, Decoder; CONFIGS = the releases of ae_model_zoo.py + tiny.
+  Reading order: ChannelAveragingShortcut, ChannelDuplicatingShortcut, build_downsample / build_upsample,
+  Encoder, Decoder, LiteMLA, EfficientViTBlock, DCAE.trainable_modules, DCAE.loss, CONFIGS, load_official.
 
 State-dict names follow the official ones, except that the official `OpSequential.op_list` container is an
 `nn.Sequential` here, so load_official's whole rename table is one rule: ".op_list." -> ".".
 
-Deliberately left out
-  - The official training code is not released (the repo has no AE trainer, loss or discriminator). The
-    three phases follow the paper's text; the loss follows the LDM/taming recipe the paper's baselines use
-    (L1 + LPIPS, hinge PatchGAN with LDM's adaptive weight); the exact trainable module lists of phases 2/3
-    are our reading of "middle layers" / "decoder head" (the paper publishes no module list), see
-    PHASE NOTES at DCAE.trainable_modules.
+Left out / differs
+  - No official training code is released (no AE trainer, loss or discriminator). The three phases follow
+    the paper's text; the phase 2/3 module lists are our reading of "middle layers" / "decoder head" (the
+    paper publishes none), see DCAE.trainable_modules.
   - `double_latent`, `use_quant_conv`, `pretrained_path` are config fields without modules in every release;
-    double_latent=True and *_match_channel=False (unused by any release) raise ValueError.
+    double_latent=True and *_match_channel=False (no release uses them) raise ValueError.
   - The Triton RMSNorm kernel: TRMSNorm2d computes the same math in PyTorch (float32 accumulation).
   - Diffusers' AutoencoderDC naming (load_official takes the efficientvit naming of the HF checkpoints).
+  - Chosen here, by no official source: the loss L1 + LPIPS-VGG (weights 1 and 1) + LDM's hinge PatchGAN
+    (taming's NLayerDiscriminator, ndf 64, 3 layers; adaptive weight times disc_weight 0.5 as in LDM's
+    configs); disc_start 0 (phase 3 is the GAN phase); before disc_start the PatchGAN does not run at all
+    (taming runs it and multiplies its loss by 0, which still moves its BatchNorm statistics); L1 and LPIPS
+    in float32. PHASE_HPARAMS are lr / weight decay / betas of the paper's appendix as a third-party reading
+    reports them (not checked against the paper text here); where that reading names none we use AdamW's
+    default betas (phase 2) and no weight decay (phase 3). The tiny preset and its lr 5e-4 are ours. The
+    -mix and f128c512-in scale factors come from diffusers' conversion script (the repo README gives only
+    f32c32-in and f64c128-in; dc_ae.py gives SANA's).
 """
 import copy
 import json
@@ -954,7 +960,7 @@ class DCAE(nn.Module):
 # --------------------------------------------------------------------------------------------------------------
 
 # Official DCAEConfig / EncoderConfig / DecoderConfig defaults (dc_ae.py); every field is kept so a resolved
-# config equals the official dataclasses.asdict(cfg) in ../shared/reference/dcae/keys/*.txt.
+# config equals the official dataclasses.asdict(cfg) in tests/golden/dcae/keys/*.txt.
 ENCODER_DEFAULTS = {
     "width_list": (128, 256, 512, 512, 1024, 1024), "depth_list": (2, 2, 2, 2, 2, 2), "block_type": "ResBlock",
     "norm": "trms2d", "act": "silu", "downsample_block_type": "ConvPixelUnshuffle", "downsample_match_channel": True,

@@ -1,7 +1,7 @@
 """Tests for dcae.py: golden tensors of the official code, official key sets, the residual-autoencoding
 shortcuts against the paper's equations, the three training phases, overfit, the model-file contract.
 
-Golden files (tests/golden/dcae/, made by tests/golden/dcae/compact.py from ../shared/reference/dcae/golden):
+Golden files (tests/golden/dcae/, made by tests/golden/dcae/compact.py from the official reference set):
 the reference's weights were drawn from one seeded stream; we keep that recipe + per-tensor checksums instead
 of the 3.5 MB of weights and rebuild them here (checked against the checksums before any comparison).
 """
@@ -15,9 +15,9 @@ import torch
 import torch.nn as nn
 
 import dcae
-from conftest import GOLDEN, assert_close
+from conftest import GOLDEN, assert_close, lift
 
-KEYS = GOLDEN / "dcae" / "keys"  # copied from ../shared/reference/dcae/keys
+KEYS = GOLDEN / "dcae" / "keys"  # the official state-dict keys of every release
 _spec = importlib.util.spec_from_file_location("dcae_golden_compact", GOLDEN / "dcae" / "compact.py")
 compact = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(compact)
@@ -33,7 +33,7 @@ def golden(name):
     sums = torch.tensor([v.double().sum().item() for v in sd.values()], dtype=torch.float64)
     assert torch.allclose(sums, g["weights_sum"], rtol=1e-12, atol=1e-9), (
         f"{name}: the weight recipe no longer reproduces the reference weights (torch RNG changed?); "
-        f"re-run tests/golden/dcae/compact.py on ../shared/reference/dcae/golden")
+        f"re-run tests/golden/dcae/compact.py on the reference golden files")
     g["state_dict"] = sd
     return g
 
@@ -52,160 +52,193 @@ def report_errors():
 
 
 # ------------------------------------------------------------------------------------------------------------
-# golden: whole models
+# golden, one block at a time (each test builds only its own block: a blanked block fails only its tests)
 # ------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", ["tiny_in", "tiny_sana"])
-def test_golden_model(case):
-    """encode / decode and every stage output of the official tiny configurations, float32, rtol=atol=1e-4."""
-    g = golden(case)
-    model = dcae.load_official(g["state_dict"], g["config"]).eval()  # also exercises load_official on real data
-    assert sum(p.numel() for n, p in model.named_parameters() if not n.startswith("disc.")) == g["params"]
-    inter, hooks = {}, []
-    for part in ("encoder", "decoder"):
-        mod = getattr(model, part)
-        tag = "enc" if part == "encoder" else "dec"
-        named = [("project_in", mod.project_in)] + [(f"stages.{i}", s) for i, s in enumerate(mod.stages) if len(s)]
-        for name, m in named:
-            hooks.append(m.register_forward_hook(
-                lambda _m, _i, out, key=f"inter.{tag}.{name}": inter.__setitem__(key, out)))
-    x, z = g["inputs"]["x"], g["inputs"]["z"]
+def _part(g, prefix, module):
+    """`module` with the golden weights under `prefix.` (official names), strict, in eval mode."""
+    sd = {dcae.official_to_ours(k)[len(prefix) + 1:]: v for k, v in g["state_dict"].items() if k.startswith(prefix + ".")}
+    module.load_state_dict(sd, strict=True)
+    return module.eval()
+
+
+def _check(case, key, got, want, atol, rtol=0.0):
+    record(case, key, assert_close(got, want, atol=atol, rtol=rtol, what=f"{case} {key}"))
+
+
+def _run_stages(part, x, tag):
+    """part(x) and the forward-hook outputs of project_in and every non-empty stage, as the reference hooked them."""
+    seen, named = {}, [("project_in", part.project_in)] + [(f"stages.{i}", s) for i, s in enumerate(part.stages) if len(s)]
+    hooks = [m.register_forward_hook(lambda _m, _i, out, key=f"inter.{tag}.{n}": seen.__setitem__(key, out))
+             for n, m in named]
     with torch.no_grad():
-        out = {"latent": model.encoder(x)}
-        out["recon"] = model.decoder(out["latent"])
-        out.update(inter)  # intermediates of encode(x) and decode(latent), as the reference hooked them
-        out["decode_z"] = model.decoder(z)
+        out = part(x)
     for h in hooks:
         h.remove()
-    assert set(g["outputs"]) <= set(out), set(g["outputs"]) - set(out)
-    for k, ref in g["outputs"].items():
-        record(case, k, assert_close(out[k], ref, atol=1e-4, rtol=1e-4, what=f"{case} {k}"))
-    # contract wrappers: encode = encoder * scale_factor, decode divides it back
-    model.scale_factor.fill_(0.5)
+    return out, seen
+
+
+@pytest.mark.parametrize("case", ["tiny_in", "tiny_sana"])
+def test_encoder_golden(case):
+    """Encoder: latent and every stage output of the official tiny configurations, float32, rtol=atol=1e-4."""
+    g = golden(case)
+    enc = _part(g, "encoder", dcae.Encoder(dcae.resolve_config(g["config"])[0]["encoder"]))
+    latent, inter = _run_stages(enc, g["inputs"]["x"], "enc")
+    for k, v in {"latent": latent, **inter}.items():
+        _check(case, k, v, g["outputs"][k], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["tiny_in", "tiny_sana"])
+def test_decoder_golden(case):
+    """Decoder on the reference latent and on z: output and every stage output, float32, rtol=atol=1e-4."""
+    g = golden(case)
+    dec = _part(g, "decoder", dcae.Decoder(dcae.resolve_config(g["config"])[0]["decoder"]))
+    recon, inter = _run_stages(dec, g["outputs"]["latent"], "dec")
+    for k, v in {"recon": recon, **inter}.items():
+        _check(case, k, v, g["outputs"][k], atol=1e-4, rtol=1e-4)
     with torch.no_grad():
-        assert_close(model.encode(x), g["outputs"]["latent"] * 0.5, atol=1e-4, rtol=1e-4, what="encode scaled")
-        assert_close(model.decode(0.5 * z), g["outputs"]["decode_z"], atol=1e-4, rtol=1e-4, what="decode scaled")
+        _check(case, "decode_z", dec(g["inputs"]["z"]), g["outputs"]["decode_z"], atol=1e-4, rtol=1e-4)
 
 
-def test_golden_model_float64():
+@pytest.mark.parametrize("case", ["tiny_in", "tiny_sana"])
+def test_load_official_golden(case):
+    """The whole model through load_official: parameter count, encode/decode with the scale factor."""
+    g = golden(case)
+    model = dcae.load_official(g["state_dict"], g["config"]).eval()
+    assert sum(p.numel() for p in model.parameters()) == g["params"]
+    model.scale_factor.fill_(0.5)
+    x, z, out = g["inputs"]["x"], g["inputs"]["z"], g["outputs"]
+    with torch.no_grad():
+        _check(case, "encode", model.encode(x), out["latent"] * 0.5, atol=1e-4, rtol=1e-4)
+        _check(case, "decode", model.decode(0.5 * z), out["decode_z"], atol=1e-4, rtol=1e-4)
+        _check(case, "forward", model(x), out["recon"], atol=1e-4, rtol=1e-4)
+
+
+def test_load_official_golden_float64():
     """In float64 the re-implementation matches to the float32 storage rounding of the reference (~1e-6)."""
     g = golden("tiny_in")
     model = dcae.load_official(g["state_dict"], g["config"]).double().eval()
     with torch.no_grad():
         lat = model.encoder(g["inputs"]["x"].double())
         dz = model.decoder(g["inputs"]["z"].double())
-    record("tiny_in float64", "latent", assert_close(lat, g["outputs"]["latent"], atol=2e-6, rtol=1e-6, what="f64 latent"))
-    record("tiny_in float64", "decode_z", assert_close(dz, g["outputs"]["decode_z"], atol=2e-6, rtol=1e-6, what="f64 dz"))
+    _check("tiny_in float64", "latent", lat, g["outputs"]["latent"], atol=2e-6, rtol=1e-6)
+    _check("tiny_in float64", "decode_z", dz, g["outputs"]["decode_z"], atol=2e-6, rtol=1e-6)
 
 
-# ------------------------------------------------------------------------------------------------------------
-# golden: shortcuts and residual down/up blocks in isolation
-# ------------------------------------------------------------------------------------------------------------
-
-SHORTCUT_MODULES = {
-    "avg_c4_to_c8_f2": lambda: dcae.ChannelAveragingShortcut(4, 8, 2),
-    "avg_c4_to_c4_f2": lambda: dcae.ChannelAveragingShortcut(4, 4, 2),
-    "avg_c4_to_c16_f2": lambda: dcae.ChannelAveragingShortcut(4, 16, 2),
-    "avg_c16_to_c4_f1": lambda: dcae.ChannelAveragingShortcut(16, 4, 1),
-    "dup_c8_to_c4_f2": lambda: dcae.ChannelDuplicatingShortcut(8, 4, 2),
-    "dup_c4_to_c4_f2": lambda: dcae.ChannelDuplicatingShortcut(4, 4, 2),
-    "dup_c16_to_c4_f2": lambda: dcae.ChannelDuplicatingShortcut(16, 4, 2),
-    "dup_c4_to_c16_f1": lambda: dcae.ChannelDuplicatingShortcut(4, 16, 1),
-    "down_ConvPixelUnshuffle_avg_16_32": lambda: dcae.build_downsample("ConvPixelUnshuffle", 16, 32, "averaging"),
-    "down_Conv_avg_16_32": lambda: dcae.build_downsample("Conv", 16, 32, "averaging"),
-    "up_ConvPixelShuffle_dup_32_16": lambda: dcae.build_upsample("ConvPixelShuffle", 32, 16, "duplicating"),
-    "up_InterpolateConv_dup_32_16": lambda: dcae.build_upsample("InterpolateConv", 32, 16, "duplicating"),
-    # the encoder's project_out / decoder's project_in / project_in, project_out of depth_list[0] == 0 configs
-    "enc_project_out_avg_32_8": lambda: dcae.ResidualBlock(nn.Sequential(dcae.ConvLayer(32, 8, 3, bias=True)),
-                                                           dcae.ChannelAveragingShortcut(32, 8, 1)),
-    "dec_project_in_dup_8_32": lambda: dcae.ResidualBlock(dcae.ConvLayer(8, 32, 3, bias=True),
-                                                          dcae.ChannelDuplicatingShortcut(8, 32, 1)),
-    "enc_project_in_f2_3_16": lambda: dcae.build_downsample("ConvPixelUnshuffle", 3, 16, None),
-    "dec_project_out_f2_16_3": lambda: nn.Sequential(dcae.TRMSNorm2d(16), nn.ReLU(),
-                                                     dcae.build_upsample("ConvPixelShuffle", 16, 3, None)),
-}
-SHORTCUT_INPUTS = {  # which input the reference fed to which module (g["calls"])
-    "avg_c4_to_c8_f2": ("ar_c4_4x4", "x_c4"), "avg_c4_to_c4_f2": ("ar_c4_4x4", "x_c4"),
-    "avg_c4_to_c16_f2": ("ar_c4_4x4", "x_c4"), "avg_c16_to_c4_f1": ("ar_c16_2x2", "x_c16"),
-    "dup_c8_to_c4_f2": ("ar_c8_2x2", "x_c8"), "dup_c4_to_c4_f2": ("ar_c4_2x2", None),
-    "dup_c16_to_c4_f2": ("ar_c16_2x2", "x_c16"), "dup_c4_to_c16_f1": ("ar_c4_2x2", None),
-    "down_ConvPixelUnshuffle_avg_16_32": "x16", "down_Conv_avg_16_32": "x16",
-    "up_ConvPixelShuffle_dup_32_16": "x32", "up_InterpolateConv_dup_32_16": "x32",
-    "enc_project_out_avg_32_8": "x32_full", "dec_project_in_dup_8_32": "x8",
-    "enc_project_in_f2_3_16": "img", "dec_project_out_f2_16_3": "x16",
-}
+# name -> (official module as we build it, arange input, random input); parameter-free layers: exact on arange
+AVERAGING = {"avg_c4_to_c8_f2": ((4, 8, 2), "ar_c4_4x4", "x_c4"), "avg_c4_to_c4_f2": ((4, 4, 2), "ar_c4_4x4", "x_c4"),
+             "avg_c4_to_c16_f2": ((4, 16, 2), "ar_c4_4x4", None), "avg_c16_to_c4_f1": ((16, 4, 1), "ar_c16_2x2", "x_c16")}
+DUPLICATING = {"dup_c8_to_c4_f2": ((8, 4, 2), "ar_c8_2x2", "x_c8"), "dup_c4_to_c4_f2": ((4, 4, 2), "ar_c4_2x2", None),
+               "dup_c16_to_c4_f2": ((16, 4, 2), "ar_c16_2x2", "x_c16"), "dup_c4_to_c16_f1": ((4, 16, 1), "ar_c4_2x2", None)}
 
 
-def test_golden_shortcuts():
-    """Parameter-free shortcuts exactly (arange inputs: 0 error), learned blocks to rtol=atol=1e-5."""
+def _shortcut_golden(table, cls):
     g = golden("shortcuts")
-    root = nn.ModuleDict({k: f() for k, f in SHORTCUT_MODULES.items()})
-    sd = {dcae.official_to_ours(k): v for k, v in g["state_dict"].items()}
-    root.load_state_dict(sd, strict=True)
-    root.eval()
-    ins, outs, n = g["inputs"], g["outputs"], 0
     with torch.no_grad():
-        for name, src in SHORTCUT_INPUTS.items():
-            if isinstance(src, tuple):  # parameter-free layer: arange input exactly, random input to 1e-6
-                ar, rnd = src
-                record("shortcuts", f"{name}.ar", assert_close(root[name](ins[ar]), outs[f"{name}.ar"], atol=0.0, what=name))
-                n += 1
-                if rnd is not None and f"{name}.x" in outs:
-                    record("shortcuts", f"{name}.x", assert_close(root[name](ins[rnd]), outs[f"{name}.x"], atol=1e-6, what=name))
-                    n += 1
-            else:
-                record("shortcuts", name, assert_close(root[name](ins[src]), outs[name], atol=1e-5, rtol=1e-5, what=name))
-                n += 1
-                if f"{name}.main" in outs:  # the learned branch alone
-                    record("shortcuts", f"{name}.main",
-                           assert_close(root[name].main(ins[src]), outs[f"{name}.main"], atol=1e-5, rtol=1e-5, what=name))
-                    n += 1
-    assert n == len(outs)  # every stored output was compared
+        for name, (args, ar, rnd) in table.items():
+            _check("shortcuts", f"{name}.ar", cls(*args)(g["inputs"][ar]), g["outputs"][f"{name}.ar"], atol=0.0)
+            if rnd is not None:
+                _check("shortcuts", f"{name}.x", cls(*args)(g["inputs"][rnd]), g["outputs"][f"{name}.x"], atol=1e-6)
 
 
-# ------------------------------------------------------------------------------------------------------------
-# golden: blocks (TRMSNorm2d, LiteMLA both branches, ResBlock, EfficientViT blocks)
-# ------------------------------------------------------------------------------------------------------------
+def test_averaging_shortcut_golden():
+    """Space-to-channel + channel averaging (official PixelUnshuffleChannelAveragingDownSampleLayer), g = 2, 4, 1
+    at factor 2 and g = 4 at factor 1: exact on arange inputs, 1e-6 on random ones."""
+    _shortcut_golden(AVERAGING, dcae.ChannelAveragingShortcut)
 
 
-def test_golden_blocks():
+def test_duplicating_shortcut_golden():
+    """Channel duplication + channel-to-space (official ChannelDuplicatingPixelUnshuffleUpSampleLayer), R = 2, 4, 1
+    at factor 2 and R = 4 at factor 1."""
+    _shortcut_golden(DUPLICATING, dcae.ChannelDuplicatingShortcut)
+
+
+DOWN_UP = {  # the residual down/up blocks and the latent projections as dc_ae.py builds them, and their inputs
+    "down_ConvPixelUnshuffle_avg_16_32": (lambda: dcae.build_downsample("ConvPixelUnshuffle", 16, 32, "averaging"), "x16"),
+    "down_Conv_avg_16_32": (lambda: dcae.build_downsample("Conv", 16, 32, "averaging"), "x16"),
+    "up_ConvPixelShuffle_dup_32_16": (lambda: dcae.build_upsample("ConvPixelShuffle", 32, 16, "duplicating"), "x32"),
+    "up_InterpolateConv_dup_32_16": (lambda: dcae.build_upsample("InterpolateConv", 32, 16, "duplicating"), "x32"),
+    "enc_project_out_avg_32_8": (lambda: dcae.ResidualBlock(nn.Sequential(dcae.ConvLayer(32, 8, 3, bias=True)),
+                                                            dcae.ChannelAveragingShortcut(32, 8, 1)), "x32_full"),
+    "dec_project_in_dup_8_32": (lambda: dcae.ResidualBlock(dcae.ConvLayer(8, 32, 3, bias=True),
+                                                           dcae.ChannelDuplicatingShortcut(8, 32, 1)), "x8"),
+    "enc_project_in_f2_3_16": (lambda: dcae.build_downsample("ConvPixelUnshuffle", 3, 16, None), "img"),
+    "dec_project_out_f2_16_3": (lambda: nn.Sequential(dcae.TRMSNorm2d(16), nn.ReLU(),
+                                                      dcae.build_upsample("ConvPixelShuffle", 16, 3, None)), "x16"),
+}
+
+
+def test_every_shortcuts_output_is_graded():
+    """The shortcut tests above compare every output the reference stored (none is silently skipped)."""
+    graded = set(DOWN_UP) | {f"{n}.main" for n in DOWN_UP}
+    for table in (AVERAGING, DUPLICATING):
+        graded |= {f"{n}.ar" for n in table} | {f"{n}.x" for n, (_, _, x) in table.items() if x}
+    assert set(golden("shortcuts")["outputs"]) <= graded
+
+
+def test_down_up_blocks_golden():
+    """build_downsample / build_upsample (learned branch + shortcut) and the latent projections, rtol=atol=1e-5;
+    `.main` = the learned branch alone."""
+    g = golden("shortcuts")
+    with torch.no_grad():
+        for name, (build, src) in DOWN_UP.items():
+            block, x = _part(g, name, build()), g["inputs"][src]
+            _check("shortcuts", name, block(x), g["outputs"][name], atol=1e-5, rtol=1e-5)
+            if f"{name}.main" in g["outputs"]:
+                _check("shortcuts", f"{name}.main", block.main(x), g["outputs"][f"{name}.main"], atol=1e-5, rtol=1e-5)
+
+
+def test_trmsnorm_golden():
+    """TRMSNorm2d (official TritonRMSNorm2d math), incl. an eps-dominated input."""
     g = golden("blocks")
-    root = nn.ModuleDict({
-        "trms2d_c6": dcae.TRMSNorm2d(6),
-        "litemla_s5": dcae.LiteMLA(16, 16, dim=8, norm=(None, "trms2d"), scales=(5,)),
-        "litemla_s0": dcae.LiteMLA(16, 16, dim=8, norm=(None, "trms2d"), scales=()),
-        "litemla_s35_h": dcae.LiteMLA(16, 24, dim=4, heads=3, use_bias=True, norm=(None, "bn2d"), scales=(3, 5)),
-        "resblock_trms2d_silu": dcae.build_block("ResBlock", 16, "trms2d", "silu"),
-        "resblock_bn2d_relu": dcae.build_block("ResBlock", 16, "bn2d", "relu"),
-        "evit_glu_64": dcae.build_block("EViT_GLU", 64, "trms2d", "silu"),
-        "evits5_glu_64": dcae.build_block("EViTS5_GLU", 64, "trms2d", "silu"),
-    })
-    root.load_state_dict(g["state_dict"], strict=True)
-    root.eval()
+    norm = _part(g, "trms2d_c6", dcae.TRMSNorm2d(6))
+    for x, k in (("x_norm", "trms2d_c6"), ("x_norm_small", "trms2d_c6.small")):
+        _check("blocks", k, norm(g["inputs"][x]), g["outputs"][k], atol=1e-5, rtol=1e-5)
+
+
+def test_litemla_golden():
+    """LiteMLA: three variants on the linear (6x5) and quadratic (2x3) branch, the multi-scale qkv, and both
+    attention kernels on the same qkv."""
+    g = golden("blocks")
+    variants = {"litemla_s5": dict(dim=8, norm=(None, "trms2d"), scales=(5,)),
+                "litemla_s0": dict(dim=8, norm=(None, "trms2d"), scales=()),
+                "litemla_s35_h": dict(out_ch=24, dim=4, heads=3, use_bias=True, norm=(None, "bn2d"), scales=(3, 5))}
     ins, outs = g["inputs"], g["outputs"]
-    mine = {}
     with torch.no_grad():
-        mine["trms2d_c6"] = root["trms2d_c6"](ins["x_norm"])
-        mine["trms2d_c6.small"] = root["trms2d_c6"](ins["x_norm_small"])  # eps-dominated case
-        for name in ("litemla_s5", "litemla_s0", "litemla_s35_h"):
-            mine[f"{name}.lin"] = root[name](ins["x_mla_lin"])
-            mine[f"{name}.quad"] = root[name](ins["x_mla_quad"])
-        mla = root["litemla_s5"]
+        for name, kw in variants.items():
+            mla = _part(g, name, dcae.LiteMLA(16, kw.pop("out_ch", 16), **kw))
+            for br, x in (("lin", "x_mla_lin"), ("quad", "x_mla_quad")):
+                _check("blocks", f"{name}.{br}", mla(ins[x]), outs[f"{name}.{br}"], atol=1e-5, rtol=1e-5)
+        mla = _part(g, "litemla_s5", dcae.LiteMLA(16, 16, dim=8, norm=(None, "trms2d"), scales=(5,)))
         qkv = mla.qkv(ins["x_mla_lin"])
-        mine["litemla_s5.qkv_multiscale.lin_input"] = torch.cat([qkv, mla.aggreg[0](qkv)], dim=1)
-        # the two attention kernels called directly on the same multi-scale qkv (4 head-groups of dim 8)
-        mine["litemla_s5.relu_linear_att(qkv_s5)"] = mla.attention(ins["qkv_s5"], quadratic=False)
-        mine["litemla_s5.relu_quadratic_att(qkv_s5)"] = mla.attention(ins["qkv_s5"], quadratic=True)
-        for name in ("resblock_trms2d_silu", "resblock_bn2d_relu"):
-            mine[name] = root[name](ins["x_res"])
-        for name in ("evit_glu_64", "evits5_glu_64"):
+        k = "litemla_s5.qkv_multiscale.lin_input"
+        _check("blocks", k, torch.cat([qkv, mla.aggreg[0](qkv)], dim=1), outs[k], atol=1e-5, rtol=1e-5)
+        for quadratic, k in ((False, "relu_linear_att"), (True, "relu_quadratic_att")):
+            k = f"litemla_s5.{k}(qkv_s5)"
+            _check("blocks", k, mla.attention(ins["qkv_s5"], quadratic=quadratic), outs[k], atol=1e-5, rtol=1e-5)
+
+
+def test_resblock_golden():
+    """The ResBlock stage block (conv3x3 + bias, act, conv3x3, norm; identity skip) with trms2d/silu and bn2d/relu."""
+    g = golden("blocks")
+    with torch.no_grad():
+        for name, norm, act in (("resblock_trms2d_silu", "trms2d", "silu"), ("resblock_bn2d_relu", "bn2d", "relu")):
+            block = _part(g, name, dcae.build_block("ResBlock", 16, norm, act))
+            _check("blocks", name, block(g["inputs"]["x_res"]), g["outputs"][name], atol=1e-5, rtol=1e-5)
+
+
+def test_evit_block_golden():
+    """The EfficientViT block (x + LiteMLA(x), then x + GLUMBConv(x)), EViT_GLU and EViTS5_GLU, both branches."""
+    g = golden("blocks")
+    with torch.no_grad():
+        for name, kind in (("evit_glu_64", "EViT_GLU"), ("evits5_glu_64", "EViTS5_GLU")):
+            block = _part(g, name, dcae.build_block(kind, 64, "trms2d", "silu"))
             for br in ("lin", "quad"):
-                mine[f"{name}.{br}"] = root[name](ins[f"x_evit_{br}"])
-                mine[f"{name}.{br}.context_module"] = root[name].context_module(ins[f"x_evit_{br}"])
-    assert set(mine) == set(outs)
-    for k, ref in outs.items():
-        record("blocks", k, assert_close(mine[k], ref, atol=1e-5, rtol=1e-5, what=k))
+                x = g["inputs"][f"x_evit_{br}"]
+                _check("blocks", f"{name}.{br}", block(x), g["outputs"][f"{name}.{br}"], atol=1e-5, rtol=1e-5)
+                k = f"{name}.{br}.context_module"
+                _check("blocks", k, block.context_module(x), g["outputs"][k], atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -214,7 +247,7 @@ def test_golden_blocks():
 
 
 def _key_file(path):
-    """(official cfg dict, [(key, shape)]) from a ../shared/reference/dcae/keys/*.txt file."""
+    """(official cfg dict, [(key, shape)]) from a tests/golden/dcae/keys/*.txt file."""
     lines = path.read_text().splitlines()
     head = lines[0]
     cfg = json.loads(head[len("# DCAE "): head.index("} params=") + 1])
@@ -278,14 +311,13 @@ def test_scale_factors():
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Sec. 3.2 residual autoencoding: the two shortcuts against the paper's equations, index by index
+# Sec. 3.2 residual autoencoding: the two shortcuts written out index by index (the official grouping)
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _paper_down(x, c_out, r):
-    """Space-to-channel, split into groups, average (Sec. 3.2), written out element by element:
-    unshuffled channel u = c*r^2 + i*r + j holds x[c, h*r+i, w*r+j]; output channel o averages the
-    g = C*r^2/c_out channels u = o*g ... o*g+g-1 (the groups are consecutive in the official code)."""
+def _elementwise_down(x, c_out, r):
+    """Space-to-channel, then average groups, element by element: unshuffled channel u = c*r^2 + i*r + j holds
+    x[c, h*r+i, w*r+j]; output channel o averages the g = C*r^2/c_out CONSECUTIVE channels o*g ... o*g+g-1."""
     B, C, H, W = x.shape
     g = C * r * r // c_out
     y = torch.zeros(B, c_out, H // r, W // r, dtype=x.dtype)
@@ -296,8 +328,8 @@ def _paper_down(x, c_out, r):
     return y
 
 
-def _paper_up(x, c_out, r):
-    """Channel-to-space with channel duplication (Sec. 3.2), element by element: output channel c at
+def _elementwise_up(x, c_out, r):
+    """Channel duplication, then channel-to-space, element by element: output channel c at
     (h*r+i, w*r+j) copies input channel (c*r^2 + i*r + j) // R, R = c_out*r^2/C (each input value R times)."""
     B, C, H, W = x.shape
     R = c_out * r * r // C
@@ -316,7 +348,7 @@ def test_averaging_shortcut_equation(c_in, c_out, r):
     x = torch.randn(2, c_in, 4 * r, 6 * r, dtype=torch.float64)
     y = dcae.ChannelAveragingShortcut(c_in, c_out, r)(x)
     assert y.shape == (2, c_out, 4, 6)
-    assert torch.allclose(y, _paper_down(x, c_out, r), atol=1e-12)
+    assert torch.allclose(y, _elementwise_down(x, c_out, r), atol=1e-12)
     # the paper's typical block C -> 2C: output channel o = row o%2 of input channel o//2, averaged over 2 columns
     if (c_in, c_out, r) == (4, 8, 2):
         assert torch.allclose(y[:, 3], (x[:, 1, 1::2, 0::2] + x[:, 1, 1::2, 1::2]) / 2)
@@ -331,7 +363,7 @@ def test_duplicating_shortcut_equation(c_in, c_out, r):
     x = torch.randn(2, c_in, 3, 5, dtype=torch.float64)
     y = dcae.ChannelDuplicatingShortcut(c_in, c_out, r)(x)
     assert y.shape == (2, c_out, 3 * r, 5 * r)
-    assert torch.equal(y, _paper_up(x, c_out, r))  # pure copies: bit-exact
+    assert torch.equal(y, _elementwise_up(x, c_out, r))  # pure copies: bit-exact
     # every input value appears exactly R times (duplication, no mixing)
     R = c_out * r * r // c_in
     assert torch.equal(torch.sort(y.flatten(1)).values, torch.sort(x.flatten(1).repeat_interleave(R, 1)).values)
@@ -715,3 +747,29 @@ def test_read_state_dict_unwraps_and_names_bad_files(tmp_path):
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
     with pytest.raises(ValueError, match="cannot read checkpoint"):
         dcae.load_official(tmp_path / "missing.pt", g["config"])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# issue 16: blocks a reader can lift (their source alone, with only torch, nn, F, math)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_lift_shortcuts():
+    """The two residual-autoencoding shortcuts run copied alone and give the file's own result."""
+    ns = lift(dcae, "ChannelAveragingShortcut", "ChannelDuplicatingShortcut")
+    x = torch.randn(2, 4, 8, 6)
+    assert torch.equal(ns["ChannelAveragingShortcut"](4, 8, 2)(x), dcae.ChannelAveragingShortcut(4, 8, 2)(x))
+    assert torch.equal(ns["ChannelDuplicatingShortcut"](4, 2, 2)(x), dcae.ChannelDuplicatingShortcut(4, 2, 2)(x))
+
+
+def test_lift_litemla():
+    """LiteMLA with the helpers it names (norm, act, ConvLayer, no_autocast) runs copied alone, both branches."""
+    ns = lift(dcae, "TRMSNorm2d", "build_norm", "build_act", "no_autocast", "ConvLayer", "LiteMLA")
+    torch.manual_seed(0)
+    mine = dcae.LiteMLA(16, 16, dim=8, norm=(None, "trms2d"), scales=(5,)).eval()
+    lifted = ns["LiteMLA"](16, 16, dim=8, norm=(None, "trms2d"), scales=(5,)).eval()
+    lifted.load_state_dict(mine.state_dict())
+    for hw in ((6, 5), (2, 3)):
+        x = torch.randn(2, 16, *hw)
+        with torch.no_grad():
+            assert torch.equal(lifted(x), mine(x))
