@@ -13,18 +13,21 @@ Official code matched: crowsonkb/k-diffusion @ 4601bf085320592473f681a62808ed873
 Golden tensors made by that code: tests/golden/hdit/ (tests/test_hdit.py checks them).
 
 Map from the papers to this file
-  HDiT Sec. 4.1  hourglass levels, PixelUnshuffle-style token merge / split  -> TokenMerge, TokenSplit, HDiT.forward
-  HDiT Sec. 4.1  skip merge by a learnable lerp                              -> TokenSplit.fac
-  HDiT Sec. 4.2  AdaRMSNorm + mapping network (noise level, class)          -> AdaRMSNorm, MappingNetwork
-  HDiT Sec. 4.2  cosine-similarity attention (Swin v2)                      -> scale_for_cosine_sim
-  HDiT Sec. 4.2  axial RoPE on half of each head                            -> make_axial_pos, AxialRoPE, apply_rotary_emb
-  HDiT Sec. 4.2  GEGLU feed-forward, zero-initialised output projections     -> LinearGEGLU, FeedForwardBlock
-  HDiT Sec. 4.3  neighborhood attention at high resolution, global at low    -> neighborhood_attention*, SelfAttentionBlock
-  HDiT Sec. 4.3  shifted-window attention, the local attention NA beat       -> apply_window_attention
-  HDiT Sec. 5    soft-min-SNR loss weighting                                 -> loss_weighting
-  EDM Table 1, Eq. (7), Eq. (8)  preconditioning, denoiser, training loss   -> HDiT.get_scalings, denoise, loss_per_sample
-  EDM Eq. (5), Alg. 2; DPM-Solver++  Karras schedule, Euler, DPM++ samplers -> get_sigmas_karras, sample_*, HDiT.sample
-  simple diffusion (Hoogeboom et al. 2023) shifted cosine noise levels      -> cosine_interpolated_sigma, HDiT.sample_sigma
+  HDiT Sec. 4.1  hourglass levels, PixelUnshuffle-style token merge / split -> TokenMerge, TokenSplit, HDiT.forward
+  HDiT Sec. 4.1  skip merge by a learnable lerp                             -> TokenSplit.fac
+  HDiT Sec. 4.2  AdaRMSNorm + mapping network (noise level, class)         -> AdaRMSNorm, MappingNetwork
+  HDiT Sec. 4.2  cosine-similarity attention (Swin v2)                     -> scale_for_cosine_sim
+  HDiT Sec. 4.2  axial RoPE on half of each head                           -> make_axial_pos, AxialRoPE,
+                                                                              apply_rotary_emb
+  HDiT Sec. 4.2  GEGLU feed-forward, zero-initialised output projections    -> LinearGEGLU, FeedForwardBlock
+  HDiT Sec. 4.3  neighborhood attention at high resolution, global at low   -> neighborhood_attention*,
+                                                                              SelfAttentionBlock
+  HDiT Sec. 4.3  shifted-window attention, the local attention NA beat      -> apply_window_attention
+  HDiT Sec. 5    soft-min-SNR loss weighting                                -> loss_weighting
+  EDM Table 1, Eq. (7), (8)  preconditioning, denoiser, training loss      -> HDiT.get_scalings, denoise,
+                                                                              loss_per_sample
+  EDM Eq. (5), Alg. 2; DPM-Solver++  Karras schedule, Euler, DPM++         -> get_sigmas_karras, sample_*, HDiT.sample
+  simple diffusion (Hoogeboom et al. 2023): shifted cosine noise levels    -> cosine_interpolated_sigma, sample_sigma
 Suggested reading order: TokenMerge / TokenSplit and HDiT.forward (the hourglass), AdaRMSNorm and MappingNetwork,
 SelfAttentionBlock with scale_for_cosine_sim, AxialRoPE and neighborhood_attention_reference, then HDiT.denoise,
 loss_per_sample with loss_weighting, sample_sigma, and last get_sigmas_karras with sample_dpmpp_2m_sde.
@@ -50,6 +53,8 @@ Left out / differs from the official code
   * hdit_imagenet256 / hdit_ffhq1024: the repo ships no JSON. Sizes, weight decay 1e-2 and batch 256 follow the
     paper; sigma range [1e-3, 1e3], betas (0.9, 0.95) and EMA power 0.6667 (load_config's default) are assumed.
   * tiny and demo are ours (CI and the CPU demo), not official configurations.
+Kept though no paper run uses them, because official configs or goldens do: shifted-window and "none" attention,
+mapping_cond_dim, the karras / snr weightings, the euler / dpmpp_2m / dpmpp_3m_sde samplers, lognormal noise levels.
 """
 import functools
 import json
@@ -333,25 +338,15 @@ def _has_flex_attention():
 def make_shifted_window_masks(n_h_w, n_w_w, w_h, w_w, shift, device=None):
     """(n_h_w, n_w_w, w_h, w_w, w_h, w_w) bool, True = may attend. Tokens rolled in from the far edge sit at
     in-window coordinates < shift of the first window row / column and must not mix with the others."""
-    # Six broadcast index grids, each (n_h_w, n_w_w, w_h, w_w, w_h, w_w):
-    # (window row, window column, query row, query column, key row, key column).
+    # Six broadcast index grids: window row, window column, query row, query column, key row, key column.
     ph, pw, qh, qw, kh, kw = torch.meshgrid(
         *[torch.arange(n, device=device) for n in (n_h_w, n_w_w, w_h, w_w, w_h, w_w)], indexing="ij")
     # With the official +shift roll only the first window row / column holds wrapped-around tokens.
     top, left = ph == 0, pw == 0
-    # query and key on the same side of the row seam
-    same_rows = (qh < shift) == (kh < shift)
-    # query and key on the same side of the column seam
-    same_cols = (qw < shift) == (kw < shift)
-    # top-left window: seams in both directions
-    m_corner = left & top & same_cols & same_rows
-    # left column of windows: only the column seam
-    m_left = left & ~top & same_cols
-    # top row of windows: only the row seam
-    m_top = ~left & top & same_rows
-    # all other windows hold no wrapped-around tokens
-    m_rest = ~left & ~top
-    return m_corner | m_left | m_top | m_rest
+    # query and key on the same side of the row seam / of the column seam
+    same_rows, same_cols = (qh < shift) == (kh < shift), (qw < shift) == (kw < shift)
+    # top-left window: both seams; left column: the column seam; top row: the row seam; others: none
+    return (left & top & same_cols & same_rows) | (left & ~top & same_cols) | (~left & top & same_rows) | (~left & ~top)
 
 
 def apply_window_attention(window_size, window_shift, q, k, v):
@@ -360,26 +355,20 @@ def apply_window_attention(window_size, window_shift, q, k, v):
     if h % window_size or w % window_size:
         raise ValueError(f"shifted-window attention needs the token grid ({h}x{w}) divisible by the window "
                          f"size {window_size}")
-    # window counts along H and W, window side
     n_h, n_w, ws = h // window_size, w // window_size, window_size
 
     def to_windows(x):
         x = torch.roll(x, shifts=(window_shift, window_shift), dims=(-3, -2))  # element (i, j) -> (i+s, j+s)
-        # (B, nh, H, W, e) -> (B, nh, nH, ws, nW, ws, e)
-        x = x.reshape(b, nh, n_h, ws, n_w, ws, e)
-        x = x.permute(0, 1, 2, 4, 3, 5, 6)  # -> (B, nh, nH, nW, ws, ws, e)
-        return x.reshape(b, nh, n_h, n_w, ws * ws, e)  # -> (B, nh, nH, nW, ws*ws, e)
+        # (B, nh, H, W, e) -> (B, nh, nH, ws, nW, ws, e) -> (B, nh, nH, nW, ws, ws, e) -> (B, nh, nH, nW, ws*ws, e)
+        x = x.reshape(b, nh, n_h, ws, n_w, ws, e).permute(0, 1, 2, 4, 3, 5, 6)
+        return x.reshape(b, nh, n_h, n_w, ws * ws, e)
 
-    # The mask broadcasts over (B, nh); logits again use SDPA scale=1.0 because of the cosine-sim scaling.
-    mask = make_shifted_window_masks(n_h, n_w, ws, ws, window_shift, device=q.device)  # (nH, nW, ws, ws, ws, ws)
-    # (nH, nW, ws, ws, ws, ws) -> (nH, nW, ws*ws, ws*ws)
-    mask = mask.reshape(n_h, n_w, ws * ws, ws * ws)
-    # Windows: (B, nh, nH, nW, ws*ws, e) each -> attention within each window -> (B, nh, nH, nW, ws*ws, e).
+    # (nH, nW, ws, ws, ws, ws) -> (nH, nW, ws*ws, ws*ws), broadcast over (B, nh); scale 1.0: cosine-sim logits.
+    mask = make_shifted_window_masks(n_h, n_w, ws, ws, window_shift, device=q.device).reshape(n_h, n_w, ws * ws, -1)
     out = F.scaled_dot_product_attention(to_windows(q), to_windows(k), to_windows(v), mask, scale=1.0)
-    # (B, nh, nH, nW, ws*ws, e) -> (B, nh, nH, nW, ws, ws, e)
-    out = out.reshape(b, nh, n_h, n_w, ws, ws, e)
-    out = out.permute(0, 1, 2, 4, 3, 5, 6).reshape(b, nh, h, w, e)  # -> (B, nh, H, W, e)
-    return torch.roll(out, shifts=(-window_shift, -window_shift), dims=(-3, -2))  # undo the roll
+    # (B, nh, nH, nW, ws*ws, e) -> (B, nh, nH, nW, ws, ws, e) -> (B, nh, H, W, e), then undo the roll
+    out = out.reshape(b, nh, n_h, n_w, ws, ws, e).permute(0, 1, 2, 4, 3, 5, 6).reshape(b, nh, h, w, e)
+    return torch.roll(out, shifts=(-window_shift, -window_shift), dims=(-3, -2))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -393,13 +382,13 @@ class SelfAttentionBlock(nn.Module):
     official has three classes with identical parameters, merged here because only step 5 differs.
     """
 
-    def __init__(self, d_model, d_head, cond_features, kind="global", kernel_size=7, window_size=8,
+    def __init__(self, d_model, d_head, cond_features, kind="global", kernel_size=7, window_size=None,
                  window_shift=0, dropout=0.0):
         super().__init__()
         self.d_head, self.n_heads, self.kind = d_head, d_model // d_head, kind
         self.kernel_size, self.window_size, self.window_shift = kernel_size, window_size, window_shift
         self.norm = AdaRMSNorm(d_model, cond_features)
-        self.qkv_proj = nn.Linear(d_model, d_model * 3, bias=False)  # fused q, k, v: C -> 3C
+        self.qkv_proj = nn.Linear(d_model, d_model * 3, bias=False)
         # learnable per-head logit scale, init 10
         self.scale = nn.Parameter(torch.full([self.n_heads], 10.0))
         # RoPE rotates only the first half of each head (d_head // 2 dims); the rest is position-free.
@@ -409,39 +398,32 @@ class SelfAttentionBlock(nn.Module):
         # zero-init residual branch (no adaLN-Zero gate, Sec. 4.2)
         nn.init.zeros_(self.out_proj.weight)
 
-    def extra_repr(self):
-        return f"kind={self.kind}, d_head={self.d_head}"
-
     def forward(self, x, pos, cond):
         skip = x
-        b, h, w, c = x.shape  # channels-last tokens
-        # (B, H, W, C); cond (B, mw) sets the per-sample scale
-        x = self.norm(x, cond)
-        # (B, H, W, C) -> (B, H, W, 3C), features ordered (t, head, e)
-        qkv = self.qkv_proj(x)
-        qkv = qkv.view(b, h, w, 3, self.n_heads, self.d_head)  # -> (B, H, W, 3, nh, e)
-        q, k, v = qkv.permute(3, 0, 4, 1, 2, 5)  # -> 3 x (B, nh, H, W, e)
-        # self.scale (nh,) -> (nh, 1, 1, 1) broadcasts over (B, nh, H, W, e); q, k keep their shapes.
+        b, h, w, c = x.shape
+        # (B, H, W, C) -> (B, H, W, 3C), features ordered (t, head, e) -> 3 x (B, nh, H, W, e)
+        qkv = self.qkv_proj(self.norm(x, cond))
+        q, k, v = qkv.view(b, h, w, 3, self.n_heads, self.d_head).permute(3, 0, 4, 1, 2, 5)
         q, k = scale_for_cosine_sim(q, k, self.scale[:, None, None, None], 1e-6)
         if self.kind == "global":
             # Official quirk: the global block casts pos to qkv's dtype before the RoPE product (bf16 under
             # autocast); the local blocks keep float32 positions.
-            pos = pos.to(qkv.dtype)  # (H, W, 2)
+            pos = pos.to(qkv.dtype)
         theta = self.pos_emb(pos).movedim(-2, -4)  # (H, W, nh, e/4) -> (nh, H, W, e/4)
         # theta has e/4 angles, so dims [0, e/2) of each head are rotated and [e/2, e) pass through (Sec. 4.2).
         # v is not rotated: position only enters through the q . k logits.
         q, k = apply_rotary_emb(q, theta), apply_rotary_emb(k, theta)
+        # Scale 1.0 everywhere: cosine-sim attention has already put its learnable scale into q and k.
         if self.kind == "global":
-            flat = [t.reshape(b, self.n_heads, h * w, self.d_head) for t in (q, k, v)]  # -> (B, nh, H*W, e)
-            x = F.scaled_dot_product_attention(*flat, scale=1.0)  # cosine-sim logits: no 1/sqrt(d)
-            x = x.view(b, self.n_heads, h, w, self.d_head)  # (B, nh, H*W, e) -> (B, nh, H, W, e)
+            # (B, nh, H, W, e) -> (B, nh, H*W, e) -> attention -> (B, nh, H, W, e)
+            flat = [t.reshape(b, self.n_heads, h * w, self.d_head) for t in (q, k, v)]
+            x = F.scaled_dot_product_attention(*flat, scale=1.0).view(b, self.n_heads, h, w, self.d_head)
         elif self.kind == "neighborhood":
             x = neighborhood_attention(q, k, v, self.kernel_size, scale=1.0)
         else:
-            x = apply_window_attention(self.window_size, self.window_shift, q, k, v)  # (B, nh, H, W, e)
+            x = apply_window_attention(self.window_size, self.window_shift, q, k, v)
         x = x.permute(0, 2, 3, 1, 4).reshape(b, h, w, c)  # (B, nh, H, W, e) -> (B, H, W, nh*e)
-        x = self.dropout(x)
-        return self.out_proj(x) + skip  # residual: (B, H, W, C)
+        return self.out_proj(self.dropout(x)) + skip
 
 
 class FeedForwardBlock(nn.Module):
@@ -457,9 +439,8 @@ class FeedForwardBlock(nn.Module):
         nn.init.zeros_(self.down_proj.weight)
 
     def forward(self, x, cond):
-        skip = x
-        x = self.up_proj(self.norm(x, cond))  # (B, H, W, C) -> (B, H, W, d_ff)
-        return self.down_proj(self.dropout(x)) + skip  # -> (B, H, W, C)
+        x_ff = self.up_proj(self.norm(x, cond))  # (B, H, W, C) -> (B, H, W, d_ff)
+        return self.down_proj(self.dropout(x_ff)) + x
 
 
 class TransformerLayer(nn.Module):
@@ -469,11 +450,12 @@ class TransformerLayer(nn.Module):
         super().__init__()
         kind = attn["type"]
         if kind != "none":
-            # Shifted window: odd layer indices shift by half a window (up levels count on from depth).
-            shift = attn.get("window_size", 8) // 2 if index % 2 == 1 else 0
+            # Shifted window (window_size required, as officially): odd layer indices shift by half a window
+            # (up levels count on from depth).
+            shift = attn["window_size"] // 2 if kind == "shifted-window" and index % 2 == 1 else 0
             self.self_attn = SelfAttentionBlock(width, attn.get("d_head", 64), cond_features, kind,
                                                 kernel_size=attn.get("kernel_size", 7),
-                                                window_size=attn.get("window_size", 8), window_shift=shift,
+                                                window_size=attn.get("window_size"), window_shift=shift,
                                                 dropout=dropout)
         self.ff = FeedForwardBlock(width, d_ff, cond_features, dropout=dropout)
         self.grad_checkpointing = False
@@ -481,7 +463,7 @@ class TransformerLayer(nn.Module):
     def _forward(self, x, pos, cond):
         if hasattr(self, "self_attn"):
             x = self.self_attn(x, pos, cond)
-        return self.ff(x, cond)  # (B, H, W, C) -> (B, H, W, C)
+        return self.ff(x, cond)
 
     def forward(self, x, pos, cond):
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
@@ -495,7 +477,6 @@ class Level(nn.ModuleList):
 
     def forward(self, x, pos, cond):
         for layer in self:
-            # (B, h, w, width) throughout the level
             x = layer(x, pos, cond)
         return x
 
@@ -533,7 +514,7 @@ class MappingFeedForwardBlock(nn.Module):
         nn.init.zeros_(self.down_proj.weight)
 
     def forward(self, x):
-        return self.down_proj(self.dropout(self.up_proj(self.norm(x)))) + x  # (B, mw) -> (B, mw)
+        return self.down_proj(self.dropout(self.up_proj(self.norm(x)))) + x
 
 
 class MappingNetwork(nn.Module):
@@ -546,11 +527,9 @@ class MappingNetwork(nn.Module):
         self.out_norm = RMSNorm(d_model)
 
     def forward(self, x):
-        # (B, mw): normalise the summed embeddings
         x = self.in_norm(x)
         for block in self.blocks:
             x = block(x)
-        # (B, mw): the cond of every AdaRMSNorm
         return self.out_norm(x)
 
 
@@ -1221,8 +1200,10 @@ def _validate(cfg):
         if attn["type"] == "neighborhood" and (h < attn.get("kernel_size", 7) or w < attn.get("kernel_size", 7)):
             raise ValueError(f"level {i}: neighborhood kernel {attn.get('kernel_size', 7)} does not fit the {h}x{w} "
                              f"token grid of a {H}x{W} input (use a larger image or a smaller kernel)")
-        if attn["type"] == "shifted-window" and (h % attn.get("window_size", 8) or w % attn.get("window_size", 8)):
-            raise ValueError(f"level {i}: window {attn.get('window_size', 8)} does not tile the {h}x{w} token grid")
+        if attn["type"] == "shifted-window" and "window_size" not in attn:
+            raise ValueError(f"level {i}: shifted-window attention needs a window_size")
+        if attn["type"] == "shifted-window" and (h % attn["window_size"] or w % attn["window_size"]):
+            raise ValueError(f"level {i}: window {attn['window_size']} does not tile the {h}x{w} token grid")
         if i < n - 1:
             if h % 2 or w % 2:
                 raise ValueError(f"level {i}: token grid {h}x{w} of a {H}x{W} input cannot be merged 2x2")
@@ -1299,18 +1280,24 @@ def read_safetensors(path):
 
 
 def _unwrap_checkpoint(sd):
-    """Raw state dict from a path / checkpoint: an official train.py `.pth` ({"model_ema", "model"}: the EMA
-    preferred) or ours ({"ema", "model"}), a convert_for_inference.py `.safetensors` file, or a state dict."""
+    """A path or a dict -> the raw state dict, in dit._unwrap_checkpoint's idiom: torch.load(weights_only=True) or,
+    for a convert_for_inference.py `.safetensors` file, read_safetensors; the "model_ema" (official train.py,
+    preferred), "ema" (ours, preferred) or "model" entry; a "module." (DDP) or "_orig_mod." (torch.compile) prefix
+    on every key stripped."""
     if isinstance(sd, (str, os.PathLike)):
-        sd = read_safetensors(sd) if str(sd).endswith(".safetensors") else torch.load(sd, map_location="cpu",
-                                                                                       weights_only=True)
+        try:
+            sd = read_safetensors(sd) if str(sd).endswith(".safetensors") else torch.load(sd, map_location="cpu",
+                                                                                           weights_only=True)
+        except Exception as e:
+            raise ValueError(f"cannot read checkpoint {str(sd)!r}: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0]}") from None
     if not isinstance(sd, dict):
-        raise ValueError(f"hdit checkpoint must be a state dict, got {type(sd).__name__}")
+        raise ValueError(f"a checkpoint must be a state dict, got {type(sd).__name__}")
     for key in ("model_ema", "ema", "model"):
         if isinstance(sd.get(key), dict):
             sd = sd[key]
             break
-    for prefix in ("module.", "_orig_mod."):  # DDP / torch.compile wrappers
+    for prefix in ("module.", "_orig_mod."):
         if sd and all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
     return sd

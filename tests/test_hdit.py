@@ -476,6 +476,13 @@ def test_load_official_rejects_mismatch(tmp_path):
     torch.save({"model": g["state_dict"], "model_ema": g["state_dict"], "step": 3}, path)
     model = hdit.load_official(str(path), g["config"])
     assert torch.equal(model.out_norm.scale, g["state_dict"]["out_norm.scale"])
+    # ours: {"ema", "model"} with a DDP / torch.compile prefix on every key; the EMA is preferred
+    ema = {f"_orig_mod.{k}": v for k, v in g["state_dict"].items()}
+    torch.save({"model": {f"module.{k}": v * 0 for k, v in g["state_dict"].items()}, "ema": ema}, path)
+    assert torch.equal(hdit.load_official(path, g["config"]).out_norm.scale, g["state_dict"]["out_norm.scale"])
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        hdit.load_official(path, g["config"])
 
 
 def test_load_official_safetensors(tmp_path):
