@@ -591,15 +591,17 @@ class AutoencoderKL(nn.Module):
         # E: double_z=True, so it outputs 2*z_channels channels (mean and logvar halves)
         self.encoder = Encoder(in_channels=in_channels, double_z=True, **body)
         self.decoder = Decoder(out_ch=out_ch, **body)  # D: z_channels -> out_ch
-        self.loss_fn = LPIPSWithDiscriminator(**(loss or {"disc_start": 50001}))
+        # loss=None: inference only, no PatchGAN / logvar (and never an LPIPS)
+        self.loss_fn = None if loss is None else LPIPSWithDiscriminator(**loss)
         self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1)  # moments: (mean, logvar) per channel
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)  # (B, embed_dim, h, w) -> (B, z_channels, h, w)
         self.in_channels, self.embed_dim = in_channels, embed_dim
         # f of Sec. 3.1: one Downsample per level but the last
         self.downsample_factor = 2 ** (len(ch_mult) - 1)
         # Sec. 4.3.2 / App. D.1: z is rescaled to unit variance before diffusion. 0 = "not measured yet":
-        # encode/decode then use 1 and train.py --ae measures 1/std and stores it here (in every checkpoint).
+        # encode/decode then use 1 (with a warning) and train.py --ae measures 1/std and stores it here.
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
+        self._scale_checked = False
         self.hparams = dict(hparams or {})
 
     # --- the official AutoencoderKL methods -------------------------------------------------------------
@@ -628,42 +630,53 @@ class AutoencoderKL(nn.Module):
         return self.decoder.conv_out.weight  # (out_ch, ch * ch_mult[0], 3, 3)
 
     # --- the contract ------------------------------------------------------------------------------------
-    def _factor(self):
-        # 0 means "not measured": use 1 (a tensor op, no host sync)
+    def _scale(self):
+        """scale_factor, or 1 while it is 0 ("not measured"); one host sync per model, for the warning."""
+        if not self._scale_checked and not self.scale_factor.is_meta:
+            self._scale_checked = True
+            if float(self.scale_factor) == 0:
+                warnings.warn("ae_kl scale_factor is not measured (0): encode/decode use 1 (train.py --ae measures it)")
         return torch.where(self.scale_factor == 0, torch.ones_like(self.scale_factor), self.scale_factor)
 
-    def encode(self, x):
-        """x in [-1, 1] -> z * scale_factor. Like LDM's get_first_stage_encoding: a posterior SAMPLE."""
+    def encode(self, x, sample=True):
+        """x in [-1, 1] -> z * scale_factor, z a posterior sample (LDM's get_first_stage_encoding) or, with
+        sample=False, the posterior mode (the mean: deterministic)."""
+        posterior = self.encode_posterior(x)
         # scaled so that the diffusion model sees latents of about unit variance (Sec. 4.3.2)
-        return self.encode_posterior(x).sample() * self._factor()
+        return (posterior.sample() if sample else posterior.mode()) * self._scale()
 
     def decode(self, z):
         """Scaled latent -> image in (about) [-1, 1]: LDM's decode_first_stage (divide, then decode)."""
-        # undo encode's scaling before D
-        return self.decode_latent(z / self._factor())
+        return self.decode_latent(z / self._scale())
+
+    def _loss_fn(self):
+        if self.loss_fn is None:
+            raise ValueError("this model was built with loss=None (inference only): no losses, no optimizer groups")
+        return self.loss_fn
 
     def optimizer_groups(self, phase=None):
         """{"ae": E, D, quant_conv, post_quant_conv (+ logvar if learn_logvar), "disc": the PatchGAN}."""
         # everything but the loss module (PatchGAN, logvar); LPIPS is not a registered module
+        loss_fn = self._loss_fn()
         ae = [p for name, p in self.named_parameters() if not name.startswith("loss_fn.")]
         # logvar joins only with learn_logvar=True (the official never optimizes it)
-        if self.loss_fn.logvar.requires_grad:
-            ae.append(self.loss_fn.logvar)
-        return {"ae": ae, "disc": list(self.loss_fn.discriminator.parameters())}
+        if loss_fn.logvar.requires_grad:
+            ae.append(loss_fn.logvar)
+        return {"ae": ae, "disc": list(loss_fn.discriminator.parameters())}
 
     def loss(self, group, batch, step):
         """One training step's loss for `group` ("ae" = optimizer_idx 0, "disc" = 1), as training_step."""
-        x = batch["x"]
+        x, loss_fn = batch["x"], self._loss_fn()
         # optimizer_idx 0: grads flow through D(x_rec) into the decoder, D itself stays untouched
         if group == "ae":
             x_rec, posterior = self(x)  # sampled z (sample_posterior=True), as training_step
             # L_rec + kl_weight * L_reg + lambda * L_adv; last_layer = W of the adaptive weight (VQGAN Eq. 7)
-            return self.loss_fn(x, x_rec, posterior, 0, step, last_layer=self.get_last_layer())
+            return loss_fn(x, x_rec, posterior, 0, step, last_layer=self.get_last_layer())
         if group == "disc":
             with torch.no_grad():  # the official reruns the AE forward; only detached outputs are used
                 x_rec, posterior = self(x)
             # the discriminator's loss: hinge(D(x), D(x_rec)) from x vs. the detached x_rec
-            return self.loss_fn(x, x_rec, posterior, 1, step)
+            return loss_fn(x, x_rec, posterior, 1, step)
         raise ValueError(f"unknown optimizer group {group!r}; expected 'ae' or 'disc'")
 
 
@@ -757,7 +770,9 @@ def create(config="tiny", **overrides):
     Generic overrides from train.py: `in_channels` (also sets out_ch and the discriminator input),
     `image_size` (ignored: the network is fully convolutional; attention placement follows the preset's
     nominal `resolution`, as in the official code) and `num_classes` (ignored: unconditional).
+    `loss=None` builds the network only (no PatchGAN, no logvar, never an LPIPS): inference.
     """
+    build_loss = overrides.pop("loss", True) is not None
     if isinstance(config, str):
         if config not in CONFIGS:
             raise ValueError(f"unknown ae_kl preset {config!r}; choose from {sorted(CONFIGS)}")
@@ -788,10 +803,11 @@ def create(config="tiny", **overrides):
     f = 2 ** (len(cfg["ch_mult"]) - 1)  # Sec. 3.1's downsampling factor f = 2^m
     if image_size is not None and image_size % f:
         raise ValueError(f"image_size {image_size} is not a multiple of the downsampling factor {f}")
-    # disc_start is required by the official constructor; 50001 is the released value
+    # disc_start has no official default (a required argument): a dict without it gets the released 50001
     loss = {k: cfg.pop(k) for k in _LOSS_KEYS if k in cfg}
     loss.setdefault("disc_start", 50001)
     loss.setdefault("disc_in_channels", cfg.get("in_channels", 3))  # D_psi sees images: encoder input channels
+    loss = loss if build_loss else None
     # the official batch 12 x 2 accumulation; tiny keeps the same lr rule at a CPU-sized batch of 12
     hparams = _hparams(12 if config == "tiny" else 24)
     return AutoencoderKL(**cfg, loss=loss, hparams=hparams)
@@ -802,73 +818,63 @@ def create(config="tiny", **overrides):
 # ----------------------------------------------------------------------------------------------------------
 
 def _read_state_dict(path_or_state_dict):
-    """A path or a dict -> a flat {key: tensor} (Lightning checkpoints keep it under "state_dict")."""
-    obj = path_or_state_dict
-    if not isinstance(obj, dict):
+    """A flat {key: tensor} from a dict or a torch file (weights_only), flat or nested under "state_dict"
+    (Lightning), "model" (train.py; INFD) and "sd" (INFD); DDP's `module.` / torch.compile's `_orig_mod.` dropped."""
+    sd = path_or_state_dict
+    if not isinstance(sd, dict):
         try:
-            obj = torch.load(obj, map_location="cpu", weights_only=True)
-        except Exception as e:
+            sd = torch.load(sd, map_location="cpu", weights_only=True)
+        except Exception as e:  # missing file, pickle, bad header: one line names it
             raise ValueError(f"cannot read checkpoint {path_or_state_dict!r}: {type(e).__name__}: {e}") from None
-    if "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    return {k: v for k, v in obj.items() if torch.is_tensor(v)}
+    for wrapper in ("state_dict", "model", "sd"):
+        if isinstance(sd.get(wrapper), dict):
+            sd = sd[wrapper]
+    return {k.removeprefix("module.").replace("_orig_mod.", ""): v for k, v in sd.items() if torch.is_tensor(v)}
 
 
-def _load_official_into(model, sd, name):
-    """Shared by ae_kl and ae_vq. Strict on the network; loss.* into loss_fn or skipped with a note."""
-    sd = dict(sd)
-    scale = sd.pop("scale_factor", None)
-    if any(k.startswith("first_stage_model.") for k in sd):  # a LatentDiffusion checkpoint
-        n_other = sum(not k.startswith("first_stage_model.") for k in sd)
-        sd = {k[len("first_stage_model."):]: v for k, v in sd.items() if k.startswith("first_stage_model.")}
+def _official_state(sd, name):
+    """Shared by ae_kl and ae_vq: official keys -> ours. A LatentDiffusion checkpoint gives its
+    first_stage_model.* (and scale_factor); loss.* -> loss_fn.*; loss.perceptual_loss.* (LPIPS-VGG, the same
+    weights the lpips package loads) is dropped with a note."""
+    if any(k.startswith("first_stage_model.") for k in sd):
+        n_other = sum(not k.startswith(("first_stage_model.", "scale_factor")) for k in sd)
         print(f"{name}: LatentDiffusion checkpoint: loading first_stage_model.* and ignoring {n_other} other keys")
+        sd = {k.removeprefix("first_stage_model."): v for k, v in sd.items()
+              if k.startswith("first_stage_model.") or k == "scale_factor"}
+    lpips_keys = [k for k in sd if k.startswith("loss.perceptual_loss.")]
+    if lpips_keys:
+        print(f"{name}: skipped {len(lpips_keys)} loss.perceptual_loss.* entries (LPIPS-VGG, rebuilt by lpips)")
+    return {("loss_fn." + k[5:] if k.startswith("loss.") else k): v for k, v in sd.items() if k not in lpips_keys}
+
+
+def _load_strict(model, sd, name):
+    """load_state_dict(strict=True) after a one-line error for missing / unexpected keys or wrong shapes."""
     own = model.state_dict()
-    net_own = {k for k in own if not k.startswith("loss_fn.") and k != "scale_factor"}
-    net_ckpt = {k for k in sd if not k.startswith("loss.")}
-    missing, unexpected = sorted(net_own - net_ckpt), sorted(net_ckpt - net_own)
+    sd = dict(sd, scale_factor=sd.get("scale_factor", own["scale_factor"]).reshape(()))
+    # reported under the official names (loss.*)
+    missing, unexpected = ([k.replace("loss_fn.", "loss.", 1) for k in sorted(a - b)[:5]]
+                           for a, b in ((set(own), set(sd)), (set(sd), set(own))))
     if missing or unexpected:
-        raise ValueError(f"{name}: checkpoint does not match the config: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    bad = [f"{k} {tuple(sd[k].shape)} != {tuple(own[k].shape)}" for k in sorted(net_own)
-           if sd[k].shape != own[k].shape]
+        raise ValueError(f"{name}: checkpoint does not match the config: missing {missing}, unexpected {unexpected}")
+    bad = [f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in own.items() if sd[k].shape != v.shape]
     if bad:
         raise ValueError(f"{name}: checkpoint shapes do not match the config: {bad[:5]}")
-    new = {k: sd[k] for k in net_own}
-    # loss.* (present in standalone first-stage training checkpoints, absent inside LDM checkpoints)
-    loss_sd = {k[len("loss."):]: v for k, v in sd.items() if k.startswith("loss.")}
-    skipped = sorted(k for k in loss_sd if k.startswith("perceptual_loss."))
-    if skipped:
-        print(f"{name}: skipped {len(skipped)} loss.perceptual_loss.* entries (LPIPS-VGG; the loss builds its "
-              f"own frozen lpips.LPIPS with the same weights)")
-    loss_sd = {k: v for k, v in loss_sd.items() if not k.startswith("perceptual_loss.")}
-    loss_own = {k[len("loss_fn."):]: v for k, v in own.items() if k.startswith("loss_fn.")}
-    if loss_sd:
-        missing, unexpected = sorted(set(loss_own) - set(loss_sd)), sorted(set(loss_sd) - set(loss_own))
-        bad = [f"loss.{k} {tuple(v.shape)} != {tuple(loss_own[k].shape)}" for k, v in loss_sd.items()
-               if k in loss_own and v.shape != loss_own[k].shape]
-        if missing or unexpected or bad:
-            raise ValueError(f"{name}: checkpoint loss.* entries do not match the config (discriminator "
-                             f"layers?): missing {['loss.' + k for k in missing[:5]]}, unexpected "
-                             f"{['loss.' + k for k in unexpected[:5]]}, shapes {bad[:5]}")
-        new.update({"loss_fn." + k: v for k, v in loss_sd.items()})
-    else:
-        print(f"{name}: no loss.* entries in the checkpoint: the discriminator (and logvar) keep a fresh init")
-        new.update({k: v for k, v in own.items() if k.startswith("loss_fn.")})
-    new["scale_factor"] = own["scale_factor"] if scale is None else scale.reshape(())
-    model.load_state_dict(new, strict=True)
+    model.load_state_dict(sd, strict=True)
     return model
 
 
 def load_official(path_or_state_dict, config):
     """Load an official AutoencoderKL checkpoint (first-stage model.ckpt, or a LatentDiffusion checkpoint,
-    whose first_stage_model.* and scale_factor are taken), strict on the network.
+    whose first_stage_model.* and scale_factor are taken), strict.
 
-    `config`: a CONFIGS name or the official constructor kwargs (first line of a reference keys file).
-    loss.logvar and loss.discriminator.* load into loss_fn (strict); loss.perceptual_loss.* is skipped
-    with a printed note. Checkpoints hold no LPIPS download: the model is built with lpips_pretrained as
-    the config says and LPIPS is only built when the loss first runs.
+    `config`: a CONFIGS name or the official constructor kwargs (first line of a keys file in tests/golden/).
+    Released first-stage checkpoints carry the training loss: loss.logvar and loss.discriminator.* load into
+    loss_fn (strict: all or none), so training can resume. A checkpoint without loss.* (LDM, Stable Diffusion
+    VAEs) gives a model built with loss=None (inference only; prints a note).
     """
-    # the config fixes the architecture; the checkpoint must then match it key for key
-    model = create(config)  # loss_fn / LPIPS come from the config
-    # renames loss.* -> loss_fn.*, takes the checkpoint's scale_factor when present
-    return _load_official_into(model, _read_state_dict(path_or_state_dict), "ae_kl.load_official")
+    name = "ae_kl.load_official"
+    sd = _official_state(_read_state_dict(path_or_state_dict), name)
+    has_loss = any(k.startswith("loss_fn.") for k in sd)
+    if not has_loss:
+        print(f"{name}: no loss.* entries in the checkpoint: built with loss=None (inference only)")
+    return _load_strict(create(config, **({} if has_loss else {"loss": None})), sd, name)

@@ -616,7 +616,8 @@ class VQModel(nn.Module):
         self.encoder = Encoder(in_channels=in_channels, double_z=False, **body)
         self.decoder = Decoder(out_ch=out_ch, **body)
         # n_classes is forced to n_embed so the perplexity histogram matches the codebook size
-        self.loss_fn = VQLPIPSWithDiscriminator(**(loss or {"disc_start": 250001}), n_classes=n_embed)
+        # loss=None: inference only, no PatchGAN (and never an LPIPS)
+        self.loss_fn = None if loss is None else VQLPIPSWithDiscriminator(**loss, n_classes=n_embed)
         # beta 0.25 and legacy=True as VQModel constructs it (legacy is never passed, so True)
         self.quantize = VectorQuantizer(n_embed, embed_dim, beta=beta, legacy=legacy)
         # 1x1 convs map between E/D's z_channels and the codebook dimension embed_dim (equal in all presets)
@@ -625,9 +626,10 @@ class VQModel(nn.Module):
         self.in_channels, self.embed_dim, self.n_embed = in_channels, embed_dim, n_embed
         # f of Sec. 3.1: one stride-2 Downsample per level but the last, so f = 4, 8, 16 for 3, 4, 5 levels
         self.downsample_factor = 2 ** (len(ch_mult) - 1)
-        # 1.0 in every official VQ LDM config; 0 = "not measured yet" (encode/decode use 1 until train.py
-        # --ae measures 1/std and stores it here)
+        # 1.0 in every official VQ LDM config; 0 = "not measured yet" (encode/decode use 1, with a warning,
+        # until train.py --ae measures 1/std and stores it here)
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
+        self._scale_checked = False
         # optimizer settings read by train.py (see _hparams below), not used by the model itself
         self.hparams = dict(hparams or {})
 
@@ -658,19 +660,23 @@ class VQModel(nn.Module):
         return self.decoder.conv_out.weight  # (out_ch, ch * ch_mult[0], 3, 3)
 
     # --- the contract (VQModelInterface, times scale_factor as LDM's get_first_stage_encoding) -------------
-    def _factor(self):
-        # 0 means "not measured": use 1 (a tensor op, no host sync)
-        # torch.where keeps this traceable / free of .item(); the buffer is a 0-dim tensor
+    def _scale(self):
+        """scale_factor, or 1 while it is 0 ("not measured"); one host sync per model, for the warning."""
+        if not self._scale_checked and not self.scale_factor.is_meta:
+            self._scale_checked = True
+            if float(self.scale_factor) == 0:
+                warnings.warn("ae_vq scale_factor is not measured (0): encode/decode use 1 (train.py --ae measures it)")
         return torch.where(self.scale_factor == 0, torch.ones_like(self.scale_factor), self.scale_factor)
 
-    def encode(self, x):
-        """x in [-1, 1] -> h * scale_factor, h the PRE-quantization latent (what the official LDM diffuses)."""
-        return self.encode_to_prequant(x) * self._factor()  # (B, embed_dim, H/f, W/f) times a 0-dim factor
+    def encode(self, x, sample=True):
+        """x in [-1, 1] -> h * scale_factor, h the PRE-quantization latent (what the official LDM diffuses).
+        Deterministic: `sample` is accepted, as by the other autoencoders, and ignored."""
+        return self.encode_to_prequant(x) * self._scale()
 
     def decode(self, z, force_not_quantize=False):
         """Scaled latent -> image: divide, quantize to the nearest codes (VQModelInterface.decode), decode."""
         # undo the LDM scaling (LDM Sec. 4.3.2 unit-variance latent rescaling) before the codebook lookup
-        h = z / self._factor()  # () broadcast over (B, embed_dim, h, w)
+        h = z / self._scale()
         check_images(h, self.embed_dim, 1, what="z")
         # [0] keeps z_q only; the diffusion model's sample is snapped to the nearest codes here
         quant = h if force_not_quantize else self.quantize(h)[0]  # (B, embed_dim, h, w), same shape
@@ -679,24 +685,30 @@ class VQModel(nn.Module):
     def optimizer_groups(self, phase=None):
         """{"ae": E, D, codebook, quant_conv, post_quant_conv, "disc": the PatchGAN} (lr_g_factor 1)."""
         # everything but the loss (PatchGAN; LPIPS is frozen and unregistered) belongs to the AE optimizer
+        loss_fn = self._loss_fn()
         ae = [p for name, p in self.named_parameters() if not name.startswith("loss_fn.")]
-        return {"ae": ae, "disc": list(self.loss_fn.discriminator.parameters())}
+        return {"ae": ae, "disc": list(loss_fn.discriminator.parameters())}
+
+    def _loss_fn(self):
+        if self.loss_fn is None:
+            raise ValueError("this model was built with loss=None (inference only): no losses, no optimizer groups")
+        return self.loss_fn
 
     def loss(self, group, batch, step):
         """One training step's loss for `group` ("ae" = optimizer_idx 0, "disc" = 1), as training_step.
 
         The "ae" logs include the codebook perplexity, the number of codes used (cluster_usage) and unused.
         """
-        x = batch["x"]
+        x, loss_fn = batch["x"], self._loss_fn()
         if group == "ae":
             # full forward with gradients: L_rec, L_GAN and L_VQ all flow back into E, codebook and D
             x_rec, qloss, ind = self(x, return_pred_indices=True)  # x_rec (B, C, H, W), ind (N,)
-            return self.loss_fn(qloss, x, x_rec, 0, step, last_layer=self.get_last_layer(), predicted_indices=ind)
+            return loss_fn(qloss, x, x_rec, 0, step, last_layer=self.get_last_layer(), predicted_indices=ind)
         if group == "disc":
             with torch.no_grad():  # the official reruns the AE forward; only detached outputs are used
                 x_rec, qloss = self(x)
             # D step of VQGAN Eq. 6 (max over D); the loss detaches its inputs again
-            return self.loss_fn(qloss, x, x_rec, 1, step)
+            return loss_fn(qloss, x, x_rec, 1, step)
         raise ValueError(f"unknown optimizer group {group!r}; expected 'ae' or 'disc'")
 
 
@@ -793,8 +805,9 @@ def create(config="tiny", **overrides):
 
     Generic overrides from train.py: `in_channels` (also out_ch and the discriminator input), `image_size`
     (ignored: fully convolutional; attention placement follows the nominal `resolution`, as the official)
-    and `num_classes` (ignored: unconditional).
+    and `num_classes` (ignored: unconditional). `loss=None` builds the network only (no PatchGAN): inference.
     """
+    build_loss = overrides.pop("loss", True) is not None
     if isinstance(config, str):
         if config not in CONFIGS:
             raise ValueError(f"unknown ae_vq preset {config!r}; choose from {sorted(CONFIGS)}")
@@ -824,11 +837,11 @@ def create(config="tiny", **overrides):
     f = 2 ** (len(cfg["ch_mult"]) - 1)
     if image_size is not None and image_size % f:
         raise ValueError(f"image_size {image_size} is not a multiple of the downsampling factor {f}")
-    # default disc_start 250001 = the official VQLPIPSWithDiscriminator's usual late GAN start
+    # disc_start has no official default (a required argument): a dict without it gets vq-f16's 250001
     loss = {k: cfg.pop(k) for k in _LOSS_KEYS if k in cfg}
     loss.setdefault("disc_start", 250001)
     loss.setdefault("disc_in_channels", cfg.get("in_channels", 3))
-    return VQModel(**cfg, loss=loss, hparams=_hparams(_BATCH[config] if isinstance(config, str) else 8))
+    return VQModel(**cfg, loss=loss if build_loss else None, hparams=_hparams(_BATCH[config] if isinstance(config, str) else 8))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -837,71 +850,64 @@ def create(config="tiny", **overrides):
 
 # Copied from ae_kl._read_state_dict
 def _read_state_dict(path_or_state_dict):
-    """A path or a dict -> a flat {key: tensor} (Lightning checkpoints keep it under "state_dict")."""
-    obj = path_or_state_dict
-    if not isinstance(obj, dict):
+    """A flat {key: tensor} from a dict or a torch file (weights_only), flat or nested under "state_dict"
+    (Lightning), "model" (train.py; INFD) and "sd" (INFD); DDP's `module.` / torch.compile's `_orig_mod.` dropped."""
+    sd = path_or_state_dict
+    if not isinstance(sd, dict):
         try:
-            obj = torch.load(obj, map_location="cpu", weights_only=True)
-        except Exception as e:
+            sd = torch.load(sd, map_location="cpu", weights_only=True)
+        except Exception as e:  # missing file, pickle, bad header: one line names it
             raise ValueError(f"cannot read checkpoint {path_or_state_dict!r}: {type(e).__name__}: {e}") from None
-    if "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    return {k: v for k, v in obj.items() if torch.is_tensor(v)}
+    for wrapper in ("state_dict", "model", "sd"):
+        if isinstance(sd.get(wrapper), dict):
+            sd = sd[wrapper]
+    return {k.removeprefix("module.").replace("_orig_mod.", ""): v for k, v in sd.items() if torch.is_tensor(v)}
 
 
-# Copied from ae_kl._load_official_into
-def _load_official_into(model, sd, name):
-    """Shared by ae_kl and ae_vq. Strict on the network; loss.* into loss_fn or skipped with a note."""
-    sd = dict(sd)
-    scale = sd.pop("scale_factor", None)
-    if any(k.startswith("first_stage_model.") for k in sd):  # a LatentDiffusion checkpoint
-        n_other = sum(not k.startswith("first_stage_model.") for k in sd)
-        sd = {k[len("first_stage_model."):]: v for k, v in sd.items() if k.startswith("first_stage_model.")}
+# Copied from ae_kl._official_state
+def _official_state(sd, name):
+    """Shared by ae_kl and ae_vq: official keys -> ours. A LatentDiffusion checkpoint gives its
+    first_stage_model.* (and scale_factor); loss.* -> loss_fn.*; loss.perceptual_loss.* (LPIPS-VGG, the same
+    weights the lpips package loads) is dropped with a note."""
+    if any(k.startswith("first_stage_model.") for k in sd):
+        n_other = sum(not k.startswith(("first_stage_model.", "scale_factor")) for k in sd)
         print(f"{name}: LatentDiffusion checkpoint: loading first_stage_model.* and ignoring {n_other} other keys")
+        sd = {k.removeprefix("first_stage_model."): v for k, v in sd.items()
+              if k.startswith("first_stage_model.") or k == "scale_factor"}
+    lpips_keys = [k for k in sd if k.startswith("loss.perceptual_loss.")]
+    if lpips_keys:
+        print(f"{name}: skipped {len(lpips_keys)} loss.perceptual_loss.* entries (LPIPS-VGG, rebuilt by lpips)")
+    return {("loss_fn." + k[5:] if k.startswith("loss.") else k): v for k, v in sd.items() if k not in lpips_keys}
+
+
+# Copied from ae_kl._load_strict
+def _load_strict(model, sd, name):
+    """load_state_dict(strict=True) after a one-line error for missing / unexpected keys or wrong shapes."""
     own = model.state_dict()
-    net_own = {k for k in own if not k.startswith("loss_fn.") and k != "scale_factor"}
-    net_ckpt = {k for k in sd if not k.startswith("loss.")}
-    missing, unexpected = sorted(net_own - net_ckpt), sorted(net_ckpt - net_own)
+    sd = dict(sd, scale_factor=sd.get("scale_factor", own["scale_factor"]).reshape(()))
+    # reported under the official names (loss.*)
+    missing, unexpected = ([k.replace("loss_fn.", "loss.", 1) for k in sorted(a - b)[:5]]
+                           for a, b in ((set(own), set(sd)), (set(sd), set(own))))
     if missing or unexpected:
-        raise ValueError(f"{name}: checkpoint does not match the config: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    bad = [f"{k} {tuple(sd[k].shape)} != {tuple(own[k].shape)}" for k in sorted(net_own)
-           if sd[k].shape != own[k].shape]
+        raise ValueError(f"{name}: checkpoint does not match the config: missing {missing}, unexpected {unexpected}")
+    bad = [f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in own.items() if sd[k].shape != v.shape]
     if bad:
         raise ValueError(f"{name}: checkpoint shapes do not match the config: {bad[:5]}")
-    new = {k: sd[k] for k in net_own}
-    # loss.* (present in standalone first-stage training checkpoints, absent inside LDM checkpoints)
-    loss_sd = {k[len("loss."):]: v for k, v in sd.items() if k.startswith("loss.")}
-    skipped = sorted(k for k in loss_sd if k.startswith("perceptual_loss."))
-    if skipped:
-        print(f"{name}: skipped {len(skipped)} loss.perceptual_loss.* entries (LPIPS-VGG; the loss builds its "
-              f"own frozen lpips.LPIPS with the same weights)")
-    loss_sd = {k: v for k, v in loss_sd.items() if not k.startswith("perceptual_loss.")}
-    loss_own = {k[len("loss_fn."):]: v for k, v in own.items() if k.startswith("loss_fn.")}
-    if loss_sd:
-        missing, unexpected = sorted(set(loss_own) - set(loss_sd)), sorted(set(loss_sd) - set(loss_own))
-        bad = [f"loss.{k} {tuple(v.shape)} != {tuple(loss_own[k].shape)}" for k, v in loss_sd.items()
-               if k in loss_own and v.shape != loss_own[k].shape]
-        if missing or unexpected or bad:
-            raise ValueError(f"{name}: checkpoint loss.* entries do not match the config (discriminator "
-                             f"layers?): missing {['loss.' + k for k in missing[:5]]}, unexpected "
-                             f"{['loss.' + k for k in unexpected[:5]]}, shapes {bad[:5]}")
-        new.update({"loss_fn." + k: v for k, v in loss_sd.items()})
-    else:
-        print(f"{name}: no loss.* entries in the checkpoint: the discriminator (and logvar) keep a fresh init")
-        new.update({k: v for k, v in own.items() if k.startswith("loss_fn.")})
-    new["scale_factor"] = own["scale_factor"] if scale is None else scale.reshape(())
-    model.load_state_dict(new, strict=True)
+    model.load_state_dict(sd, strict=True)
     return model
 
 
 def load_official(path_or_state_dict, config):
     """Load an official VQModel / VQModelInterface checkpoint (first-stage model.ckpt, or a LatentDiffusion
-    checkpoint, whose first_stage_model.* and scale_factor are taken), strict on the network.
+    checkpoint, whose first_stage_model.* and scale_factor are taken), strict.
 
-    `config`: a CONFIGS name or the official constructor kwargs (first line of a reference keys file).
-    loss.discriminator.* loads into loss_fn (strict); loss.perceptual_loss.* is skipped with a printed note.
+    `config`: a CONFIGS name or the official constructor kwargs (first line of a keys file in tests/golden/).
+    loss.discriminator.* loads into loss_fn; a checkpoint without loss.* (LDM) gives a model built with
+    loss=None (inference only; prints a note).
     """
-    # the keys match the official apart from "loss." -> "loss_fn.", handled by _load_official_into
-    model = create(config)
-    return _load_official_into(model, _read_state_dict(path_or_state_dict), "ae_vq.load_official")
+    name = "ae_vq.load_official"
+    sd = _official_state(_read_state_dict(path_or_state_dict), name)
+    has_loss = any(k.startswith("loss_fn.") for k in sd)
+    if not has_loss:
+        print(f"{name}: no loss.* entries in the checkpoint: built with loss=None (inference only)")
+    return _load_strict(create(config, **({} if has_loss else {"loss": None})), sd, name)

@@ -39,7 +39,7 @@ Conventions (official): images in [-1, 1]; coordinates in [-1, 1] are pixel CENT
 `cell` is the full pixel size (2/H, 2/W). decode(z) renders at the encoder resolution; render(z, size) at any size.
 """
 import copy
-import os
+import math
 import warnings
 
 import numpy as np
@@ -325,11 +325,11 @@ def convert_posenc(x, dim, w_max):
     if dim % 2:
         raise ValueError(f"positional-encoding dim must be even, got {dim}")
     # log-spaced frequencies from 1 to w_max (dim/2 of them)
-    w = torch.exp(torch.linspace(0, np.log(w_max), dim // 2, device=x.device))
-    # (..., d, 1)@(1, dim/2) -> (..., d*dim/2)
+    w = torch.exp(torch.linspace(0, math.log(w_max), dim // 2, device=x.device))
+    # (..., d, 1) @ (1, dim/2) -> (..., d*dim/2)
     x = torch.matmul(x.unsqueeze(-1), w.unsqueeze(0)).view(*x.shape[:-1], -1)
     # 2 x (..., d*dim/2) -> (..., d*dim)
-    return torch.cat([torch.cos(np.pi * x), torch.sin(np.pi * x)], dim=-1)
+    return torch.cat([torch.cos(math.pi * x), torch.sin(math.pi * x)], dim=-1)
 
 
 # Sec. 3.1 / Fig. 3: the per-query inputs of CLIF; relative coordinate and cell are what let one phi be
@@ -605,7 +605,7 @@ class INFD(nn.Module):
                  disc_ndf=64, disc_layers=3, l1_weight=1.0, perc_weight=1.0,
                  quant_weight=1.0, gan_weight=0.75, adaptive_gan_weight=True, disc_start=0, max_scale=4,
                  p_whole=0.0, p_max=0.0, patch_size=256, patch_padding=8, scale_factor=0.0, lpips_pretrained=True,
-                 hparams=None):
+                 loss=True, hparams=None):
         super().__init__()
         if in_channels != 3:
             raise ValueError(f"INFD renders RGB images: in_channels must be 3, got {in_channels}")
@@ -638,10 +638,11 @@ class INFD(nn.Module):
             self.renderer = FixresRenderer(phi_channels)
         else:
             raise ValueError(f"unknown renderer {renderer!r} (choose 'clif' or 'fixres')")
-        # PatchGAN D with taming's N(0, 0.02) init (Sec. 3.2 adversarial loss)
-        self.disc = NLayerDiscriminator(in_channels, disc_ndf, disc_layers).apply(weights_init)
-        # Latent scale for diffusion (contract): 0 = not measured yet (treated as 1 by encode / decode).
+        # PatchGAN D with taming's N(0, 0.02) init (the adversarial loss); loss=None: inference only, no D
+        self.disc = None if loss is None else NLayerDiscriminator(in_channels, disc_ndf, disc_layers).apply(weights_init)
+        # Latent scale for diffusion (contract): 0 = not measured yet (treated as 1 by encode / decode, with a warning)
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
+        self._scale_checked = False
         # LPIPS (get_lpips) is frozen and not a submodule: out of state_dict() (the official has it as perc_loss.*,
         # which load_official drops), built at the first loss() call, so rendering never needs the VGG16 download
         self.lpips_pretrained = lpips_pretrained
@@ -665,13 +666,17 @@ class INFD(nn.Module):
         return self.renderer(phi, coord, cell)
 
     def _scale(self):
-        # scale_factor 0 means 'not measured': use 1 so that encode / decode are still inverse scalings
+        """scale_factor, or 1 while it is 0 ("not measured"); one host sync per model, for the warning."""
+        if not self._scale_checked and not self.scale_factor.is_meta:
+            self._scale_checked = True
+            if float(self.scale_factor) == 0:
+                warnings.warn("INFD scale_factor is not measured (0): encode/decode use 1 (train.py --ae measures it)")
         return torch.where(self.scale_factor == 0, torch.ones_like(self.scale_factor), self.scale_factor)
 
-    def encode(self, x):
+    def encode(self, x, sample=True):
         """Contract: x (B, 3, H, W) in [-1, 1] -> z * scale_factor, z (B, z_channels, R/f, R/f). The encoder works
         at its fixed resolution R: other sizes are resampled first (bicubic, antialiased; the official data
-        pipeline uses PIL LANCZOS)."""
+        pipeline uses PIL LANCZOS). Deterministic: `sample` is accepted, as by the other autoencoders, and ignored."""
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"encode expects images (B, 3, H, W), got {tuple(x.shape)}")
         if tuple(x.shape[-2:]) != (self.resolution, self.resolution):
@@ -760,7 +765,9 @@ class INFD(nn.Module):
     def optimizer_groups(self, phase=None):
         """{"ae": encoder + quantizer + decoder + renderer, "disc": discriminator} (official: one Adam each for
         encoder, decoder(+quantizer), renderer -- the same as one Adam -- and disc)."""
-        # the renderer is trained jointly with E and D: phi only has to be meaningful to R (Sec. 3.1)
+        if self.disc is None:
+            raise ValueError("this INFD was built with loss=None (inference only): no losses, no optimizer groups")
+        # the renderer is trained jointly with E and D: phi only has to be meaningful to R
         ae = [p for m in (self.encoder, self.quantizer, self.decoder, self.renderer) for p in m.parameters()]
         return {"ae": ae, "disc": list(self.disc.parameters())}
 
@@ -787,6 +794,8 @@ class INFD(nn.Module):
         """One call per group per step (contract). "ae": quant + L1 + LPIPS + gan_weight * w_adapt * (-D(pred));
         "disc": hinge loss on gt vs a no-grad re-render (official INFD.forward modes 'loss' / 'disc_loss').
         The GAN terms start at step >= disc_start (official gan_start_after_iters = 0: from the first step)."""
+        if self.disc is None:
+            raise ValueError("this INFD was built with loss=None (inference only): no losses, no optimizer groups")
         x = batch["x"]
         gt, coord, cell = self._targets(batch)
         lc = self.loss_cfg
@@ -916,6 +925,22 @@ def official_to_create(spec):
     return kw
 
 
+# Copied from ae_kl._read_state_dict
+def _read_state_dict(path_or_state_dict):
+    """A flat {key: tensor} from a dict or a torch file (weights_only), flat or nested under "state_dict"
+    (Lightning), "model" (train.py; INFD) and "sd" (INFD); DDP's `module.` / torch.compile's `_orig_mod.` dropped."""
+    sd = path_or_state_dict
+    if not isinstance(sd, dict):
+        try:
+            sd = torch.load(sd, map_location="cpu", weights_only=True)
+        except Exception as e:  # missing file, pickle, bad header: one line names it
+            raise ValueError(f"cannot read checkpoint {path_or_state_dict!r}: {type(e).__name__}: {e}") from None
+    for wrapper in ("state_dict", "model", "sd"):
+        if isinstance(sd.get(wrapper), dict):
+            sd = sd[wrapper]
+    return {k.removeprefix("module.").replace("_orig_mod.", ""): v for k, v in sd.items() if torch.is_tensor(v)}
+
+
 def load_official(path_or_state_dict, config="ae-d4vq", **overrides):
     """Official checkpoint (`{'model': {'sd': ...}}` as BaseTrainer saves it, or a bare state dict) -> INFD, strict.
     Rename table: none (our module names are the official ones), except
@@ -924,16 +949,14 @@ def load_official(path_or_state_dict, config="ae-d4vq", **overrides):
       z_dm.*, z_dm_ema.* dropped: the diffusion UNet of dm checkpoints is not part of this file (train or load a
                          diffusion model separately; it runs on encode()'s latents with scale_factor 1);
       scale_factor       added (ours): 1.0, the official diffusion model works on the raw z.
+    A checkpoint without disc.* gives a model built with loss=None (inference only).
     `config`: a CONFIGS name or the official constructor kwargs (keys/*.txt first line)."""
-    if isinstance(path_or_state_dict, (str, os.PathLike)):
-        ck = torch.load(path_or_state_dict, map_location="cpu", weights_only=False)
-    else:
-        ck = path_or_state_dict
-    sd = ck["model"]["sd"] if isinstance(ck.get("model"), dict) and "sd" in ck["model"] else ck
+    sd = {k: v for k, v in _read_state_dict(path_or_state_dict).items() if not k.startswith(DROPPED)}
     kw = official_to_create(config) if isinstance(config, dict) else dict(CONFIGS[config])
     kw.update(overrides)
+    if not any(k.startswith("disc.") for k in sd):
+        kw["loss"] = None
     model = create(kw)
-    sd = {k: v for k, v in sd.items() if not k.startswith(DROPPED)}
     sd.setdefault("scale_factor", torch.tensor(1.0))
     mine = model.state_dict()
     missing, unexpected = sorted(set(mine) - set(sd)), sorted(set(sd) - set(mine))

@@ -11,6 +11,7 @@ import functools
 import json
 import lzma
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -404,6 +405,27 @@ def test_overfit_gan_on():
     assert disc[-1]["disc/logits_real"] > disc[-1]["disc/logits_fake"]  # D learned to tell them apart
     rec = [h["ae/rec_loss"] for h in ae]
     assert sum(rec[-5:]) / 5 < 0.5 * rec[0], (rec[0], rec[-5:])
+
+
+def test_inference_model_and_encode_mode(capsys):
+    """Issue 16 item 2: loss=None builds no PatchGAN / logvar; encode(x, sample=False) is the posterior mode; an
+    unmeasured scale factor warns once; a checkpoint without loss.* (an LDM one) loads strict into loss=None."""
+    torch.manual_seed(0)
+    m = ae_kl.create("tiny", loss=None).eval()
+    assert m.loss_fn is None and not any(k.startswith("loss_fn.") for k in m.state_dict())
+    with pytest.raises(ValueError, match="loss=None"):
+        m.optimizer_groups()
+    x = blob_batch(2)["x"]
+    with pytest.warns(UserWarning, match="scale_factor is not measured"):
+        z = m.encode(x, sample=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per model
+        assert torch.equal(z, m.encode(x, sample=False)) and torch.equal(z, m.encode_posterior(x).mean)
+        assert not torch.equal(m.encode(x), z)  # the default: a posterior sample, as LDM
+    full = ae_kl.create("tiny", lpips_pretrained=False)
+    ldm = {"first_stage_model." + k: v for k, v in full.state_dict().items() if not k.startswith("loss_fn.")}
+    loaded = ae_kl.load_official(ldm, "tiny")
+    assert loaded.loss_fn is None and "built with loss=None" in capsys.readouterr().out
 
 
 def test_lpips_in_loss_is_frozen_and_outside_state_dict():

@@ -321,6 +321,23 @@ def test_overfit_gan_on():
     assert sum(rec[-5:]) / 5 < 0.5 * rec[0], (rec[0], rec[-5:])
 
 
+def test_inference_model_and_encode(capsys):
+    """Issue 16 item 2: loss=None builds no PatchGAN; encode is deterministic and accepts sample=; an unmeasured
+    scale factor warns once; a checkpoint without loss.* (an LDM one) loads strict into loss=None."""
+    torch.manual_seed(0)
+    m = ae_vq.create("tiny", loss=None).eval()
+    assert m.loss_fn is None and not any(k.startswith("loss_fn.") for k in m.state_dict())
+    with pytest.raises(ValueError, match="loss=None"):
+        m.loss("ae", blob_batch(2), 0)
+    x = blob_batch(2)["x"]
+    with pytest.warns(UserWarning, match="scale_factor is not measured"):
+        z = m.encode(x)
+    assert torch.equal(z, m.encode(x, sample=False)) and torch.equal(z, m.encode_to_prequant(x))
+    full = ae_vq.create("tiny", lpips_pretrained=False)
+    ldm = {"first_stage_model." + k: v for k, v in full.state_dict().items() if not k.startswith("loss_fn.")}
+    assert ae_vq.load_official(ldm, "tiny").loss_fn is None and "loss=None" in capsys.readouterr().out
+
+
 def test_offline_lpips_message(monkeypatch, tmp_path):
     def no_network(*args, **kwargs):
         raise OSError("network unreachable")

@@ -224,6 +224,22 @@ def test_load_official_strict():
         infd.load_official(sd, spec, lpips_pretrained=False)
 
 
+def test_inference_model_and_encode():
+    """Issue 16 item 2: loss=None builds no discriminator; encode accepts sample= (deterministic); an unmeasured scale
+    factor warns once; a checkpoint without disc.* loads strict into loss=None."""
+    m = infd.create("tiny", loss=None).eval()
+    assert m.disc is None and not any(k.startswith("disc.") for k in m.state_dict())
+    with pytest.raises(ValueError, match="loss=None"):
+        m.optimizer_groups()
+    x = torch.zeros(1, 3, 32, 32)
+    with pytest.warns(UserWarning, match="scale_factor is not measured"):
+        z = m.encode(x)
+    assert torch.equal(z, m.encode(x, sample=False))
+    sd = {k: v for k, v in tiny_official().state_dict().items() if not k.startswith("disc.")}
+    spec = golden("tiny_weights")["config"]
+    assert infd.load_official(sd, spec).disc is None
+
+
 # ------------------------------------------------------------------------------------------------ tiling
 def no_norm_model():
     torch.manual_seed(0)
