@@ -44,7 +44,6 @@ Left out / differs from the official code
 Rename table for official checkpoints: none (timm's names inside the blocks: attn.qkv, attn.proj, mlp.fc1,
 mlp.fc2; x_embedder.proj). load_official also takes train.py checkpoints ("ema" preferred).
 """
-import inspect
 import math
 import os
 from functools import partial
@@ -85,10 +84,8 @@ class PatchEmbed(nn.Module):
 
 def get_1d_sincos_pos_embed(embed_dim, pos):
     """1-D sin-cos table (Vaswani et al. / MAE): [sin(pos * omega_m)] ++ [cos(pos * omega_m)], float64."""
-    # (embed_dim/2,): m / (embed_dim/2)
-    omega = torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2.0)
-    # (D/4,) with D the full width: omega_m = 1 / 10000^(m / (D/4))
-    omega = 1.0 / 10000**omega
+    # omega_m = 1 / 10000^(m / (D/4)), m < D/4, with D the full width (embed_dim = D/2 here)
+    omega = 1.0 / 10000 ** (torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2.0))
     out = pos.reshape(-1, 1).double() * omega[None]  # (M,) x (D/4,) -> (M, D/4)
     return torch.cat([torch.sin(out), torch.cos(out)], dim=1)  # (M, D/2): sin FIRST here
 
@@ -113,11 +110,8 @@ class TimestepEmbedder(nn.Module):
 
     def __init__(self, hidden_size, frequency_embedding_size=256):
         super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
-            nn.SiLU(),
-            nn.Linear(hidden_size, hidden_size, bias=True),
-        )
+        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size, bias=True), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size, bias=True))
         self.frequency_embedding_size = frequency_embedding_size
 
     @staticmethod
@@ -269,11 +263,9 @@ class DiT(nn.Module):
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.num_classes, self.learn_sigma = num_classes, learn_sigma
         self.out_channels = in_channels * 2 if learn_sigma else in_channels  # eps (+ v)
-        # False = the official 3-channel quirk (forward_with_cfg)
-        self.cfg_all_channels = cfg_all_channels
-        # Sampling only: clip the predicted x0 to [-1, 1] at every step. The official DiT samples latents and does
-        # not (sample.py: clip_denoised=False); pixel presets do, as improved-diffusion's image sampler does.
-        self.clip_denoised = clip_denoised
+        # cfg_all_channels False: the official 3-channel quirk (forward_with_cfg). clip_denoised: clip x0 to [-1, 1]
+        # while sampling; the official DiT samples latents and does not (sample.py), pixel presets do.
+        self.cfg_all_channels, self.clip_denoised = cfg_all_channels, clip_denoised
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)  # (N, C, I, I) -> (N, T, D)
         self.t_embedder = TimestepEmbedder(hidden_size)  # (N,) -> (N, D)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)  # (N,) -> (N, D)
@@ -287,7 +279,6 @@ class DiT(nn.Module):
         self.initialize_weights()
         # The process DiT trains with: 1000 linear-beta steps, no respacing (train.py: create_diffusion("")).
         self.diffusion = GaussianDiffusion("", learn_sigma=learn_sigma)
-        # Sec. 4 training defaults (see HPARAMS)
         self.hparams = dict(HPARAMS)
 
     def initialize_weights(self):
@@ -312,12 +303,10 @@ class DiT(nn.Module):
         # adaLN-Zero again: _basic_init re-drew the blocks' regressions (kept, so the RNG stream is the official one)
         for block in self.blocks:
             block.zero_adaLN()
-        # final adaLN (shift, scale) zero too: the decoder starts as a plain non-affine LayerNorm + Linear
-        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
-        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
-        # so the untrained model outputs exactly 0
-        nn.init.constant_(self.final_layer.linear.weight, 0)
-        nn.init.constant_(self.final_layer.linear.bias, 0)
+        # final adaLN and Linear zero too: the untrained model outputs exactly 0
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.constant_(layer.weight, 0)
+            nn.init.constant_(layer.bias, 0)
 
     def unpatchify(self, x):
         """(N, T, p*p*Cout) -> (N, Cout, H, W); feature index f = (i*p + j)*Cout + ch inside each patch."""
@@ -401,13 +390,10 @@ class DiT(nn.Module):
         steps = 250 if steps is None else int(steps)
         device = self.pos_embed.device
         diffusion = GaussianDiffusion(str(steps), learn_sigma=self.learn_sigma)  # respaced chain, e.g. "250"
-        # sample_ddp.py order: noise first, then random classes
-        # z = x_T ~ N(0, I): (n, C, I, I)
+        # z = x_T ~ N(0, I), drawn before the random classes (sample_ddp.py's order)
         z = torch.randn(n, self.in_channels, self.input_size, self.input_size, generator=generator, device=device)
         if labels is None:
-            # (n,) uniform random classes when none are given
             labels = torch.randint(0, self.num_classes, (n,), generator=generator, device=device)
-        # int / list / tensor -> (n,) long
         labels = torch.as_tensor(labels, device=device).long().reshape(-1)
         if labels.shape[0] != n or int(labels.min()) < 0 or int(labels.max()) >= self.num_classes:
             raise ValueError(f"labels must be {n} class indices in [0, {self.num_classes}), got {labels.tolist()}")
@@ -425,8 +411,7 @@ class DiT(nn.Module):
         self.eval()  # no label dropout while sampling
         try:
             step_fn = diffusion.p_sample if sampler == "ddpm" else partial(diffusion.ddim_sample, eta=eta)
-            # i = T'-1 .. 0 of the respaced chain, starting from x_T = z ~ N(0, I)
-            # p_sample_loop / ddim_sample_loop
+            # p_sample_loop / ddim_sample_loop: i = T'-1 .. 0 of the respaced chain
             for i in reversed(range(diffusion.num_timesteps)):
                 t = torch.full((x.shape[0],), i, device=device, dtype=torch.long)  # (n,), or (2n,) under CFG
                 x = step_fn(model_fn, x, t, clip_denoised=clip_denoised, model_kwargs=dict(y=y),
@@ -768,13 +753,12 @@ def _resolve_config(config, overrides):
     unknown = sorted(set(kwargs) - set(_KWARGS))
     if unknown:
         raise ValueError(f"unknown dit argument(s) {unknown}; known: {', '.join(_KWARGS)}")
-    # DiT's constructor defaults fill in what kwargs leaves out, so the checks below see every argument
-    defaults = {k: v.default for k, v in inspect.signature(DiT.__init__).parameters.items() if k != "self"}
-    merged = {**defaults, **kwargs}
-    if merged["input_size"] % merged["patch_size"]:
-        raise ValueError(f"dit patch size {merged['patch_size']} does not divide image size {merged['input_size']}")
-    if merged["hidden_size"] % merged["num_heads"]:
-        raise ValueError(f"dit hidden size {merged['hidden_size']} is not divisible by {merged['num_heads']} heads")
+    size, p = kwargs.get("input_size", 32), kwargs.get("patch_size", 2)  # DiT's constructor defaults
+    width, heads = kwargs.get("hidden_size", 1152), kwargs.get("num_heads", 16)
+    if size % p:
+        raise ValueError(f"dit patch size {p} does not divide image size {size}")
+    if width % heads:
+        raise ValueError(f"dit hidden size {width} is not divisible by {heads} heads")
     return kwargs
 
 
