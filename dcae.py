@@ -69,13 +69,10 @@ class TRMSNorm2d(nn.LayerNorm):
     """
 
     def forward(self, x):
-        # float32 math for half/bf16 inputs (as the kernel), float64 stays float64 (tests)
-        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        # mean over dim=1 = channels only: each pixel is normalised on its own (no spatial statistics)
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # float32 math, as the kernel
+        # the mean runs over the channels only: each pixel is normalised on its own
         rrms = torch.rsqrt(xf.pow(2).mean(dim=1, keepdim=True) + self.eps)  # (B, 1, H, W)
-        y = xf * rrms * self.weight[:, None, None] + self.bias[:, None, None]  # (B, C, H, W)
-        # cast back so the block's output dtype equals its input dtype (autocast-friendly)
-        return y.to(x.dtype)
+        return (xf * rrms * self.weight[:, None, None] + self.bias[:, None, None]).to(x.dtype)
 
 
 def no_autocast(device):
@@ -225,12 +222,11 @@ class ConvPixelUnshuffleDownsample(nn.Module):
         if out_ch % factor**2 != 0:
             raise ValueError(f"ConvPixelUnshuffle: out channels {out_ch} not divisible by {factor**2}")
         self.factor = factor
-        # conv at full resolution to C_out/4 channels; the unshuffle then multiplies channels by 4 losslessly
         self.conv = ConvLayer(in_ch, out_ch // factor**2, 3, bias=True)
 
     def forward(self, x):
         x = self.conv(x)  # (B, C_in, H, W) -> (B, C_out/4, H, W)
-        # space-to-channel keeps every conv output value as a channel (no samples dropped, unlike stride 2)
+        # space-to-channel keeps every conv output value (a stride-2 conv drops 3 of 4 positions)
         return F.pixel_unshuffle(x, self.factor)  # -> (B, C_out, H/2, W/2)
 
 
@@ -240,7 +236,6 @@ class ConvPixelShuffleUpsample(nn.Module):
     def __init__(self, in_ch, out_ch, factor=2):
         super().__init__()
         self.factor = factor
-        # 4*C_out channels at low resolution, rearranged into a 2x2 neighbourhood per pixel by pixel_shuffle
         self.conv = ConvLayer(in_ch, out_ch * factor**2, 3, bias=True)
 
     def forward(self, x):
@@ -255,21 +250,20 @@ class InterpolateConvUpsample(nn.Module):
     def __init__(self, in_ch, out_ch, factor=2):
         super().__init__()
         self.factor = factor
-        self.conv = ConvLayer(in_ch, out_ch, 3, bias=True)  # (B, C_in, 2h, 2w) -> (B, C_out, 2h, 2w)
+        self.conv = ConvLayer(in_ch, out_ch, 3, bias=True)
 
     def forward(self, x):
         # nearest x2 copies each pixel into a 2x2 block; the 3x3 conv then mixes the copies
         x = F.interpolate(x, scale_factor=self.factor, mode="nearest")  # (B, C, h, w) -> (B, C, 2h, 2w)
-        return self.conv(x)  # (B, C, 2h, 2w) -> (B, C_out, 2h, 2w)
+        return self.conv(x)
 
 
 def build_downsample(block_type, in_ch, out_ch, shortcut):
     """Encoder down-sampling block: learned layer (+ averaging shortcut, Sec. 3.2) (official build_downsample_block)."""
     if block_type == "Conv":
-        # plain strided conv (SANA AE); ConvPixelUnshuffle (in/mix releases) keeps all pixels in channels
-        main = ConvLayer(in_ch, out_ch, 3, stride=2, bias=True)  # 3x3 stride-2 conv, padding 1
+        # plain 3x3 stride-2 conv (SANA AE); ConvPixelUnshuffle (in/mix releases) keeps all pixels in channels
+        main = ConvLayer(in_ch, out_ch, 3, stride=2, bias=True)
     elif block_type == "ConvPixelUnshuffle":
-        # (B, C_in, H, W) -> conv -> (B, C_out/4, H, W) -> pixel_unshuffle -> (B, C_out, H/2, W/2)
         main = ConvPixelUnshuffleDownsample(in_ch, out_ch)
     else:
         raise ValueError(f"unknown downsample_block_type {block_type!r} (expected 'Conv' or 'ConvPixelUnshuffle')")
@@ -277,15 +271,13 @@ def build_downsample(block_type, in_ch, out_ch, shortcut):
         return main
     if shortcut != "averaging":
         raise ValueError(f"unknown downsample shortcut {shortcut!r} (expected 'averaging' or None)")
-    # learned branch + non-parametric shortcut: the layer only learns the residual on top of space-to-channel (Sec. 3.2)
-    # both branches: (B, C_in, H, W) -> (B, C_out, H/2, W/2)
+    # Sec. 3.2: the learned layer only learns the residual on top of space-to-channel
     return ResidualBlock(main, ChannelAveragingShortcut(in_ch, out_ch, 2))
 
 
 def build_upsample(block_type, in_ch, out_ch, shortcut):
     """Decoder up-sampling block: learned layer (+ duplicating shortcut, Sec. 3.2) (official build_upsample_block)."""
     if block_type == "ConvPixelShuffle":
-        # (B, C_in, h, w) -> conv -> (B, 4*C_out, h, w) -> pixel_shuffle -> (B, C_out, 2h, 2w)
         main = ConvPixelShuffleUpsample(in_ch, out_ch)
     elif block_type == "InterpolateConv":
         # SANA AE; it keeps the default duplicating shortcut around this layer
@@ -296,8 +288,7 @@ def build_upsample(block_type, in_ch, out_ch, shortcut):
         return main
     if shortcut != "duplicating":
         raise ValueError(f"unknown upsample shortcut {shortcut!r} (expected 'duplicating' or None)")
-    # learned branch + channel-to-space shortcut: the layer learns only the residual on top of it (Sec. 3.2)
-    # both branches: (B, C_in, h, w) -> (B, C_out, 2h, 2w)
+    # Sec. 3.2: the learned layer only learns the residual on top of channel-to-space
     return ResidualBlock(main, ChannelDuplicatingShortcut(in_ch, out_ch, 2))
 
 
@@ -315,7 +306,7 @@ class ResBlock(nn.Module):
         self.conv2 = ConvLayer(channels, channels, 3, bias=False, norm=norm, act=None)
 
     def forward(self, x):
-        return self.conv2(self.conv1(x))  # (B, C, H, W) -> (B, C, H, W), shape-preserving
+        return self.conv2(self.conv1(x))
 
 
 class GLUMBConv(nn.Module):
@@ -330,10 +321,9 @@ class GLUMBConv(nn.Module):
         # mid = 4C; the first conv produces 2*mid = 8C so the GLU split leaves 4C value and 4C gate channels
         mid = round(channels * expand_ratio)
         self.inverted_conv = ConvLayer(channels, 2 * mid, 1, bias=True, norm=None, act=act)
-        # depthwise 3x3 gives the FFN local spatial mixing, which linear attention lacks (EfficientViT, Cai et al.)
+        # depthwise 3x3: the local spatial mixing that linear attention lacks (EfficientViT, Cai et al.)
         self.depth_conv = ConvLayer(2 * mid, 2 * mid, 3, groups=2 * mid, bias=True, norm=None, act=None)
         self.glu_act = build_act(act)
-        # (B, 4C, H, W) -> (B, C, H, W); norm after the projection, no act (the residual add follows)
         self.point_conv = ConvLayer(mid, channels, 1, bias=False, norm=norm, act=None)
 
     def forward(self, x):
@@ -361,20 +351,19 @@ class LiteMLA(nn.Module):
     def __init__(self, in_ch, out_ch, heads=None, heads_ratio=1.0, dim=8, use_bias=False,
                  norm=(None, "bn2d"), act=(None, None), scales=(5,), eps=1e-15):
         super().__init__()
+        # heads, heads_ratio, use_bias, act: the official signature (a golden case sets them); DC-AE uses the defaults
         use_bias = use_bias if isinstance(use_bias, (tuple, list)) else (use_bias, use_bias)
         # heads = C / dim (dim = 32 in DC-AE): e.g. 1024 channels -> 32 heads
         heads = int(in_ch // dim * heads_ratio) if heads is None else heads
         if heads < 1:
             raise ValueError(f"LiteMLA: {in_ch} channels give 0 heads of dim {dim} (EfficientViT stages need >= {dim})")
         self.dim, self.eps = dim, eps
-        # total_dim = C for heads_ratio 1: q, k, v each have C channels, so qkv has 3C
+        # total_dim = C for heads_ratio 1: q, k, v of all heads from one 1x1 conv with 3C outputs
         total_dim = heads * dim
-        # (B, C, H, W) -> (B, 3*total_dim, H, W): q, k, v of all heads from one 1x1 conv
         self.qkv = ConvLayer(in_ch, 3 * total_dim, 1, bias=use_bias[0], norm=norm[0], act=act[0])
         # multi-scale aggregation: depthwise s x s, then 1x1 with groups = 3*heads (one q/k/v slice of one head each)
         self.aggreg = nn.ModuleList([
             nn.Sequential(
-                # both convs keep (B, 3*total_dim, H, W): padding s//2, stride 1
                 nn.Conv2d(3 * total_dim, 3 * total_dim, s, padding=s // 2, groups=3 * total_dim, bias=use_bias[0]),
                 nn.Conv2d(3 * total_dim, 3 * total_dim, 1, groups=3 * heads, bias=use_bias[0]),
             )
@@ -417,8 +406,7 @@ class LiteMLA(nn.Module):
         qkv = self.qkv(x)  # (B, C, H, W) -> (B, 3*heads*dim, H, W)
         # multi-scale: each aggregation mixes nearby tokens' q/k/v, giving extra head groups (EfficientViT)
         qkv = torch.cat([qkv] + [op(qkv) for op in self.aggreg], dim=1)  # -> (B, 3*heads*dim*(1+S), H, W)
-        # G = heads*(1+S): attention runs independently per head of every scale
-        # back in qkv's dtype, as the official forward (bf16 under autocast)
+        # G = heads*(1+S) head groups, each attended independently; back in qkv's dtype, as the official forward
         out = self.attention(qkv).to(qkv.dtype)  # (B, G*dim, H, W)
         return self.proj(out)  # (B, G*dim, H, W) -> (B, C_out, H, W)
 
@@ -435,7 +423,7 @@ class EfficientViTBlock(nn.Module):
         self.local_module = ResidualBlock(GLUMBConv(channels, norm, act, expand_ratio), nn.Identity())
 
     def forward(self, x):
-        return self.local_module(self.context_module(x))  # (B, C, H, W) -> (B, C, H, W)
+        return self.local_module(self.context_module(x))
 
 
 def build_block(block_type, channels, norm, act):
@@ -443,11 +431,9 @@ def build_block(block_type, channels, norm, act):
     if block_type == "ResBlock":
         # identity skip around the two convs (the high-resolution stages, where attention is too costly)
         return ResidualBlock(ResBlock(channels, norm, act), nn.Identity())
-    if block_type == "EViT_GLU":
-        # EViT_GLU: single-scale linear attention (the in/mix releases)
+    if block_type == "EViT_GLU":  # single-scale linear attention (the in/mix releases)
         return EfficientViTBlock(channels, norm, act, scales=())
-    if block_type == "EViTS5_GLU":
-        # EViTS5_GLU: + one 5x5 aggregation scale (the SANA AE)
+    if block_type == "EViTS5_GLU":  # + one 5x5 aggregation scale (the SANA AE)
         return EfficientViTBlock(channels, norm, act, scales=(5,))
     raise ValueError(f"unknown block_type {block_type!r} (expected 'ResBlock', 'EViT_GLU' or 'EViTS5_GLU')")
 
@@ -503,27 +489,23 @@ class Encoder(nn.Module):
         widths, depths = cfg["width_list"], cfg["depth_list"]
         n = len(widths)
         if depths[0] > 0:
-            # 3 -> width_list[0] at full resolution
             self.project_in = ConvLayer(cfg["in_channels"], widths[0], 3, bias=True)
         else:
-            # no shortcut: averaging 3 RGB channels*4 into widths[1] channels is not divisible in general
-            # (B, in_channels, H, W) -> (B, width_list[1], H/2, W/2)
+            # no shortcut: 3 RGB channels * 4 do not average into width_list[1] channels in general
             self.project_in = build_downsample(cfg["downsample_block_type"], cfg["in_channels"], widths[1], None)
         stages = []
         for i in range(n):
             blocks = build_stage(widths[i], depths[i], _per_stage(cfg["block_type"], i),
                                  _per_stage(cfg["norm"], i), _per_stage(cfg["act"], i))
-            # the last stage has no down-sampling; n stages -> n-1 halvings -> f = 2^(n-1)
+            # the last stage has no down-sampling: n stages -> n-1 halvings -> f = 2^(n-1)
             if i < n - 1 and depths[i] > 0:
-                # Sec. 3.2: the down-sampling block ends the stage, with the space-to-channel averaging shortcut
-                # (B, width_list[i], h, w) -> (B, width_list[i+1], h/2, w/2)
+                # Sec. 3.2: the down-sampling block (with the averaging shortcut) ends the stage, h -> h/2
                 blocks.append(build_downsample(cfg["downsample_block_type"], widths[i], widths[i + 1],
                                                cfg["downsample_shortcut"]))
             stages.append(nn.Sequential(*blocks))  # an empty stage is an empty Sequential (identity)
         self.stages = nn.ModuleList(stages)
         # official OpSequential([norm=None, act, conv]) drops the None entries: the conv is main.0 (or main.1 after an act)
         out = [m for m in (build_act(cfg["out_act"]),) if m is not None]
-        # (B, width_list[-1], H/f, W/f) -> (B, latent_channels, H/f, W/f)
         main = nn.Sequential(*out, ConvLayer(widths[-1], cfg["latent_channels"], 3, bias=True))
         if cfg["out_shortcut"] is None:
             self.project_out = main
@@ -538,10 +520,9 @@ class Encoder(nn.Module):
         return [self.project_in] + [s for s in self.stages if len(s) > 0] + [self.project_out]
 
     def forward(self, x):
-        # (B, in_channels, H, W) -> ... -> (B, latent_channels, H/f, W/f)
         for step in self.steps():
             x = step(x)
-        return x
+        return x  # (B, in_channels, H, W) -> (B, latent_channels, H/f, W/f)
 
 
 class Decoder(nn.Module):
@@ -560,7 +541,7 @@ class Decoder(nn.Module):
             raise ValueError("decoder.upsample_match_channel=False is not supported (no DC-AE release uses it)")
         widths, depths = cfg["width_list"], cfg["depth_list"]
         n = len(widths)
-        # (B, latent_channels, h, w) -> (B, width_list[-1], h, w); mirrors the encoder's project_out
+        # mirrors the encoder's project_out
         proj = ConvLayer(cfg["latent_channels"], widths[-1], 3, bias=True)
         if cfg["in_shortcut"] is None:
             self.project_in = proj
@@ -573,24 +554,20 @@ class Decoder(nn.Module):
         for i in range(n):
             blocks = []
             if i < n - 1 and depths[i] > 0:
-                # Sec. 3.2: the up-sampling block starts the stage, with the duplicating channel-to-space shortcut
-                # (B, width_list[i+1], h, w) -> (B, width_list[i], 2h, 2w)
+                # Sec. 3.2: the up-sampling block (with the duplicating shortcut) starts the stage, h -> 2h
                 blocks.append(build_upsample(cfg["upsample_block_type"], widths[i + 1], widths[i],
                                              cfg["upsample_shortcut"]))
             blocks += build_stage(widths[i], depths[i], _per_stage(cfg["block_type"], i),
                                   _per_stage(cfg["norm"], i), _per_stage(cfg["act"], i))
-            # stage i: (B, width_list[i+1], h, w) -> up-sample -> (B, width_list[i], 2h, 2w) -> blocks
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.ModuleList(stages)
         # channels reaching the head: widths[0] only if stage 0 was built
         c = widths[0] if depths[0] > 0 else widths[1]
         head = [build_norm(cfg["out_norm"], c), build_act(cfg["out_act"])]
         if depths[0] > 0:
-            # (B, c, H, W) -> (B, in_channels, H, W)
             head.append(ConvLayer(c, cfg["in_channels"], 3, bias=True))
         else:
             # the last x2 up-sampling is the output layer itself (mirror of the encoder's project_in)
-            # (B, c, H/2, W/2) -> (B, in_channels, H, W)
             head.append(build_upsample(cfg["upsample_block_type"], c, cfg["in_channels"], None))
         # official OpSequential drops None entries: with norm and act the final layer is index 2
         self.project_out = nn.Sequential(*[m for m in head if m is not None])
@@ -600,10 +577,9 @@ class Decoder(nn.Module):
         return [self.project_in] + [s for s in reversed(self.stages) if len(s) > 0] + [self.project_out]
 
     def forward(self, z):
-        # (B, latent_channels, h, w) -> ... -> (B, in_channels, h*f, w*f)
         for step in self.steps():
             z = step(z)
-        return z
+        return z  # (B, latent_channels, h, w) -> (B, in_channels, h*f, w*f)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -725,7 +701,7 @@ def get_lpips(pretrained, device):
 # DC-AE: the model, its phases and its losses
 # --------------------------------------------------------------------------------------------------------------
 
-# Optimiser defaults per phase (the paper's appendix as reported in the reference README; not in any code).
+# Optimiser defaults per phase: the paper's appendix as a third-party reading reports it (see "Chosen here").
 PHASE_HPARAMS = {
     1: {"lr": 6.4e-5, "weight_decay": 0.1, "betas": (0.9, 0.999)},  # low-res full training
     2: {"lr": 1.6e-5, "weight_decay": 1e-3, "betas": (0.9, 0.999)},  # high-res latent adaptation
@@ -750,10 +726,8 @@ class DCAE(nn.Module):
         self.in_channels, self.latent_channels = cfg["in_channels"], cfg["latent_channels"]
         # one x2 per stage transition: 6 stages -> f32, 7 -> f64, 8 -> f128 (official spatial_compression_ratio)
         self.spatial_compression_ratio = 2 ** (len(cfg["decoder"]["width_list"]) - 1)
-        self.disc = None
-        if train_cfg["loss"] is not None:
-            self.disc = NLayerDiscriminator(cfg["in_channels"], train_cfg["disc_ndf"], train_cfg["disc_layers"])
-            self.disc.apply(weights_init)
+        self.disc = None if train_cfg["loss"] is None else NLayerDiscriminator(
+            cfg["in_channels"], train_cfg["disc_ndf"], train_cfg["disc_layers"]).apply(weights_init)
         # 0 = "not measured yet" (train.py --ae measures it); encode/decode then use 1, with a warning
         self.register_buffer("scale_factor", torch.tensor(float(train_cfg["scale_factor"])))
         self._scale_checked = False
@@ -812,15 +786,14 @@ class DCAE(nn.Module):
         enc = [s for s in self.encoder.stages if len(s) > 0]  # encoder order
         dec = [s for s in reversed(self.decoder.stages) if len(s) > 0]  # decoder execution order
         if phase == 1:
-            # phase 1 (Sec. 3.2): everything trains at low resolution, L1 + LPIPS only (no GAN loss yet)
             return [self.encoder, self.decoder]
         if phase == 2:
-            # phase 2 (Sec. 3.2): only the layers nearest the latent see high-res images, so the generalisation
+            # the generalisation penalty at high resolution is closed where it arises (around the latent),
+            # at a fraction of the memory of full high-resolution training
             k = self.train_cfg["adapt_stages"]
-            # gap at high resolution is closed where it arises (latent), at a fraction of full-training cost
             return enc[len(enc) - k:] + [self.encoder.project_out, self.decoder.project_in] + dec[:k]
         if phase == 3:
-            # phase 3 (Sec. 3.2): GAN loss on the decoder head only, so local details sharpen while the latent is frozen
+            # the GAN loss sharpens local detail; the latent space of phase 2 stays fixed
             k = self.train_cfg["head_stages"]
             return dec[len(dec) - k:] + [self.decoder.project_out]
         raise ValueError(f"unknown phase {phase!r} (expected 1, 2 or 3)")
@@ -880,11 +853,9 @@ class DCAE(nn.Module):
         (phase 2: the early encoder; phase 3: the encoder and most of the decoder) -- the memory saving
         the paper reports for phase 2."""
         steps = self._steps()
-        # frozen prefix: no autograd graph, so high-res phase-2 batches fit in memory
         with torch.no_grad():
             for step in steps[: self._first_trainable]:
                 x = step(x)
-        # trainable suffix: ordinary autograd from the first trainable module on
         for step in steps[self._first_trainable:]:
             x = step(x)
         return x
@@ -910,27 +881,23 @@ class DCAE(nn.Module):
         # the GAN term belongs to phase 3 only (Sec. 3.2 low-resolution local refinement)
         gan_on = self.phase == 3 and step >= tc["disc_start"]
         if group == "ae":
-            # (B, C, H, W) -> (B, C, H, W); the frozen prefix runs under no_grad (phases 2/3)
             x_hat = self._reconstruct(x)
             # float32 loss math so bf16 autocast does not round small reconstruction errors away
-            l1 = (x_hat.float() - x.float()).abs().mean()  # (B, C, H, W) -> scalar
-            # lpips_weight 0 skips the VGG entirely (fast tests); a Python float, so no host sync
+            l1 = (x_hat.float() - x.float()).abs().mean()
+            # lpips_weight 0 skips the VGG entirely; a Python float, so no host sync
             lp = self._lpips_loss(x_hat, x) if tc["lpips_weight"] else torch.zeros((), device=x.device)
-            # reconstruction objective of every phase: L1 + perceptual LPIPS
+            # the reconstruction objective of every phase: L1 + LPIPS
             rec = tc["l1_weight"] * l1 + tc["lpips_weight"] * lp
             logs = {"l1": l1.detach(), "lpips": lp.detach(), "rec": rec.detach()}
             if not gan_on:
                 return rec, logs
-            # generator term; the discriminator runs with detached weights so this loss gives no gradient
-            # to its parameters (they belong to the "disc" group)
+            # generator term: the discriminator runs with detached weights, so this loss gives its parameters
+            # (the "disc" group) no gradient
             params = {n: p.detach() for n, p in self.disc.named_parameters()}
-            # (B, C, H, W) -> (B, 1, H', W') patch logits
             logits_fake = torch.func.functional_call(self.disc, params, (x_hat,), strict=False).float()
-            # hinge generator loss: raise the discriminator's logit on reconstructions
-            g_loss = -logits_fake.mean()  # (B, 1, H', W') -> scalar
-            # LDM/taming: balance ||grad rec|| / ||grad g_loss|| at the decoder's last layer
+            g_loss = -logits_fake.mean()  # hinge generator loss: raise D's patch logits on reconstructions
+            # L_rec + lambda * L_GAN, lambda balancing the two gradients at the decoder's last layer (LDM)
             d_weight = calculate_adaptive_weight(rec, g_loss, self._last_layer(), tc["disc_weight"])
-            # L_rec + lambda * L_GAN, lambda from calculate_adaptive_weight (0 without a graph)
             loss = rec + d_weight * g_loss
             logs.update(g_loss=g_loss.detach(), d_weight=d_weight.detach())
             return loss, logs
@@ -945,9 +912,8 @@ class DCAE(nn.Module):
             # the discriminator step needs no gradient through the autoencoder
             with torch.no_grad():
                 x_hat = self._reconstruct(x)
-            # both inputs detached: this loss only updates the discriminator
-            logits_real = self.disc(x.detach()).float()  # (B, C, H, W) -> (B, 1, H', W')
-            logits_fake = self.disc(x_hat.detach()).float()  # (B, C, H, W) -> (B, 1, H', W')
+            logits_real = self.disc(x.detach()).float()  # (B, C, H, W) -> (B, 1, H', W') patch logits
+            logits_fake = self.disc(x_hat).float()
             d_loss = hinge_d_loss(logits_real, logits_fake)
             logs = {"d_loss": d_loss.detach(), "logits_real": logits_real.mean().detach(),
                     "logits_fake": logits_fake.mean().detach()}
@@ -1096,7 +1062,6 @@ def create(config="tiny", **overrides):
         spec = copy.deepcopy(config)
     else:
         raise ValueError(f"config must be a preset name or a dict, got {type(config).__name__}")
-    # image_size / num_classes are generic trainer arguments, not DC-AE config keys
     image_size = overrides.pop("image_size", None)
     overrides.pop("num_classes", None)
     spec.update(overrides)
@@ -1112,15 +1077,9 @@ def create(config="tiny", **overrides):
 # Official checkpoints
 # --------------------------------------------------------------------------------------------------------------
 
-# official (efficientvit) name -> ours: OpSequential.op_list is an nn.Sequential here. Nothing else differs.
-RENAMES = [(".op_list.", ".")]
-
-
 def official_to_ours(key):
-    """Apply RENAMES to one official state-dict key."""
-    for old, new in RENAMES:
-        key = key.replace(old, new)
-    return key
+    """The whole rename table, official (efficientvit) -> ours: OpSequential.op_list is an nn.Sequential here."""
+    return key.replace(".op_list.", ".")
 
 
 def read_safetensors(path):

@@ -269,7 +269,7 @@ def test_every_key_set_is_here():
 
 @pytest.mark.parametrize("path", KEY_FILES, ids=lambda p: p.stem)
 def test_official_keys(path):
-    """Every official key set: same names (after RENAMES), shapes and order; the preset of that name resolves
+    """Every official key set: same names (after official_to_ours), shapes and order; the preset of that name resolves
     to exactly the official config; load_official accepts the key set strict and rejects a broken one."""
     cfg, n_params, keys = _key_file(path)
     with torch.device("meta"):
