@@ -339,7 +339,6 @@ class UNetModel(nn.Module):
                  use_scale_shift_norm=False, resblock_updown=False, use_new_attention_order=False,
                  use_spatial_transformer=False, transformer_depth=1, context_dim=None, n_embed=None, legacy=True):
         super().__init__()
-        # the official options we do not implement (none is used by a released config) fail loudly
         if dims != 2 or not conv_resample or use_new_attention_order or n_embed is not None:
             raise ValueError("unet_ldm: dims != 2, conv_resample=False, use_new_attention_order and n_embed are not supported")
         if num_heads_upsample not in (-1, num_heads):
@@ -375,8 +374,7 @@ class UNetModel(nn.Module):
         def resblock(ch, out, **kw):
             return ResBlock(ch, time_embed_dim, dropout, out_channels=out, use_scale_shift_norm=use_scale_shift_norm, **kw)
 
-        # ---- encoder
-        # input_blocks[0] is a bare 3x3 conv: z_t (B, in_channels, H, W) -> (B, model_channels, H, W)
+        # ---- encoder; input_blocks[0] is a bare 3x3 conv: z_t (B, in_channels, H, W) -> (B, model_channels, H, W)
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
         # input_block_chans: every block's output width (the decoder pops them as skips); ds: downsampling factor
         input_block_chans, ch, ds = [model_channels], model_channels, 1
@@ -391,15 +389,12 @@ class UNetModel(nn.Module):
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 input_block_chans.append(ch)
             if level != len(channel_mult) - 1:
-                # resblock_updown: ADM Sec. 3's BigGAN residual blocks for up/downsampling
-                # (B, ch, H, W) -> (B, ch, H/2, W/2) either way
+                # (B, ch, H, W) -> (B, ch, H/2, W/2); resblock_updown: ADM Sec. 3's BigGAN residual blocks
                 down = resblock(ch, ch, down=True) if resblock_updown else Downsample(ch, conv_resample, out_channels=ch)
                 self.input_blocks.append(TimestepEmbedSequential(down))
                 input_block_chans.append(ch)
                 ds *= 2
-        # ---- middle
         self.middle_block = TimestepEmbedSequential(resblock(ch, ch), attention(ch), resblock(ch, ch))
-        # ---- decoder
         self.output_blocks = nn.ModuleList([])
         for level, mult in list(enumerate(channel_mult))[::-1]:
             # num_res_blocks + 1: the extra block per level consumes the skip saved after each Downsample
@@ -462,8 +457,7 @@ class ClassEmbedder(nn.Module):
 def make_beta_schedule(linear_start, linear_end, timesteps=1000):
     """The LDM "linear" schedule: linear in sqrt(beta), i.e. beta_t = linspace(sqrt(b0), sqrt(b1), T)^2 (float64).
     (The official option literally named "sqrt_linear" is the plain linspace of betas: names are swapped.)"""
-    # cin256 / faces: 0.0015 -> 0.0195; txt2img: 0.00085 -> 0.012 (the schedule Stable Diffusion later kept)
-    # cf. DDPM Sec. 4: betas linear from 1e-4 to 0.02 over T = 1000 (pixel space)
+    # cin256 / faces: 0.0015 -> 0.0195; txt2img: 0.00085 -> 0.012 (DDPM Sec. 4: linear 1e-4 -> 0.02 in pixel space)
     return torch.linspace(linear_start ** 0.5, linear_end ** 0.5, timesteps, dtype=torch.float64) ** 2  # (T,) float64
 
 
@@ -661,13 +655,11 @@ class LatentDiffusion(nn.Module):
         # DDIM's alpha_t is DDPM's abar_t: a_t, a_prev are cumulative products
         a_t = sched["alphas"][index]
         a_prev, sigma_t = sched["alphas_prev"][index], sched["sigmas"][index]
-        # DDIM Eq. 12, first term: x_0 predicted from eps by inverting q_sample
+        # DDIM Eq. 12: sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma_t^2) eps + sigma_t z, x0_hat from inverting q_sample
         pred_x0 = (x - sched["sqrt_one_minus_alphas"][index] * e_t) / a_t.sqrt()
         dir_xt = (1.0 - a_prev - sigma_t ** 2).sqrt() * e_t  # direction pointing to x_t
-        # DDIM Eq. 12: sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma_t^2) eps + sigma_t z (z added below)
         x_prev = a_prev.sqrt() * pred_x0 + dir_xt
-        # DDIM Sec. 4.1: sigma_t = 0 is DDIM (deterministic); eta = 1 gives the DDPM posterior variance
-        if noise is not None:
+        if noise is not None:  # sigma_t = 0 (eta = 0) is deterministic DDIM (DDIM Sec. 4.1)
             x_prev = x_prev + sigma_t * noise
         return x_prev, pred_x0
 
@@ -691,11 +683,9 @@ class LatentDiffusion(nn.Module):
         device = self.alphas_cumprod.device
         ts = ddpm_timesteps(steps, self.num_timesteps).flip(0).to(device)  # (S,) descending
         # abar in float64 (as register_schedule computes it), so that steps = T gives the official float32 buffers
-        ac = torch.cumprod(1 - make_beta_schedule(self.linear_start, self.linear_end, self.num_timesteps), 0)[ts.cpu()]
-        ac = ac.to(device)
+        ac = torch.cumprod(1 - make_beta_schedule(self.linear_start, self.linear_end, self.num_timesteps), 0)[ts.cpu()].to(device)
         ac_prev = torch.cat([ac[1:], ac.new_ones(1)])  # (S-1,) + (1,) -> (S,); 1 after the last step
-        # respaced beta between consecutive kept steps; equals the official betas when steps = T
-        # Nichol & Dhariwal 2021 Sec. 4: beta_{S_t} = 1 - abar_{S_t} / abar_{S_{t-1}}
+        # respaced beta = 1 - abar_t / abar_prev (IDDPM Sec. 4); the official betas when steps = T
         beta = 1 - ac / ac_prev
         var = (beta * (1 - ac_prev) / (1 - ac)).float()  # beta tilde
         logvar = var.clamp(min=1e-20).log()
@@ -711,8 +701,7 @@ class LatentDiffusion(nn.Module):
             if clip_denoised:
                 x0 = x0.clamp(-1.0, 1.0)
             mean = coef1[i] * x0 + coef2[i] * x  # mu tilde(x_t, x0_hat), DDPM Eq. 7
-            # no noise on the last step (t = 0), as DDPM Algorithm 2 sets z = 0 at its final step
-            # sigma_t^2 = beta tilde: one of DDPM Sec. 3.2's two choices (beta_t or beta tilde)
+            # sigma_t^2 = beta tilde (DDPM Sec. 3.2); no noise on the last step (DDPM Algorithm 2)
             x = mean + (0.5 * logvar[i]).exp() * _randn(shape, generator, device) if i < steps - 1 else mean
         return x
 
