@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import ae_kl
-from conftest import GOLDEN, assert_close, blob_batch
+from conftest import GOLDEN, assert_close, blob_batch, lift
 
 KEYS = Path(__file__).resolve().parent / "golden" / "ae_kl" / "keys"
 
@@ -87,6 +88,74 @@ def test_golden_encode():
         _check(d, "nll", post.nll(sample), errors)
         _check(d, "rect_moments", model.encode_posterior(x_rect).parameters, errors)
     print("tiny_kl_encode max abs err:", errors)
+
+
+def _golden_block(prefix, block):
+    """`block` loaded with the tiny_kl_encode weights under `prefix` (official names)."""
+    sd = _unpack("tiny_kl_encode")["state_dict"]
+    block.load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}, strict=True)
+    return block.eval()
+
+
+def _official_resnet(x, w, p):
+    """The official ResnetBlock (temb None, conv_shortcut False) written out with the golden weights `w`."""
+    silu = lambda t: t * torch.sigmoid(t)  # noqa: E731 (the official nonlinearity)
+    h = F.conv2d(silu(F.group_norm(x, 32, w[p + "norm1.weight"], w[p + "norm1.bias"], 1e-6)),
+                 w[p + "conv1.weight"], w[p + "conv1.bias"], padding=1)
+    h = F.conv2d(silu(F.group_norm(h, 32, w[p + "norm2.weight"], w[p + "norm2.bias"], 1e-6)),
+                 w[p + "conv2.weight"], w[p + "conv2.bias"], padding=1)
+    return F.conv2d(x, w[p + "nin_shortcut.weight"], w[p + "nin_shortcut.bias"]) + h
+
+
+def test_resnet_block():
+    """ResnetBlock (32 -> 64 channels, so with the 1x1 nin_shortcut) on the official tiny_kl_encode weights."""
+    p, w = "encoder.down.1.block.0.", _unpack("tiny_kl_encode")["state_dict"]
+    block = _golden_block(p, ae_kl.ResnetBlock(32, 64))
+    x = torch.randn(2, 32, 8, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert_close(block(x), _official_resnet(x, w, p), atol=1e-5, what="ResnetBlock")
+
+
+def test_attn_block():
+    """AttnBlock against the official bmm form, softmax(q^T k * C^-0.5) over the H*W positions, golden weights."""
+    p, w = "encoder.mid.attn_1.", _unpack("tiny_kl_encode")["state_dict"]
+    block = _golden_block(p, ae_kl.AttnBlock(64))
+    x = torch.randn(2, 64, 5, 4, generator=torch.Generator().manual_seed(1))
+    h = F.group_norm(x, 32, w[p + "norm.weight"], w[p + "norm.bias"], 1e-6)
+    q, k, v = (F.conv2d(h, w[p + n + ".weight"], w[p + n + ".bias"]).reshape(2, 64, 20) for n in "qkv")
+    attn = torch.softmax(torch.bmm(q.permute(0, 2, 1), k) * 64 ** -0.5, dim=2)  # (B, HW queries, HW keys)
+    ref = x + F.conv2d(torch.bmm(v, attn.permute(0, 2, 1)).reshape(2, 64, 5, 4), w[p + "proj_out.weight"],
+                       w[p + "proj_out.bias"])
+    with torch.no_grad():
+        assert_close(block(x), ref, atol=1e-5, what="AttnBlock")
+
+
+def test_golden_decode():
+    """Decoder (with post_quant_conv) on the official tiny_kl_loss weights: D(z) == the stored reconstruction
+    (z = the posterior sample from the stored noise, so a wrong Encoder fails this test too)."""
+    d = _unpack("tiny_kl_loss")
+    model, _ = _loss_model(d, "A")
+    with torch.no_grad():
+        z = model.encode_posterior(d["inputs"]["x"]).sample(d["inputs"]["noise"])
+        rec = model.decode_latent(z)
+    _check(d, "A/reconstructions", rec, {})
+
+
+def test_hinge_d_loss():
+    """hinge_d_loss on the official discriminator logits of tiny_kl_loss variant A (disc_factor 1)."""
+    o = _unpack("tiny_kl_loss")["outputs"]
+    mine = ae_kl.hinge_d_loss(o["A/logits_real_disc"], o["A/logits_fake_disc"])
+    assert_close(mine, o["A/log1/train/disc_loss"], atol=1e-6, what="hinge_d_loss")
+    assert ae_kl.hinge_d_loss(torch.full((2, 1, 3, 3), 2.0), torch.full((2, 1, 3, 3), -2.0)) == 0  # both margins met
+
+
+def test_lift_posterior():
+    """Issue 16 item 2: DiagonalGaussianDistribution copied alone (torch, nn, F, math only) gives the file's numbers."""
+    ns = lift(ae_kl, "DiagonalGaussianDistribution")
+    moments, noise = torch.randn(2, 8, 4, 4), torch.randn(2, 4, 4, 4)
+    mine, lifted = ae_kl.DiagonalGaussianDistribution(moments), ns["DiagonalGaussianDistribution"](moments)
+    for f in (lambda p: p.sample(noise), lambda p: p.mode(), lambda p: p.kl(), lambda p: p.nll(p.mean + 0.1)):
+        assert torch.equal(f(mine), f(lifted))
 
 
 def test_golden_posterior():

@@ -18,7 +18,7 @@ import torch
 
 import ae_kl
 import ae_vq
-from conftest import GOLDEN, assert_close, blob_batch
+from conftest import GOLDEN, assert_close, blob_batch, lift
 
 KEYS = Path(__file__).resolve().parent / "golden" / "ae_vq" / "keys"
 
@@ -79,6 +79,20 @@ def test_golden_quantizer():
     _check(d, "indices_sane", q(z)[2][2], errors)
     print("quantizer max abs err:", errors)
 
+
+def test_lift_quantizer():
+    """Issue 16 item 2: VectorQuantizer copied alone (torch, nn, F, math only) gives the file's z_q, loss, indices
+    and straight-through gradient on the golden codebook."""
+    d = _unpack("quantizer")
+    ns = lift(ae_vq, "VectorQuantizer")
+    outs = []
+    for cls in (ae_vq.VectorQuantizer, ns["VectorQuantizer"]):
+        q = cls(64, 4, beta=0.25)
+        q.load_state_dict(d["state_dict"])
+        z = d["inputs"]["z"].clone().requires_grad_(True)
+        z_q, loss, (_, _, ind) = q(z)
+        outs.append((z_q, loss, ind, torch.autograd.grad((z_q * d["inputs"]["R"]).sum() + loss, z)[0]))
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
 
 def _loss_model(d, variant):
     v = d["variants"][variant]

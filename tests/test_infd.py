@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import infd
-from conftest import GOLDEN, assert_close
+from conftest import GOLDEN, assert_close, lift
 
 G = GOLDEN / "infd"
 TOL = dict(atol=5e-5, rtol=1e-4)
@@ -176,6 +176,20 @@ def test_coordinate_conventions():
     with pytest.raises(ValueError, match="query grids"):
         infd.CLIFRenderer(32, 32)(torch.zeros(1, 32, 4, 4), torch.zeros(1, 5, 2), torch.zeros(1, 5, 2))
 
+
+def test_lift_liif_query_and_renderer():
+    """Issue 16 item 2: liif_query and the CLIF renderer copied alone (torch, nn, F, math only, with the blocks they
+    call) give the file's outputs bit for bit on the golden renderer input."""
+    ns = lift(infd, "Normalize", "nonlinearity", "ResnetBlock", "make_coord_grid", "liif_query", "convert_posenc",
+              "RendererNet", "CLIFRenderer")
+    d, m = golden("tiny_renderer"), tiny_official()
+    phi = golden("tiny_decoder")["outputs"]["phi"]
+    coord, cell = d["inputs"]["coord_rand"], d["inputs"]["cell_rand"]
+    assert all(torch.equal(a, b) for a, b in zip(ns["liif_query"](phi, coord, cell), infd.liif_query(phi, coord, cell)))
+    renderer = ns["CLIFRenderer"](m.renderer.net.model[0].in_channels - 4, m.renderer.net.conv_out.in_channels)
+    renderer.load_state_dict(m.renderer.state_dict())
+    with torch.no_grad():
+        assert torch.equal(renderer(phi, coord, cell), m.render_phi(phi, coord, cell))
 
 def test_patch_sampler_golden():
     d = golden("patch_sampler")
