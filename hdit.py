@@ -803,10 +803,10 @@ class HDiT(nn.Module):
         self.patch_in = TokenMerge(cfg["in_channels"], widths[0], cfg["patch_size"])
         # Fourier features of c_noise = log(sigma) / 4
         self.time_emb = FourierFeatures(1, mw)
-        self.time_in_proj = nn.Linear(mw, mw, bias=False)  # (B, mw) -> (B, mw)
+        self.time_in_proj = nn.Linear(mw, mw, bias=False)
         # the 9 augmentation parameters (zeros when not augmenting)
         self.aug_emb = FourierFeatures(9, mw)
-        self.aug_in_proj = nn.Linear(mw, mw, bias=False)  # (B, mw) -> (B, mw)
+        self.aug_in_proj = nn.Linear(mw, mw, bias=False)
         # Row `num_classes` is the dropped / unconditional class used for classifier-free guidance.
         self.class_emb = nn.Embedding(self.num_classes + 1, mw) if self.num_classes else None
         self.mapping_cond_in_proj = (nn.Linear(cfg["mapping_cond_dim"], mw, bias=False)
@@ -852,31 +852,27 @@ class HDiT(nn.Module):
         # EDM Table 1: c_noise(sigma) = ln(sigma) / 4, computed inside the network as the official does.
         c_noise = torch.log(sigma) / 4
         cond = self.time_in_proj(self.time_emb(c_noise[..., None]))  # (B,) -> (B, 1) -> (B, mw)
-        aug_cond = x.new_zeros([x.shape[0], 9]) if aug_cond is None else aug_cond  # (B, 9)
+        aug_cond = x.new_zeros([x.shape[0], 9]) if aug_cond is None else aug_cond
         cond = cond + self.aug_in_proj(self.aug_emb(aug_cond))  # (B, 9) -> (B, mw)
         if self.class_emb is not None:
             cond = cond + self.class_emb(class_cond)  # (B,) -> (B, mw)
         if self.mapping_cond_in_proj is not None:
             cond = cond + self.mapping_cond_in_proj(mapping_cond)  # (B, mapping_cond_dim) -> (B, mw)
-        cond = self.mapping(cond)  # (B, mw)
+        cond = self.mapping(cond)
 
         # Hourglass (Sec. 4.1): down levels with merges, the middle level, up levels with lerp skips.
         skips, poses = [], []
         for down_level, merge in zip(self.down_levels, self.merges):
-            x = down_level(x, pos, cond)  # (B, h, w, C_i), grid unchanged
-            # kept for the matching up level's lerp skip (TokenSplit)
+            x = down_level(x, pos, cond)
+            # kept for the matching up level's lerp skip (TokenSplit), which also reuses this level's positions
             skips.append(x)
-            # the up level reuses this level's positions
             poses.append(pos)
-            # (B, h, w, C_i) -> (B, h/2, w/2, C_{i+1})
-            x = merge(x)
+            x = merge(x)  # (B, h, w, C_i) -> (B, h/2, w/2, C_{i+1})
             pos = downscale_pos(pos)  # (h, w, 2) -> (h/2, w/2, 2)
-        # (B, h_mid, w_mid, C_last): the innermost level
         x = self.mid_level(x, pos, cond)
         for up_level, split, skip, pos in reversed(list(zip(self.up_levels, self.splits, skips, poses))):
-            # (B, h/2, w/2, C_{i+1}) -> (B, h, w, C_i)
-            x = split(x, skip)
-            x = up_level(x, pos, cond)  # (B, h, w, C_i)
+            x = split(x, skip)  # (B, h/2, w/2, C_{i+1}) -> (B, h, w, C_i)
+            x = up_level(x, pos, cond)
 
         x = self.patch_out(self.out_norm(x))  # (B, h, w, width_0) -> (B, H, W, C)
         return x.movedim(-1, -3)  # (B, H, W, C) -> (B, C, H, W)
@@ -900,15 +896,15 @@ class HDiT(nn.Module):
         """D(x, sigma) = c_skip x + c_out F(c_in x, sigma)."""
         c_skip, c_out, c_in = [c[:, None, None, None] for c in self.get_scalings(sigma)]  # (B,) -> (B,1,1,1)
         # EDM Eq. (7). F receives the raw sigma; forward computes c_noise from it.
-        out = self(x * c_in, sigma, **cond)  # (B, C, H, W)
-        return out.to(c_out.dtype) * c_out + x * c_skip  # (B, C, H, W), >= float32
+        out = self(x * c_in, sigma, **cond)
+        return out.to(c_out.dtype) * c_out + x * c_skip
 
     def loss_per_sample(self, x0, noise, sigma, **cond):
         """Official Denoiser.loss: weighted MSE between F and its target (B,) in float32."""
         c_skip, c_out, c_in = [c[:, None, None, None] for c in self.get_scalings(sigma)]  # each (B, 1, 1, 1)
         # Variance-exploding corruption of EDM: x = x0 + sigma * n, n ~ N(0, I).
         x_noisy = x0 + noise * sigma[:, None, None, None].to(x0.dtype)  # (B,) -> (B, 1, 1, 1)
-        model_output = self(x_noisy * c_in, sigma, **cond).to(c_out.dtype)  # (B, C, H, W)
+        model_output = self(x_noisy * c_in, sigma, **cond).to(c_out.dtype)
         # EDM Eq. (8): F is regressed onto this effective training target.
         target = (x0 - c_skip * x_noisy) / c_out  # the F that makes D(x_noisy) = x0
         mse = ((model_output - target) ** 2).flatten(1).mean(1)  # (B, C, H, W) -> (B,)
@@ -1248,7 +1244,8 @@ def config_from_official(kwargs):
             cfg[key] = js[key]
     if "input_size" in js:
         cfg["input_size"] = tuple(js["input_size"])
-    cfg["sigma_data"] = den.get("sigma_data", cfg.get("sigma_data", 1.0 if not js else 0.5))
+    # k-diffusion's load_config defaults: sigma_data 1.0, loss_weighting "karras".
+    cfg["sigma_data"] = den.get("sigma_data", cfg.get("sigma_data", 1.0))
     cfg["loss_weighting"] = den.get("weighting", cfg.get("loss_weighting", "karras"))
     return cfg
 
