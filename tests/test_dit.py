@@ -342,6 +342,7 @@ def test_sample_loop_matches_steps():
 def test_sample_clips_x0_as_the_preset_says(monkeypatch):
     """clip_denoised=None follows the preset: off for the paper's latent presets (official sample.py), on for the
     pixel-space demo; an explicit argument wins."""
+    assert [name for name, c in dit.CONFIGS.items() if c.get("clip_denoised")] == ["demo"]  # the pixel preset only
     seen = []
     real = dit.GaussianDiffusion.p_sample
     monkeypatch.setattr(dit.GaussianDiffusion, "p_sample",
