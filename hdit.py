@@ -1090,7 +1090,7 @@ CONFIGS = {
                           self_attns=[_na(), _na(), _na(), _glob(), _glob()], dropout_rate=[0, 0, 0, 0, 0.1],
                           sigma_min=1e-3, sigma_max=1e3, hparams={**_HP, "weight_decay": 1e-2, "batch_size": 256}),
     # FFHQ-1024 without its two outermost levels: the same widths / attention per token grid at 256x256
-    # (64x64 NA, 32x32 global, 16x16 global), Sec. 4.3's recipe of adding / removing levels. No paper run; kept
+    # (64x64 NA, 32x32 global, 16x16 global), Sec. 4.1's rule (levels chosen by resolution). No paper run; kept
     # for the README's FFHQ-256 command. 79,009,258 params, 163 GFLOPs forward.
     "hdit_ffhq256": dict(input_size=(256, 256), widths=[384, 768, 1024], depths=[2, 2, 2],
                          self_attns=[_na(), _glob(), _glob()], dropout_rate=[0, 0, 0.1], sigma_min=1e-3,
