@@ -50,7 +50,6 @@ import copy
 import json
 import warnings
 
-import lpips
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

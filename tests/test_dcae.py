@@ -720,6 +720,16 @@ def test_loss_none_builds_no_training_modules():
     assert dcae._LPIPS_CACHE == lpips_before
 
 
+def test_network_needs_no_lpips():
+    """The architecture alone (inference, load_official) imports neither lpips nor torchvision."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['lpips'] = sys.modules['torchvision'] = None; import torch, dcae; "
+            "m = dcae.create('tiny', loss=None); m.scale_factor.fill_(1.0); print(tuple(m.decode(torch.zeros(1, 16, 2, 2)).shape))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=GOLDEN.parent.parent, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "(1, 3, 16, 16)" in done.stdout, done.stderr[-2000:]
+
+
 def test_encode_signature_and_scale_warning():
     """encode(x, sample=...) as the other autoencoders (DC-AE is deterministic: ignored); an unmeasured scale
     factor (0) falls back to 1 with a warning, a measured one stays silent."""
