@@ -40,6 +40,7 @@ Left out / differs from the official code
   * cfg_all_channels (not official): the official forward_with_cfg guides eps channels 0-2 only, which would leave
     most channels of a wider latent (--ae dcae, 32 channels) unguided.
   * The presets "tiny" and "demo" are not in the paper; "demo" samples pixels and so clips x0 (clip_denoised).
+  * sample(cfg=1.0) by default (the repository's contract); the official sample.py guides with 4.0.
 
 Rename table for official checkpoints: none (timm's names inside the blocks: attn.qkv, attn.proj, mlp.fc1,
 mlp.fc2; x_embedder.proj). load_official also takes train.py checkpoints ("ema" preferred).

@@ -53,7 +53,8 @@ Left out / differs from the official code
     same result, a different global-RNG stream.
   * cin256-v2's ucg_rate 0.1: its training code is not released (see CONFIGS).
   * LatentDiffusion's own defaults for sampling (DDIM, 200 steps, eta 0) are txt2img.py's; the presets set
-    their script's values. tiny and demo are not official presets.
+    their script's values; sample(cfg=1.0) by default (the repository's contract; the scripts guide with 3.0
+    for cin256-v2 and 5.0 for txt2img). tiny and demo are not official presets.
   * load_official reads checkpoints with torch.load(weights_only=True) (a full Lightning checkpoint that
     needs pickle: load it yourself and pass the dict).
 """

@@ -5,6 +5,7 @@ Golden files (tests/golden/unet_ldm/*.pt.gz) are the reference files re-saved WI
 the reference weights were drawn with torch.manual_seed(seed) and one torch.randn per tensor in state_dict
 order (see `regenerate`); every file stores each tensor's float64 sum, so a torch whose randn changed fails
 loudly in `regenerate` instead of giving a misleading golden error."""
+import argparse
 import gzip
 import io
 import json
@@ -697,3 +698,19 @@ def test_spatial_transformer_liftable():
     lifted.load_state_dict(mine.state_dict())
     with torch.no_grad():
         assert torch.equal(lifted.eval()(x, ctx), mine(x, ctx))
+
+
+def test_load_official_paths_and_train_checkpoints(tmp_path):
+    """The one loading idiom (dit._unwrap_checkpoint): a path read with weights_only=True, a train.py checkpoint
+    ("ema" preferred) with our own key names, a DDP "module." prefix; a file that needs pickle is a one-line error."""
+    torch.manual_seed(0)
+    cfg = dict(U.CONFIGS["tiny"], image_size=8, in_channels=4, out_channels=4)
+    model, ema = U.create(cfg), U.create(cfg)
+    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "step": 3}, tmp_path / "ckpt.pt")
+    loaded = U.load_official(tmp_path / "ckpt.pt", cfg, verbose=False)
+    assert all(torch.equal(v, ema.state_dict()[k]) for k, v in loaded.state_dict().items())
+    ddp = U.load_official({"module." + k: v for k, v in model.state_dict().items()}, cfg, verbose=False)
+    assert torch.equal(ddp.unet.out[2].weight, model.unet.out[2].weight)
+    torch.save({"state_dict": {}, "hparams": argparse.Namespace(lr=1.0)}, tmp_path / "pickled.ckpt")  # Lightning-like
+    with pytest.raises(ValueError, match="cannot read checkpoint .*pickled.ckpt"):
+        U.load_official(tmp_path / "pickled.ckpt", cfg)
