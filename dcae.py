@@ -92,11 +92,11 @@ def build_norm(name, channels):
 
 
 def build_act(name):
-    """Official build_act for the names DC-AE uses ('gelu' is the tanh approximation there)."""
+    """Official build_act for the names the DC-AE releases use."""
     if name is None:
         return None
     # factories, not instances: every call must return a fresh module (each layer owns its act)
-    acts = {"relu": nn.ReLU, "silu": nn.SiLU, "gelu": lambda: nn.GELU(approximate="tanh")}
+    acts = {"relu": nn.ReLU, "silu": nn.SiLU}
     if name not in acts:
         raise ValueError(f"unknown activation {name!r} (expected one of {sorted(acts)} or None)")
     return acts[name]()
@@ -443,7 +443,8 @@ def _per_stage(value, i):
 
 
 def build_stage(width, depth, block_type, norm, act):
-    """`depth` blocks at `width` channels; block_type may itself be a per-block list (official build_stage_main)."""
+    """`depth` blocks at `width` channels; block_type may be a per-block list (official build_stage_main; no
+    release uses that, kept so every official config builds)."""
     if isinstance(block_type, (list, tuple)) and len(block_type) != depth:
         raise ValueError(f"per-block block_type list {block_type} does not have depth {depth} entries")
     return [build_block(_per_stage(block_type, d), width, norm, act) for d in range(depth)]
