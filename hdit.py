@@ -12,22 +12,27 @@ Official code matched: crowsonkb/k-diffusion @ 4601bf085320592473f681a62808ed873
   k_diffusion/utils.py, config.py, train.py   (noise-level densities, stratified uniforms, EMA warm-up, recipe)
 Golden tensors made by that code: tests/golden/hdit/ (tests/test_hdit.py checks them).
 
-Map from the papers to this file
-  HDiT Sec. 4.1  hourglass levels, PixelUnshuffle-style token merge / split -> TokenMerge, TokenSplit, HDiT.forward
-  HDiT Sec. 4.1  skip merge by a learnable lerp                             -> TokenSplit.fac
-  HDiT Sec. 4.2  AdaRMSNorm + mapping network (noise level, class)         -> AdaRMSNorm, MappingNetwork
-  HDiT Sec. 4.2  cosine-similarity attention (Swin v2)                     -> scale_for_cosine_sim
-  HDiT Sec. 4.2  axial RoPE on half of each head                           -> make_axial_pos, AxialRoPE,
+Map from the papers to this file (HDiT section numbers are those of the ICML 2024 text = arXiv v2)
+  HDiT Sec. 4.1, App. E.4  hourglass levels, Pixel-UnShuffle token merge / split -> TokenMerge, TokenSplit,
+                                                                              HDiT.forward
+  HDiT Sec. 4.1, Eq. (2)   skip merge by a learnable lerp (ablated in Table 2) -> TokenSplit.fac
+  HDiT Sec. 4.2, App. E.3  AdaRMSNorm (Eq. (9)) + mapping network (Fig. 12)  -> AdaRMSNorm, MappingNetwork
+  HDiT Sec. 4.2, App. E.1  cosine-similarity attention (Swin v2), Eq. (7)    -> scale_for_cosine_sim
+  HDiT Sec. 4.2, App. E.2  axial RoPE on half of each head (Fig. 11)         -> make_axial_pos, AxialRoPE,
                                                                               apply_rotary_emb
-  HDiT Sec. 4.2  GEGLU feed-forward, zero-initialised output projections    -> LinearGEGLU, FeedForwardBlock
-  HDiT Sec. 4.3  neighborhood attention at high resolution, global at low   -> neighborhood_attention*,
+  HDiT Sec. 4.2, Fig. 5    GEGLU feed-forward, zero-initialised output projections -> LinearGEGLU,
+                                                                              FeedForwardBlock
+  HDiT Sec. 4.3            neighborhood attention at high resolution, global at low -> neighborhood_attention*,
                                                                               SelfAttentionBlock
-  HDiT Sec. 4.3  shifted-window attention, the local attention NA beat      -> apply_window_attention
-  HDiT Sec. 5    soft-min-SNR loss weighting                                -> loss_weighting
+  HDiT Sec. 5.2, Table 1   shifted-window attention (step B1), which NA (B2) beat -> apply_window_attention
+  HDiT App. C, Eq. (5)     soft-min-SNR loss weighting                        -> loss_weighting
   EDM Table 1, Eq. (7), (8)  preconditioning, denoiser, training loss      -> HDiT.get_scalings, denoise,
                                                                               loss_per_sample
-  EDM Eq. (5), Alg. 2; DPM-Solver++  Karras schedule, Euler, DPM++         -> get_sigmas_karras, sample_*, HDiT.sample
-  simple diffusion (Hoogeboom et al. 2023): shifted cosine noise levels    -> cosine_interpolated_sigma, sample_sigma
+  EDM Eq. (5), Alg. 1 (Euler: without lines 6-8); DPM-Solver++  Karras schedule, Euler, DPM++
+                                                                           -> get_sigmas_karras, sample_*, HDiT.sample
+  HDiT Sec. 5.1, Table 7   the paper's sampler: DPM++(3M) SDE, 50 steps     -> sample_dpmpp_3m_sde
+  simple diffusion (Hoogeboom et al. 2023), HDiT Sec. 3.1 / Table 7: shifted, interpolated cosine noise levels
+                                                                           -> cosine_interpolated_sigma, sample_sigma
 Suggested reading order: TokenMerge / TokenSplit and HDiT.forward (the hourglass), AdaRMSNorm and MappingNetwork,
 SelfAttentionBlock with scale_for_cosine_sim, AxialRoPE and neighborhood_attention_reference, then HDiT.denoise,
 loss_per_sample with loss_weighting, sample_sigma, and last get_sigmas_karras with sample_dpmpp_2m_sde.
@@ -40,7 +45,8 @@ Left out / differs from the official code
     without flex_attention, masked dense SDPA up to 64x64 tokens (neighborhood_attention dispatches).
   * flash-attn 2 and torch.compile of the small kernels: PyTorch SDPA does the dense attention instead.
   * The non-leaky augmentation pipeline (augmentation.py): `aug_cond` is zeros unless the batch carries an
-    "aug_cond" (B, 9) tensor, so CIFAR-10 / MNIST train without their configs' augment_prob 0.12.
+    "aug_cond" (B, 9) tensor, so CIFAR-10 / MNIST train without their configs' augment_prob 0.12, and
+    hdit_ffhq1024 without the paper's (HDiT Table 7: augmentation probability 0.12).
   * The DCT frequency loss scales (`loss_scales != 1`) and the loglogistic, loguniform, v-diffusion and
     split-lognormal noise-level densities: no HDiT config uses them (create rejects them).
   * The Brownian-tree noise of the official SDE samplers (torchsde): i.i.d. Gaussian noise per step, which
@@ -50,8 +56,11 @@ Left out / differs from the official code
     defaults; other eta / churn values go through the sample_* functions. clip_denoised is ours, on only in the
     pixel-space "demo" preset; the official never clamps.
   * Noise levels are always stratified (the official turns stratification off only with --gns).
-  * hdit_imagenet256 / hdit_ffhq1024: the repo ships no JSON. Sizes, weight decay 1e-2 and batch 256 follow the
-    paper; sigma range [1e-3, 1e3], betas (0.9, 0.95) and EMA power 0.6667 (load_config's default) are assumed.
+  * hdit_imagenet256 / hdit_ffhq1024: the repo ships no JSON. Sizes, sigma range [1e-3, 1e3], AdamW (lr 5e-4,
+    betas (0.9, 0.95), eps 1e-8, weight decay 1e-2), EMA 0.9999 and batch 256 follow HDiT Table 7; the EMA
+    warm-up power 0.6667 (load_config's default) is assumed. Table 7 also lists mapping width 768, but the
+    paper's parameter counts (557M, 85M) come out only with width 256, which the presets keep (768 gives 598M
+    and 104M).
   * tiny and demo are ours (CI and the CPU demo), not official configurations.
 Kept though no paper run uses them, because official configs or goldens do: shifted-window and "none" attention,
 mapping_cond_dim, the karras / snr weightings, the euler / dpmpp_2m / dpmpp_3m_sde samplers, lognormal noise levels.
@@ -81,7 +90,8 @@ def rms_norm(x, scale, eps):
 
 
 def scale_for_cosine_sim(q, k, scale, eps):
-    """Cosine-similarity attention (Swin v2): q, k -> sqrt(scale) * q / |q| (eps on the SUM of squares).
+    """Cosine-similarity attention (Swin v2; HDiT App. E.1, Eq. (7), with the scale 1/tau learned directly, init
+    10): q, k -> sqrt(scale) * q / |q| (eps on the SUM of squares).
 
     q . k then equals scale * cos(q, k), which is why attention later runs with scale=1.0.
     """
@@ -96,7 +106,8 @@ def scale_for_cosine_sim(q, k, scale, eps):
 
 
 class LinearGEGLU(nn.Linear):
-    """Sec. 4.2, GEGLU (Shazeer 2020): one bias-free Linear to 2*d_ff; first half = value, second = gate."""
+    """HDiT Sec. 4.2, Fig. 5, GEGLU (Shazeer 2020): one bias-free Linear to 2*d_ff; first half = value, second =
+    gate."""
 
     def __init__(self, in_features, out_features, bias=False):
         # One fused matmul for value and gate: weight (2*d_ff, in), the layout of the official checkpoint.
@@ -122,7 +133,8 @@ class RMSNorm(nn.Module):
 
 
 class AdaRMSNorm(nn.Module):
-    """Sec. 4.2: RMSNorm whose scale is 1 + Linear(cond); the Linear is zero-initialised (starts as RMSNorm)."""
+    """HDiT Sec. 4.2, App. E.3, Eq. (9): RMSNorm whose scale is g = 1 + Linear(cond); the Linear is
+    zero-initialised (starts as RMSNorm)."""
 
     def __init__(self, features, cond_features, eps=1e-6):
         super().__init__()
@@ -138,7 +150,8 @@ class AdaRMSNorm(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Axial rotary position embeddings (Sec. 4.2; official axial_rope.py + AxialRoPE in image_transformer_v2.py)
+# Axial rotary position embeddings (HDiT Sec. 4.2, App. E.2; official axial_rope.py + AxialRoPE in
+# image_transformer_v2.py)
 # ----------------------------------------------------------------------------------------------------------
 
 def make_axial_pos(h, w, device=None):
@@ -168,7 +181,8 @@ def downscale_pos(pos):
 
 
 class AxialRoPE(nn.Module):
-    """Sec. 4.2: axial RoPE on the first half of every head; y uses d_head/8 frequencies, x the next d_head/8.
+    """HDiT Sec. 4.2, App. E.2, Fig. 11: axial RoPE on the first half of every head; y uses d_head/8 frequencies
+    (a quarter of the head), x the next d_head/8.
 
     Frequencies are log-spaced from pi to 10*pi (excluded) and interleaved across heads (each head gets its own
     ladder), stored as a persistent buffer `freqs` (n_heads, d_head // 8) like the official checkpoint.
@@ -208,7 +222,7 @@ def apply_rotary_emb(x, theta, conj=False):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Neighborhood attention (Sec. 4.3), NATTEN semantics, dilation 1, odd kernel K. Layout (B, heads, H, W, e).
+# Neighborhood attention (HDiT Sec. 4.3), NATTEN semantics, dilation 1, odd kernel K. Layout (B, heads, H, W, e).
 # Query (i, j) attends to the K x K keys starting at (clamp(i - K//2, 0, H - K), clamp(j - K//2, 0, W - K)):
 # the window is centred on the query but shifted INWARD at the borders (never padded, never truncated).
 # ----------------------------------------------------------------------------------------------------------
@@ -229,8 +243,8 @@ def neighborhood_index(h, w, kernel_size, device=None):
 
 def neighborhood_attention_reference(q, k, v, kernel_size, scale=None):
     """Readable reference: gather each query's K*K keys and values, softmax over them. O(N K^2) work instead of
-    O(N^2), the linear cost Sec. 4.3 relies on at high resolution. scale: logit scale, None = 1/sqrt(e) as SDPA
-    (HDiT passes 1.0: cosine-sim attention has already put its learnable scale into q and k)."""
+    O(N^2), the linear cost HDiT Sec. 4.3 / App. A rely on at high resolution. scale: logit scale, None =
+    1/sqrt(e) as SDPA (HDiT passes 1.0: cosine-sim attention has already put its learnable scale into q and k)."""
     b, nh, h, w, e = q.shape
     scale = e ** -0.5 if scale is None else scale
     index = neighborhood_index(h, w, kernel_size, q.device).view(-1)
@@ -331,7 +345,8 @@ def _has_flex_attention():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Shifted-window attention (Swin): the official supports it; Sec. 4.3 reports NA works better.
+# Shifted-window attention (Swin): the official supports it; HDiT Sec. 4.3 reports NA works better (Sec. 5.2,
+# Table 1: step B1, Swin, FID 55.93; step B2, NA, 51.07).
 # Note the official rolls by +shift (Swin rolls by -shift); the masks below follow the official.
 # ----------------------------------------------------------------------------------------------------------
 
@@ -372,7 +387,7 @@ def apply_window_attention(window_size, window_shift, q, k, v):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Transformer blocks (Sec. 4.2)
+# Transformer blocks (HDiT Sec. 4.2, Fig. 4)
 # ----------------------------------------------------------------------------------------------------------
 
 class SelfAttentionBlock(nn.Module):
@@ -395,7 +410,7 @@ class SelfAttentionBlock(nn.Module):
         self.pos_emb = AxialRoPE(d_head // 2, self.n_heads)
         self.dropout = nn.Dropout(dropout)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
-        # zero-init residual branch (no adaLN-Zero gate, Sec. 4.2)
+        # zero-init residual branch (no adaLN-Zero gate, HDiT Sec. 4.2)
         nn.init.zeros_(self.out_proj.weight)
 
     def forward(self, x, pos, cond):
@@ -410,7 +425,7 @@ class SelfAttentionBlock(nn.Module):
             # autocast); the local blocks keep float32 positions.
             pos = pos.to(qkv.dtype)
         theta = self.pos_emb(pos).movedim(-2, -4)  # (H, W, nh, e/4) -> (nh, H, W, e/4)
-        # theta has e/4 angles, so dims [0, e/2) of each head are rotated and [e/2, e) pass through (Sec. 4.2).
+        # theta has e/4 angles, so dims [0, e/2) of each head are rotated and [e/2, e) pass through (App. E.2).
         # v is not rotated: position only enters through the q . k logits.
         q, k = apply_rotary_emb(q, theta), apply_rotary_emb(k, theta)
         # Scale 1.0 everywhere: cosine-sim attention has already put its learnable scale into q and k.
@@ -518,7 +533,7 @@ class MappingFeedForwardBlock(nn.Module):
 
 
 class MappingNetwork(nn.Module):
-    """Sec. 4.2: the shared conditioning MLP; its output `cond` drives every AdaRMSNorm of the network."""
+    """HDiT Sec. 4.2, App. E.3, Fig. 12: the shared conditioning MLP; its output `cond` drives every AdaRMSNorm."""
 
     def __init__(self, n_layers, d_model, d_ff, dropout=0.0):
         super().__init__()
@@ -534,7 +549,7 @@ class MappingNetwork(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Token merge / split (Sec. 4.1). Packing order (dy, dx, c): feature (dy*pw + dx)*C + c.
+# Token merge / split (HDiT Sec. 4.1, App. E.4). Packing order (dy, dx, c): feature (dy*pw + dx)*C + c.
 # NOTE: this is NOT F.pixel_unshuffle's order (c*ph*pw + dy*pw + dx), so official weights need this order.
 # ----------------------------------------------------------------------------------------------------------
 
@@ -571,9 +586,9 @@ class TokenSplitWithoutSkip(nn.Module):
 
 
 class TokenSplit(nn.Module):
-    """Upsampling + skip merge by a learnable lerp (Sec. 4.1): lerp(skip, up, fac) = (1 - fac) skip + fac up.
+    """Upsampling + skip merge by a learnable lerp (HDiT Sec. 4.1): lerp(skip, up, fac) = (1 - fac) skip + fac up.
 
-    The paper writes f * skip + (1 - f) * upsampled; the code's learnable `fac` (init 0.5) weights the
+    The paper's Eq. (2) writes f * skip + (1 - f) * upsampled; the code's learnable `fac` (init 0.5) weights the
     upsampled branch. We follow the code.
     """
 
@@ -657,7 +672,8 @@ def _sigma_list(sigmas):
 
 
 def sample_euler(denoiser, x, sigmas):
-    """EDM (Karras et al. 2022) Algorithm 2 with S_churn = 0 and Euler steps: the probability-flow ODE."""
+    """Euler's method on the probability-flow ODE: EDM (Karras et al. 2022) Algorithm 1 without lines 6-8 (its
+    2nd-order correction), as EDM Sec. 2 describes it. k-diffusion calls it Algorithm 2 (Euler steps), S_churn = 0."""
     s = _sigma_list(sigmas)
     for i in range(len(s) - 1):
         denoised = denoiser(x, x.new_full([x.shape[0]], s[i]))  # sigma as a (B,) vector
@@ -718,7 +734,8 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, eta=1.0, noise_sampler=None, solver
 
 
 def sample_dpmpp_3m_sde(denoiser, x, sigmas, eta=1.0, s_noise=1.0, noise_sampler=None):
-    """DPM-Solver++(3M) SDE (k-diffusion): third-order multistep in the denoised space plus SDE noise."""
+    """DPM-Solver++(3M) SDE (k-diffusion): third-order multistep in the denoised space plus SDE noise. The HDiT
+    paper samples every reported model with it, 50 steps (Sec. 5.1, Table 7)."""
     s = _sigma_list(sigmas)
     noise_sampler = noise_sampler or (lambda sigma, sigma_next: torch.randn_like(x))
     denoised_1 = denoised_2 = None
@@ -764,16 +781,17 @@ LOSS_WEIGHTINGS = ("karras", "snr", "soft-min-snr")
 
 
 def loss_weighting(sigma, sigma_data, weighting):
-    """Per-sample weight of the F-space MSE (official layers.Denoiser); soft-min-SNR is the paper's (Sec. 5).
+    """Per-sample weight of the F-space MSE (official layers.Denoiser); soft-min-SNR is HDiT App. C, Eq. (5).
 
     soft-min-snr: (sigma*sd)^2 / (sigma^2 + sd^2)^2 = SNR / (1 + SNR)^2, SNR = sd^2 / sigma^2; in denoised
-    space this is ||D - x0||^2 / (sigma^2 + sd^2), the paper's 1 / (sigma^2 + gamma^-1) with gamma = sd^-2.
+    space this is ||D - x0||^2 / (sigma^2 + sd^2), the paper's 1 / (sigma^2 + gamma^-1) with gamma = sd^-2,
+    i.e. gamma = 4 at sigma_data 0.5, the value App. C uses (Min-SNR's 5 changed to 4).
     """
-    # karras: weight 1 in F space, which is EDM's lambda(sigma) = 1 / c_out^2 in denoised space.
+    # karras: weight 1 in F space, which is EDM's lambda(sigma) = 1 / c_out^2 in denoised space (EDM Sec. 5).
     if weighting == "karras":
         return torch.ones_like(sigma)
     if weighting == "snr":
-        # snr: in denoised space this is 1 / sigma^2 = SNR / sigma_data^2, plain SNR weighting.
+        # snr: in denoised space this is 1 / sigma^2 = SNR / sigma_data^2, plain SNR weighting (HDiT App. C, Eq. (3)).
         return sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2)
     if weighting == "soft-min-snr":
         return (sigma * sigma_data) ** 2 / (sigma ** 2 + sigma_data ** 2) ** 2
@@ -811,10 +829,10 @@ class HDiT(nn.Module):
         self.class_emb = nn.Embedding(self.num_classes + 1, mw) if self.num_classes else None
         self.mapping_cond_in_proj = (nn.Linear(cfg["mapping_cond_dim"], mw, bias=False)
                                      if cfg["mapping_cond_dim"] else None)
-        # Noise level, augmentation and class embeddings are summed, then one shared mapping network (Sec. 4.2).
+        # Noise level, augmentation and class embeddings are summed, then one shared mapping network (App. E.3).
         self.mapping = MappingNetwork(cfg["mapping_depth"], mw, cfg["mapping_d_ff"], cfg["mapping_dropout_rate"])
 
-        # Every level but the last gets a down level and a mirrored up level at the same resolution (Sec. 4.1);
+        # Every level but the last gets a down level and a mirrored up level at the same resolution (HDiT Sec. 4.1);
         # the last (coarsest) level is mid_level.
         self.down_levels, self.up_levels = nn.ModuleList(), nn.ModuleList()
         for i, (width, depth, d_ff, attn, drop) in enumerate(zip(widths, depths, d_ffs, attns, drops)):
@@ -860,7 +878,7 @@ class HDiT(nn.Module):
             cond = cond + self.mapping_cond_in_proj(mapping_cond)  # (B, mapping_cond_dim) -> (B, mw)
         cond = self.mapping(cond)
 
-        # Hourglass (Sec. 4.1): down levels with merges, the middle level, up levels with lerp skips.
+        # Hourglass (HDiT Sec. 4.1, Fig. 3): down levels with merges, the middle level, up levels with lerp skips.
         skips, poses = [], []
         for down_level, merge in zip(self.down_levels, self.merges):
             x = down_level(x, pos, cond)
@@ -884,7 +902,8 @@ class HDiT(nn.Module):
         # >= float32: sigma ** 2 reaches 1e6 at sigma_max 1e3, beyond float16 range (max 65504).
         sigma = sigma.to(torch.promote_types(sigma.dtype, torch.float32))
         sd2 = self.sigma_data ** 2
-        # EDM Table 1: c_in gives F a unit-variance input, c_skip / c_out a unit-variance training target.
+        # EDM Table 1, derived in EDM Sec. 5: c_in and c_out give F a unit-variance input and training target,
+        # c_skip amplifies F's errors as little as possible.
         # -> 1 as sigma -> 0, -> 0 as sigma -> inf
         c_skip = sd2 / (sigma ** 2 + sd2)
         c_out = sigma * self.sigma_data / (sigma ** 2 + sd2) ** 0.5  # -> sigma_data as sigma -> inf
@@ -924,7 +943,7 @@ class HDiT(nn.Module):
                                              density.get("noise_d_high", d), self.sigma_data,
                                              density.get("min_value", min(self.cfg["sigma_min"], 1e-3)),
                                              density.get("max_value", max(self.cfg["sigma_max"], 1e3)))
-        # EDM's log-normal ln(sigma) ~ N(mean, std^2), by the inverse normal CDF of the stratified uniforms.
+        # EDM Table 1's log-normal ln(sigma) ~ N(P_mean, P_std^2), by the inverse normal CDF of the stratified uniforms.
         loc, scale = density.get("mean", density.get("loc")), density.get("std", density.get("scale"))
         u = u * (1 - 2e-7) + 1e-7
         return (loc + scale * torch.erfinv(2 * u - 1) * math.sqrt(2)).exp()
@@ -1079,18 +1098,20 @@ DEFAULTS = dict(
 )
 
 CONFIGS = {
-    # Paper, ImageNet-256 class-conditional (keys/hdit_imagenet256.txt): 557,416,522 params,
-    # 395 GFLOPs forward (198 G multiply-adds, the paper's convention).
+    # HDiT Sec. 5.4 / Table 7, ImageNet-256 class-conditional (keys/hdit_imagenet256.txt): 557,416,522 params
+    # (Table 7: 557M), 395 GFLOPs forward = 198 G multiply-adds (Table 7: 198 GFLOP/forward).
     "hdit_imagenet256": dict(widths=[384, 768, 1536], depths=[2, 2, 16], self_attns=[_na(), _na(), _glob()],
                              num_classes=1000, sigma_min=1e-3, sigma_max=1e3,
                              hparams={**_HP, "weight_decay": 1e-2, "batch_size": 256}),
-    # Paper, FFHQ-1024 unconditional (keys/hdit_ffhq1024.txt): 85,079,300 params,
-    # 412 GFLOPs forward (206 G multiply-adds: the paper's 206 GFLOP for HDiT-85M).
+    # HDiT Sec. 5.3 / Table 7, FFHQ-1024 unconditional (keys/hdit_ffhq1024.txt): 85,079,300 params (Table 7: 85M),
+    # 412 GFLOPs forward = 206 G multiply-adds (Table 7: 206 GFLOP/forward). Global attention at 32x32 and 16x16
+    # (Sec. 4.3, footnote 1).
     "hdit_ffhq1024": dict(input_size=(1024, 1024), widths=[128, 256, 384, 768, 1024], depths=[2] * 5,
                           self_attns=[_na(), _na(), _na(), _glob(), _glob()], dropout_rate=[0, 0, 0, 0, 0.1],
                           sigma_min=1e-3, sigma_max=1e3, hparams={**_HP, "weight_decay": 1e-2, "batch_size": 256}),
     # FFHQ-1024 without its two outermost levels: the same widths / attention per token grid at 256x256
-    # (64x64 NA, 32x32 global, 16x16 global), Sec. 4.1's rule (levels chosen by resolution). No paper run; kept
+    # (64x64 NA, 32x32 global, 16x16 global): Sec. 4.1's rule (innermost level 16x16 tokens) and Sec. 4.3,
+    # footnote 1 (FFHQ: global attention at 32x32 and 16x16). No paper run; kept
     # for the README's FFHQ-256 command. 79,009,258 params, 163 GFLOPs forward.
     "hdit_ffhq256": dict(input_size=(256, 256), widths=[384, 768, 1024], depths=[2, 2, 2],
                          self_attns=[_na(), _glob(), _glob()], dropout_rate=[0, 0, 0.1], sigma_min=1e-3,
@@ -1156,10 +1177,10 @@ def _resolve(config, overrides):
     cfg["patch_size"] = tuple(cfg["patch_size"]) if isinstance(cfg["patch_size"], (list, tuple)) \
         else (cfg["patch_size"],) * 2
     cfg["input_size"] = tuple(cfg["input_size"])
-    # Official default d_ff = 3 * width (GEGLU: the up projection then has 6 * width outputs).
+    # Official default d_ff = 3 * width, as HDiT Sec. 5.2 sets it for GEGLU (the up projection has 6 * width outputs).
     cfg["mapping_d_ff"] = cfg["mapping_d_ff"] or 3 * cfg["mapping_width"]
     cfg["d_ffs"] = cfg["d_ffs"] or [3 * w for w in cfg["widths"]]
-    # Default: neighborhood attention on every level but the innermost, which is global (Sec. 4.3).
+    # Default: neighborhood attention on every level but the innermost, which is global (HDiT Sec. 4.3, footnote 1).
     cfg["self_attns"] = cfg["self_attns"] or [_na()] * (n - 1) + [_glob()]
     if not isinstance(cfg["dropout_rate"], (list, tuple)):
         cfg["dropout_rate"] = [cfg["dropout_rate"]] * n  # one rate per level
