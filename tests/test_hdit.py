@@ -243,7 +243,7 @@ def test_neighborhood_fallback_without_flex_attention(monkeypatch):
 
 
 def test_block_soft_min_snr():
-    """Soft-min-SNR weighting (Sec. 5), lifted alone, against the official Denoiser's weights."""
+    """Soft-min-SNR weighting (HDiT App. C, Eq. 5), lifted alone, against the official Denoiser's weights."""
     weighting = lift(hdit, "loss_weighting")["loss_weighting"]
     g = golden("tiny_na_forward")
     sigma = g["inputs"]["sigma"]
@@ -368,7 +368,7 @@ def test_neighborhood_rejects_small_grid():
 # --------------------------------------------------------------------------------------------------------
 
 def test_rope_logits_depend_only_on_relative_offset():
-    """Sec. 3.2: with RoPE, q(p) . k(p') depends on p - p' only (for the rotated half; the other half is
+    """HDiT Sec. 4.2 / App. E.2: with RoPE, q(p) . k(p') depends on p - p' only (for the rotated half; the other half is
     position-free). Shift both positions by the same offset -> identical logits."""
     g = torch.Generator().manual_seed(0)
     rope = hdit.AxialRoPE(32, 2)  # d_head 64, 2 heads
@@ -388,7 +388,7 @@ def test_rope_logits_depend_only_on_relative_offset():
 
 
 def test_soft_min_snr_weight_formula():
-    """Eq. (4): soft-min-SNR weight == SNR / (1 + SNR)^2 in F space, which is the paper's
+    """HDiT App. C, Eq. (5): soft-min-SNR weight == SNR / (1 + SNR)^2 in F space, which is the paper's
     1 / (sigma^2 + gamma^-1) (gamma = sigma_data^-2) on the denoised-space error ||D - x0||^2."""
     torch.manual_seed(0)
     sd = 0.5
@@ -412,7 +412,7 @@ def test_soft_min_snr_weight_formula():
 
 
 def test_lerp_skip_and_zero_init():
-    """Sec. 3.1 / 3.2: a fresh model outputs 0 from the network (zero-init output projections), so the
+    """HDiT Sec. 4.2 (zero-initialised output projections), Sec. 4.1 (lerp skip): a fresh model outputs 0 from the network (zero-init output projections), so the
     denoiser returns c_skip * x; the lerp factor starts at 0.5."""
     model = hdit.create("tiny", num_classes=4)
     x, s = torch.randn(2, 3, 32, 32), torch.tensor([0.5, 3.0])
