@@ -412,8 +412,8 @@ def test_soft_min_snr_weight_formula():
 
 
 def test_lerp_skip_and_zero_init():
-    """HDiT Sec. 4.2 (zero-initialised output projections), Sec. 4.1 (lerp skip): a fresh model outputs 0 from the network (zero-init output projections), so the
-    denoiser returns c_skip * x; the lerp factor starts at 0.5."""
+    """HDiT Sec. 4.2, Sec. 4.1: a fresh model outputs 0 from the network (zero-initialised output projections),
+    so the denoiser returns c_skip * x; the lerp factor starts at 0.5."""
     model = hdit.create("tiny", num_classes=4)
     x, s = torch.randn(2, 3, 32, 32), torch.tensor([0.5, 3.0])
     y = torch.tensor([1, 2])
