@@ -5,7 +5,7 @@ Paper: Robin Rombach, Andreas Blattmann, Dominik Lorenz, Patrick Esser, Bjoern O
 Sec. 3.1 ("Perceptual Image Compression") and App. G (Eq. 25, the autoencoder objective). The GAN part is
 VQGAN's (Esser et al., "Taming Transformers for High-Resolution Image Synthesis", arXiv 2012.09841, Sec. 3.1).
 
-Official code matched (tensor for tensor, see tests/test_ae_kl.py and ../shared/reference/ae_kl/README.md):
+Official code matched (tensor for tensor: tests/test_ae_kl.py on the goldens in tests/golden/ae_kl/):
     CompVis/latent-diffusion @ a506df5756472e2ebaf9078affdde2c4f1502cd4
         ldm/modules/diffusionmodules/model.py   Normalize, nonlinearity, ResnetBlock, AttnBlock, make_attn,
                                                 Downsample, Upsample, Encoder, Decoder
@@ -27,12 +27,10 @@ Map from the paper to this file:
         L_rec = L1 + LPIPS (perceptual loss), weighted by a learned variance (logvar)
         L_adv: PatchGAN D_psi (pix2pix), hinge loss, adaptive weight (VQGAN Eq. 7)     NLayerDiscriminator,
                                                                                       calculate_adaptive_weight
-    Sec. 4.3.2 / App. D.1 "rescaling the latent by 1/std" (scale_factor)             AutoencoderKL.encode/decode
+    Sec. 4.3.2 / App. D.1: the latent rescaled by 1/std (scale_factor)               AutoencoderKL.encode/decode
     the whole autoencoder                                                             AutoencoderKL
-
-Contract (README "Model file contract"): CONFIGS, create, load_official, model.optimizer_groups(),
-model.loss(group, batch, step), model.hparams, model.encode(x) -> z * scale_factor, model.decode(z),
-model.scale_factor (buffer).
+Reading order: ResnetBlock, AttnBlock, Encoder, Decoder, DiagonalGaussianDistribution, hinge_d_loss,
+calculate_adaptive_weight, LPIPSWithDiscriminator.forward, AutoencoderKL.
 
 Deliberately left out / changed (each is also noted where it happens):
     * The official ResnetBlock's timestep embedding (temb_channels=0 everywhere in the autoencoder), the
@@ -40,11 +38,10 @@ Deliberately left out / changed (each is also noted where it happens):
       the "linear" attention (no config uses it), `give_pre_end`, `tanh_out`, dropout > 0 is kept.
     * ActNorm and the conditional discriminator (no released config uses them): a ValueError if asked.
     * `pixelloss_weight` is accepted and ignored, as in the official code (it is stored and never read).
-    * LPIPS comes from the `lpips` pip package (same network and weights as taming's copy, README sec. 1).
-      It is frozen, kept in eval mode (the official Lightning trainer puts it in train mode, which turns
-      its dropout on; we follow the project rule: frozen + eval), built lazily on the first loss call (so
-      encode/decode never need the VGG16 download), and kept OUT of state_dict(): its weights are the
-      public VGG16 + LPIPS files, not something training changes.
+    * LPIPS comes from the `lpips` pip package (the same network and weights as taming's copy). It is
+      frozen, in eval mode (the official Lightning trainer puts it in train mode, which turns its dropout
+      on), built on the first loss call and cached per process (get_lpips: encode/decode never need the
+      VGG16 download), and kept OUT of state_dict(): its weights are public files training never changes.
     * The official Lightning loop toggles requires_grad so that the autoencoder step gives the
       discriminator no gradient; we do the same inside `loss("ae", ...)`.
     * Posterior noise is drawn on the latent's device (the official draws it on the CPU and copies it).
@@ -167,7 +164,7 @@ def make_attn(in_channels, attn_type="vanilla"):
 
 
 class Encoder(nn.Module):
-    """E in Sec. 3.1: x (B, in_channels, H, W) -> (B, 2*z_channels or z_channels, H/f, W/f), f = 2^(L-1).
+    """E of LDM Sec. 3.1: x (B, in_channels, H, W) -> (B, 2*z_channels or z_channels, H/f, W/f), f = 2^(L-1).
 
     Level i has num_res_blocks ResnetBlocks (each followed by an AttnBlock when the level's nominal
     resolution `resolution // 2^i` is in attn_resolutions: the configured resolution decides, not the
@@ -219,7 +216,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """D in Sec. 3.1: z (B, z_channels, h, w) -> (B, out_ch, h*f, w*f), the mirror image of the Encoder.
+    """D of LDM Sec. 3.1: z (B, z_channels, h, w) -> (B, out_ch, h*f, w*f), the mirror image of the Encoder.
 
     conv_in, mid block, then levels L-1 .. 0 with num_res_blocks + 1 ResnetBlocks (and AttnBlocks at the
     resolutions in attn_resolutions) and an Upsample except at level 0. `up` is indexed like the official
@@ -334,7 +331,7 @@ class DiagonalGaussianDistribution:
 # ----------------------------------------------------------------------------------------------------------
 
 def weights_init(m):
-    """taming-transformers' init: conv weights ~ N(0, 0.02), biases as PyTorch's; BatchNorm gamma ~ N(1, 0.02), beta 0."""
+    """taming-transformers' init: conv weights ~ N(0, 0.02), biases kept; BatchNorm gamma ~ N(1, 0.02), beta 0."""
     classname = m.__class__.__name__
     if classname.find("Conv") != -1:
         nn.init.normal_(m.weight.data, 0.0, 0.02)
@@ -481,10 +478,10 @@ class LPIPSWithDiscriminator(nn.Module):
         self.discriminator.apply(weights_init)
         # the GAN term starts at step disc_start (adopt_weight), once reconstructions are reasonable
         self.discriminator_iter_start = disc_start
-        # the discriminator's term of Eq. 25 (log D_psi(x) side), hinge or softplus form
+        # the discriminator's term of App. G Eq. 25 (log D_psi(x) side), hinge or softplus form
         self.disc_loss = hinge_d_loss if disc_loss == "hinge" else vanilla_d_loss
         self.disc_factor = disc_factor
-        # the constant delta that multiplies the adaptive weight lambda (VQGAN Eq. 7)
+        # a constant factor on the adaptive weight lambda of VQGAN Eq. 7 (the taming code's, not in the paper)
         self.discriminator_weight = disc_weight
 
     def perceptual_loss(self, x, x_rec):

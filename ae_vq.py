@@ -5,7 +5,7 @@ Synthesis with Latent Diffusion Models", CVPR 2022, arXiv 2112.10752, Sec. 3.1 (
 Patrick Esser, Robin Rombach, Bjoern Ommer, "Taming Transformers for High-Resolution Image Synthesis", CVPR 2021,
 arXiv 2012.09841, Sec. 3.1 (VQGAN: Eq. 4-7, quantizer, perceptual + patch-GAN loss, adaptive weight).
 
-Official code matched (see tests/test_ae_vq.py and ../shared/reference/ae_vq/README.md):
+Official code matched (tests/test_ae_vq.py on the goldens in tests/golden/ae_vq/):
     CompVis/latent-diffusion @ a506df5756472e2ebaf9078affdde2c4f1502cd4
         ldm/models/autoencoder.py              VQModel (encode, encode_to_prequant, decode, forward,
                                                training_step, configure_optimizers), VQModelInterface
@@ -17,19 +17,21 @@ Official code matched (see tests/test_ae_vq.py and ../shared/reference/ae_vq/REA
         taming/modules/discriminator/model.py  NLayerDiscriminator, weights_init
 
 Map from the papers to this file:
-    LDM Sec. 3.1 encoder E / decoder D                        Encoder, Decoder (copied from ae_kl.py)
-    VQGAN Eq. 2, 4: z_q = argmin_k ||z - e_k||, straight-through   VectorQuantizer
-    VQ-VAE/VQGAN Eq. 4 codebook + commitment loss (legacy beta)    VectorQuantizer.forward
-    VQGAN Eq. 5-7 / LDM Eq. 25: L1 + LPIPS + PatchGAN, adaptive weight    VQLPIPSWithDiscriminator
+    LDM Sec. 3.1 encoder E / decoder D                             Encoder, Decoder (copied from ae_kl.py)
+    VQ-VAE Eq. 1-2 / VQGAN Eq. 2: z_q = argmin_k ||z - e_k||, straight-through    VectorQuantizer
+    VQ-VAE Eq. 3 / VQGAN Eq. 4: codebook + commitment loss (legacy beta)          VectorQuantizer.forward
+    VQGAN Eq. 5-7 / LDM App. G Eq. 25: L1 + LPIPS + PatchGAN, adaptive weight     VQLPIPSWithDiscriminator
     LDM Sec. 3.1 "quantization absorbed by the decoder": diffuse on h before quantization
-                                                              VQModel.encode / decode (VQModelInterface)
+                                                                   VQModel.encode / decode (VQModelInterface)
+Reading order: VectorQuantizer, measure_perplexity, VQLPIPSWithDiscriminator.forward, VQModel (the blocks
+copied from ae_kl.py are read there).
 
 The blocks marked `# Copied from ae_kl.X` are character-for-character copies of ae_kl.py (a test checks it).
 
 Deliberately left out / changed:
     * `remap` / `unknown_index` (index remapping, unused by LDM), the Gumbel and EMA quantizers, the
       conditional discriminator, ActNorm: a ValueError if a config asks for them.
-    * The official's broken paths (README sec. 3.5): the released yamls name the taming loss, which has no
+    * The official's broken paths: the released yamls name the taming loss, which has no
       `predicted_indices` argument, so VQModel.training_step raises TypeError there; the ldm loss misses
       `exists`. We implement the intended behaviour: the taming loss numbers plus the ldm variant's perplexity
       / cluster-usage logs (and `pixel_loss="l2"`), always given the indices.
@@ -160,7 +162,7 @@ def make_attn(in_channels, attn_type="vanilla"):
 
 # Copied from ae_kl.Encoder
 class Encoder(nn.Module):
-    """E in Sec. 3.1: x (B, in_channels, H, W) -> (B, 2*z_channels or z_channels, H/f, W/f), f = 2^(L-1).
+    """E of LDM Sec. 3.1: x (B, in_channels, H, W) -> (B, 2*z_channels or z_channels, H/f, W/f), f = 2^(L-1).
 
     Level i has num_res_blocks ResnetBlocks (each followed by an AttnBlock when the level's nominal
     resolution `resolution // 2^i` is in attn_resolutions: the configured resolution decides, not the
@@ -213,7 +215,7 @@ class Encoder(nn.Module):
 
 # Copied from ae_kl.Decoder
 class Decoder(nn.Module):
-    """D in Sec. 3.1: z (B, z_channels, h, w) -> (B, out_ch, h*f, w*f), the mirror image of the Encoder.
+    """D of LDM Sec. 3.1: z (B, z_channels, h, w) -> (B, out_ch, h*f, w*f), the mirror image of the Encoder.
 
     conv_in, mid block, then levels L-1 .. 0 with num_res_blocks + 1 ResnetBlocks (and AttnBlocks at the
     resolutions in attn_resolutions) and an Upsample except at level 0. `up` is indexed like the official
@@ -270,7 +272,7 @@ class Decoder(nn.Module):
 
 # Copied from ae_kl.weights_init
 def weights_init(m):
-    """taming-transformers' init: conv weights ~ N(0, 0.02), biases as PyTorch's; BatchNorm gamma ~ N(1, 0.02), beta 0."""
+    """taming-transformers' init: conv weights ~ N(0, 0.02), biases kept; BatchNorm gamma ~ N(1, 0.02), beta 0."""
     classname = m.__class__.__name__
     if classname.find("Conv") != -1:
         nn.init.normal_(m.weight.data, 0.0, 0.02)
@@ -393,7 +395,7 @@ def get_lpips(pretrained, device):
 
 # VQ-VAE Sec. 3.1, Eq. 1-2: a one-hot posterior on the nearest code, z_q(x) = e_k, k = argmin_j ||z_e(x) - e_j||
 class VectorQuantizer(nn.Module):
-    """Nearest-codebook-entry quantization with the straight-through gradient (VQ-VAE; VQGAN Eq. 4, 5).
+    """Nearest-codebook-entry quantization with the straight-through gradient (VQ-VAE Eq. 1-3; VQGAN Eq. 2, 4).
 
     z (B, C, H, W) -> z_q (B, C, H, W), loss, (None, None, indices (B*H*W,) or (B, H, W)).
     Loss with legacy=True (the LDM/taming default, kept by the official for backward compatibility):
@@ -406,7 +408,7 @@ class VectorQuantizer(nn.Module):
 
     def __init__(self, n_e, e_dim, beta=0.25, legacy=True, sane_index_shape=False):
         super().__init__()
-        # n_e = K codebook entries (n_embed), e_dim = C = embed_dim; beta is VQGAN Eq. 4's 0.25
+        # n_e = K codebook entries (n_embed), e_dim = C = embed_dim; beta 0.25 as VQ-VAE Sec. 3.2 and the taming code
         self.n_e, self.e_dim, self.beta, self.legacy = n_e, e_dim, beta, legacy
         self.sane_index_shape = sane_index_shape
         # the codebook Z = {e_k}, a (n_e, e_dim) table, trained only through the codebook term of the loss
@@ -429,7 +431,7 @@ class VectorQuantizer(nn.Module):
             min_encoding_indices = torch.argmin(d, dim=1)  # (N,), the first minimum on ties
             # lookup in e (a differentiable cast of the weight): z_q is float32 and the codebook term reaches the weight
             z_q = F.embedding(min_encoding_indices, e).view(z.shape)  # (N,) -> (B, H, W, C)
-            # VQGAN Eq. 4 terms: sg[z_q] - z pulls the encoder to the codes, z_q - sg[z] moves the codes
+            # VQGAN Eq. 4's last two terms: sg[z_q] - z pulls the encoder to the codes, z_q - sg[z] moves the codes
             if self.legacy:  # commitment weight 1, codebook weight beta (official default)
                 # first term: commitment (gradient to E only); second: codebook (gradient to the codes only), times beta
                 loss = torch.mean((z_q.detach() - z) ** 2) + self.beta * torch.mean((z_q - z.detach()) ** 2)
@@ -552,10 +554,10 @@ class VQLPIPSWithDiscriminator(nn.Module):
                 p_loss = torch.zeros((), device=inputs.device)  # (), logged only
             # (B, C, H, W) -> (): LPIPS is broadcast over C, H, W, so the mean adds perceptual_weight * mean(LPIPS)
             nll_loss = torch.mean(rec_loss)  # a mean, unlike the KL loss's sum / B
-            # generator side of the hinge GAN (VQGAN Eq. 5): L_GAN = -E[D(x_rec)], D itself frozen here
+            # generator side of VQGAN Eq. 5 in the code's hinge form: -E[D(x_rec)], D itself frozen here
             logits_fake = self._discriminate_for_generator(reconstructions)  # (B, 1, H', W') patch logits
             g_loss = -torch.mean(logits_fake)  # (B, 1, H', W') -> ()
-            # VQGAN Eq. 7: lambda = ||grad_GL L_rec|| / (||grad_GL L_GAN|| + 1e-4), GL = decoder conv_out,
+            # VQGAN Eq. 7: lambda = ||grad_GL L_rec|| / (||grad_GL L_GAN|| + 1e-4 (the paper: 1e-6)), GL = conv_out,
             # times disc_weight; d_weight * disc_factor scales L_GAN in the total below
             d_weight = calculate_adaptive_weight(nll_loss, g_loss, last_layer, self.discriminator_weight)
             # VQGAN Eq. 6 for E, D and the codebook: L_rec + L_VQ + lambda * L_GAN (lambda = 0 before disc_start)
@@ -841,7 +843,8 @@ def create(config="tiny", **overrides):
     loss = {k: cfg.pop(k) for k in _LOSS_KEYS if k in cfg}
     loss.setdefault("disc_start", 250001)
     loss.setdefault("disc_in_channels", cfg.get("in_channels", 3))
-    return VQModel(**cfg, loss=loss if build_loss else None, hparams=_hparams(_BATCH[config] if isinstance(config, str) else 8))
+    hparams = _hparams(_BATCH[config] if isinstance(config, str) else 8)
+    return VQModel(**cfg, loss=loss if build_loss else None, hparams=hparams)
 
 
 # ----------------------------------------------------------------------------------------------------------

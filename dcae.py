@@ -593,7 +593,7 @@ class Decoder(nn.Module):
 
 # Copied from ae_kl.weights_init
 def weights_init(m):
-    """taming-transformers' init: conv weights ~ N(0, 0.02), biases as PyTorch's; BatchNorm gamma ~ N(1, 0.02), beta 0."""
+    """taming-transformers' init: conv weights ~ N(0, 0.02), biases kept; BatchNorm gamma ~ N(1, 0.02), beta 0."""
     classname = m.__class__.__name__
     if classname.find("Conv") != -1:
         nn.init.normal_(m.weight.data, 0.0, 0.02)

@@ -15,21 +15,21 @@ Official code matched: github.com/yinboc/infd @ b79aafe6f597c2e4b74cb87fc0ef5d27
   gen_samples.py:render_output_patchwise     -> INFD.render (tiled any-resolution rendering)
   trainers/infd_trainer.py + cfgs/*.yaml     -> hparams, disc_start, loss weights
 
-Paper -> code map
-  Sec. 3.1 "Image neural field autoencoder": E (Encoder + 1x1 conv) maps the image, resampled to the FIXED encoder
+Paper -> code map (the paper's method, named by its parts; section numbers are not cited here: not verified)
+  Image neural field autoencoder: E (Encoder + 1x1 conv) maps the image, resampled to the FIXED encoder
       resolution, to the latent z; the VQ layer (VectorQuantizer) and D (1x1 conv + Decoder without its RGB tail)
       map z to the feature map phi; the renderer R maps (phi, query coordinates, cell) to RGB.
-  Sec. 3.1 "Convolutional local image function" (CLIF, Fig. 3): each query pixel takes the nearest feature of phi
-      (q_feat), its relative coordinate and its pixel size (cell), both in units of phi's half pixel
-      (liif_query); the concatenation over the whole query GRID is processed by a small CNN (RendererNet), so
-      neighbouring queries share information (unlike LIIF's per-point MLP).
-  Sec. 3.2 "Training": the ground truth is the image LANCZOS-downsampled to a random size r in
-      [P, min(size, 4P)], randomly cropped to P x P (sample_patch); loss = L1 + LPIPS + adaptive-weight hinge GAN
+  Convolutional local image function (CLIF): each query pixel takes the nearest feature of phi (q_feat), its
+      relative coordinate and its pixel size (cell), both in units of phi's half pixel (liif_query, as LIIF,
+      arXiv 2012.09161); the whole query GRID goes through a small CNN (RendererNet), so neighbouring queries
+      share information (LIIF decodes each query alone with an MLP).
+  Training on crops of a randomly downsampled ground truth: the image LANCZOS-downsampled to a random size r in
+      [P, min(size, 4P)], cropped to P x P (sample_patch); loss = L1 + LPIPS + adaptive-weight hinge GAN
       (+ VQ loss) on the rendered patch (INFD.loss).
-  Sec. 3.3 "Latent diffusion": a diffusion model on z (pre-quantisation) -- NOT in this file: train any diffusion
-      file of the repository on our latents with `train.py --ae` (the official one is an openai UNet).
-  Sec. 4 / gen_samples.py: any-resolution generation renders the query grid in tiles with a padding
-      (INFD.render), because a 1024^2 grid does not fit in memory at once.
+  Latent diffusion on z (pre-quantisation): NOT in this file; train any diffusion file of the repository on our
+      latents with `train.py --ae` (the official one is an openai UNet).
+  High-resolution rendering (official gen_samples.py): the query grid in padded tiles (INFD.render).
+Reading order: liif_query, RendererNet, CLIFRenderer, sample_patch, INFD.loss, INFD.render.
 
 Deliberately left out: the diffusion UNet `z_dm` / `z_dm_ema` of the official dm checkpoints (load_official drops
 them, see there), the unused options of the official code (z_gaussian KL latents, conditional dm, hrft loader,
@@ -50,7 +50,7 @@ from PIL import Image
 
 
 # =============================================================================================================
-# Sec. 3.1 -- building blocks of the encoder / decoder (the VQGAN / LDM autoencoder body)
+# Building blocks of the encoder / decoder (the VQGAN / LDM autoencoder body)
 # =============================================================================================================
 # Copied from ae_kl.Normalize
 def Normalize(in_channels):
@@ -159,7 +159,7 @@ def make_attn(in_channels, attn_type="vanilla"):
 
 # Copied from ae_kl.Encoder
 class Encoder(nn.Module):
-    """E in Sec. 3.1: x (B, in_channels, H, W) -> (B, 2*z_channels or z_channels, H/f, W/f), f = 2^(L-1).
+    """E of LDM Sec. 3.1: x (B, in_channels, H, W) -> (B, 2*z_channels or z_channels, H/f, W/f), f = 2^(L-1).
 
     Level i has num_res_blocks ResnetBlocks (each followed by an AttnBlock when the level's nominal
     resolution `resolution // 2^i` is in attn_resolutions: the configured resolution decides, not the
@@ -213,9 +213,9 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """VQGAN decoder with give_pre_end=True: conv_in -> mid -> levels from the lowest resolution up, each with
     num_res_blocks+1 ResnetBlocks (+ Upsample except at level 0). It stops BEFORE the RGB tail: the output is the
-    feature map phi (B, ch*ch_mult[0], 4h, 4w) that the renderer reads (Sec. 3.1). `up[i]` is level i (0 = highest
+    feature map phi (B, ch*ch_mult[0], 4h, 4w) that the renderer reads. `up[i]` is level i (0 = highest
     resolution, run last), as in the official state dict."""
-    # D of Sec. 3.1 (VQGAN decoder body): unlike a VQGAN, it outputs a feature map phi, not RGB, so that the
+    # D (a VQGAN decoder body): unlike a VQGAN, it outputs a feature map phi, not RGB, so that the
     # renderer R can turn phi into pixels at any query resolution
 
     def __init__(self, ch, ch_mult, num_res_blocks, z_channels):
@@ -281,7 +281,7 @@ class VectorQuantizer(nn.Module):
         d = z_flat.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * z_flat @ e.t()  # (B*H*W, n_embed)
         indices = d.argmin(1)  # (B*H*W,)
         z_q = self.embedding(indices).view(z.shape)  # (B*H*W, C) -> (B, H, W, C)
-        # Sec. 3.1 VQ loss (legacy weighting, see the class docstring): commitment + beta * codebook
+        # VQ loss (legacy weighting, see the class docstring): commitment + beta * codebook
         # (the straight-through line below lets the decoder gradient reach the encoder despite the argmin)
         loss = torch.mean((z_q.detach() - z) ** 2) + self.beta * torch.mean((z_q - z.detach()) ** 2)
         z_q = z + (z_q - z).detach()  # straight-through estimator
@@ -289,7 +289,7 @@ class VectorQuantizer(nn.Module):
 
 
 # =============================================================================================================
-# Sec. 3.1 -- coordinates and the CLIF renderer
+# Coordinates and the CLIF renderer
 # =============================================================================================================
 def make_coord_grid(shape, range=(-1, 1), device="cpu"):
     """Pixel-centre coordinates of a grid: (s_1, ..., s_k) -> (s_1, ..., s_k, k); coordinate i runs along tensor
@@ -332,10 +332,10 @@ def convert_posenc(x, dim, w_max):
     return torch.cat([torch.cos(math.pi * x), torch.sin(math.pi * x)], dim=-1)
 
 
-# Sec. 3.1 / Fig. 3: the per-query inputs of CLIF; relative coordinate and cell are what let one phi be
+# The per-query inputs of CLIF; relative coordinate and cell are what let one phi be
 # rendered at any resolution (the LIIF-style local query, as the official convert_liif_feat_coord_cell)
 def liif_query(phi, coord, cell):
-    """The CLIF inputs of each query point (official `convert_liif_feat_coord_cell`), Sec. 3.1:
+    """The CLIF inputs of each query point (official `convert_liif_feat_coord_cell`):
       q_feat    the NEAREST feature of phi (grid_sample 'nearest': rounds half to even at exact ties; a query
                 outside [-1, 1] gets zeros);
       rel_coord (query - centre of that feature pixel) * (H, W): in units of HALF a feature pixel, in [-1, 1];
@@ -359,14 +359,14 @@ def liif_query(phi, coord, cell):
     scale = torch.tensor([H, W], dtype=coord.dtype, device=coord.device)
     # (B, 1, N, 2), q_coord (B, 2, 1, N) -> (B, 1, N, 2)
     rel_coord = (coord - q_coord.permute(0, 2, 3, 1)) * scale
-    # rel_cell: query pixel size relative to a feature pixel (Fig. 3: lets CLIF know the output scale)
+    # rel_cell: query pixel size relative to a feature pixel (lets CLIF know the output scale)
     rel_cell = cell * scale  # (B, 1, N, 2)
     q_feat = q_feat.permute(0, 2, 3, 1).reshape(B, *query_shape, -1)  # (B, C, 1, N) -> (B, ..., C)
     # rel_coord, rel_cell: (B, 1, N, 2) -> (B, ..., 2), i.e. back to the query grid shape
     return q_feat, rel_coord.reshape(B, *query_shape, 2), rel_cell.reshape(B, *query_shape, 2)
 
 
-# The "C" of CLIF (Sec. 3.1): convolutions over the query grid share information between neighbouring
+# The "C" of CLIF: convolutions over the query grid share information between neighbouring
 # queries, where LIIF decodes each query on its own with an MLP
 class RendererNet(nn.Module):
     """The CLIF CNN (official `simple_renderer_net`, kernel_size 3): conv -> 2 ResnetBlocks -> GroupNorm, swish -> conv
@@ -397,7 +397,7 @@ class RendererNet(nn.Module):
 
 
 class CLIFRenderer(nn.Module):
-    """Convolutional local image function (official `renderer_concat_wrapper`), Sec. 3.1, Fig. 3:
+    """Convolutional local image function (official `renderer_concat_wrapper`):
     rgb = CNN(cat[q_feat, rel_coord, rel_cell]) on the (B, h, w) query grid. Queries must form a 2-D grid."""
 
     def __init__(self, z_dec_channels, hidden_channels, normalize=True, co_pe_dim=None,
@@ -425,12 +425,12 @@ class CLIFRenderer(nn.Module):
         return self.net(layout)
 
     def last_layer_weight(self):
-        # W for the adaptive GAN weight (Sec. 3.2, INFD._adaptive_weight)
+        # W for the adaptive GAN weight (INFD._adaptive_weight)
         return self.net.conv_out.weight
 
 
 class OriginalTail(nn.Module):
-    """Ablation `fixres_original_tail` (Table 3, "fixed-resolution renderer"): the original VQGAN decoder tail."""
+    """Ablation `fixres_original_tail` (cfgs/models/ae-d4vq-oritail.yaml): the original VQGAN decoder tail."""
 
     def __init__(self, in_channels, out_channels=3):
         super().__init__()
@@ -459,7 +459,7 @@ class FixresRenderer(nn.Module):
 
 
 # =============================================================================================================
-# Sec. 3.2 -- training data: random-scale ground truth, fixed P x P crop, its coordinates and cell
+# Training data: random-scale ground truth, fixed P x P crop, its coordinates and cell
 # =============================================================================================================
 def to_tensor(img):
     """PIL RGB -> (3, H, W) in [-1, 1], computed as torchvision ToTensor + Normalize(0.5, 0.5) (same bits)."""
@@ -468,19 +468,19 @@ def to_tensor(img):
     return (x - 0.5) / 0.5
 
 
-# Sec. 3.2: supervising a fixed-size P x P crop at a random scale r keeps the memory per step constant while
+# Supervising a fixed-size P x P crop at a random scale r keeps the memory per step constant while
 # the renderer is trained on many output resolutions (and on mixed-resolution data)
 def sample_patch(img, rng, resize_inp, resize_gt_lb, resize_gt_ub, final_crop_gt, p_whole=0.0, p_max=0.0):
     """Official BaseWrapperCAE.process on a square PIL image, with `rng` (random.Random) in place of the global
     `random` (same call sequence, so random.Random(s) reproduces random.seed(s)). Returns
       inp      the whole image LANCZOS-resized to resize_inp (the encoder input),
-      gt       a final_crop_gt^2 crop of the image LANCZOS-resized to a random r x r (Sec. 3.2 multi-scale GT),
+      gt       a final_crop_gt^2 crop of the image LANCZOS-resized to a random r x r (multi-scale GT),
       gt_coord its pixel centres in the [-1, 1] frame of the whole image, (P, P, 2),
       gt_cell  (2/r, 2/r) per query, (P, P, 2)."""
     if img.size[0] != img.size[1]:
         raise ValueError(f"sample_patch needs a square image, got {img.size[0]}x{img.size[1]}")
     size = img.size[0]
-    # the encoder always sees the whole image at the fixed size resize_inp (Sec. 3.1, fixed encoder resolution)
+    # the encoder always sees the whole image at the fixed size resize_inp (the fixed encoder resolution)
     inp = to_tensor(img.resize((resize_inp, resize_inp), Image.LANCZOS))  # (3, resize_inp, resize_inp)
     # each branch draws from rng only when reached, mirroring the official short-circuit order
     # the whole image at the crop size (official draws this first)
@@ -504,11 +504,11 @@ def sample_patch(img, rng, resize_inp, resize_gt_lb, resize_gt_ub, final_crop_gt
 
 
 # =============================================================================================================
-# Sec. 3.2 -- the adversarial part of the loss: PatchGAN discriminator, LPIPS
+# The adversarial part of the loss: PatchGAN discriminator, LPIPS
 # =============================================================================================================
 # Copied from ae_kl.weights_init
 def weights_init(m):
-    """taming-transformers' init: conv weights ~ N(0, 0.02), biases as PyTorch's; BatchNorm gamma ~ N(1, 0.02), beta 0."""
+    """taming-transformers' init: conv weights ~ N(0, 0.02), biases kept; BatchNorm gamma ~ N(1, 0.02), beta 0."""
     classname = m.__class__.__name__
     if classname.find("Conv") != -1:
         nn.init.normal_(m.weight.data, 0.0, 0.02)
@@ -596,7 +596,7 @@ class INFD(nn.Module):
     """Image neural field autoencoder. Submodule names = the official state-dict names (encoder.0 / encoder.1,
     quantizer, decoder.0 / decoder.1, renderer.net, disc.main), so load_official needs no renames.
 
-    encode(x) -> z * scale_factor   (z = pre-quantisation latent, the diffusion space, Sec. 3.3)
+    encode(x) -> z * scale_factor   (z = pre-quantisation latent, the diffusion space)
     decode(z) -> image at the encoder resolution; render(z, size) -> image at any size (tiled, official defaults)
     decode_z(z) -> phi (quantiser + decoder, official name); render_phi(phi, coord, cell) -> RGB at given queries."""
 
@@ -639,7 +639,9 @@ class INFD(nn.Module):
         else:
             raise ValueError(f"unknown renderer {renderer!r} (choose 'clif' or 'fixres')")
         # PatchGAN D with taming's N(0, 0.02) init (the adversarial loss); loss=None: inference only, no D
-        self.disc = None if loss is None else NLayerDiscriminator(in_channels, disc_ndf, disc_layers).apply(weights_init)
+        self.disc = None if loss is None else NLayerDiscriminator(in_channels, disc_ndf, disc_layers)
+        if self.disc is not None:
+            self.disc.apply(weights_init)
         # Latent scale for diffusion (contract): 0 = not measured yet (treated as 1 by encode / decode, with a warning)
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
         self._scale_checked = False
@@ -647,7 +649,7 @@ class INFD(nn.Module):
         # which load_official drops), built at the first loss() call, so rendering never needs the VGG16 download
         self.lpips_pretrained = lpips_pretrained
 
-    # ---------------------------------------------------------------- autoencoder (Sec. 3.1)
+    # ---------------------------------------------------------------- autoencoder
     def encode_z(self, x):
         """Image in [-1, 1] at the encoder resolution -> z (pre-quantisation), official `encode_z`."""
         # (B, 3, R, R) -> (B, z_channels, R/f, R/f)
@@ -692,15 +694,13 @@ class INFD(nn.Module):
 
     @torch.no_grad()
     def render(self, z, size, patch_size=None, patch_padding=None):
-        """Any-resolution rendering, exactly as the official gen_samples.render_output_patchwise (Sec. 4):
+        """Any-resolution rendering, exactly as the official gen_samples.render_output_patchwise:
         phi = decode_z(z / scale_factor); the size x size query grid (pixel centres over [-1, 1], cell 2/size)
         is cut into patch_size tiles (row-major; the last ones may be smaller), each rendered with up to
         `patch_padding` extra queries on every side (clamped at the image border), and only its centre is kept.
-        Defaults = official CLI (256, 8). patch_size None -> one tile (whole image).
-        Padding 8 > the CNN's receptive-field radius 6, so WITHOUT normalisation tiles would equal a whole render;
-        the renderer's GroupNorm, however, takes its statistics over each rendered window, so tiles differ
-        from a whole render (tests/test_infd.py): max 1.46 for the tiny golden model at tile 32 / pad 8 (1 channel
-        per group); max 0.014, mean 0.0023 for the ae-d4vq-width renderer (random weights) at 512^2, tile 256 / pad 8."""
+        Defaults = official CLI (256, 8); patch_size 0 -> one tile (whole image). Padding 8 > the CNN's
+        receptive-field radius 6, so without normalisation tiles equal a whole render; the renderer's GroupNorm
+        takes its statistics over each rendered window, so with it tiles differ slightly (test_tiling_*)."""
         if z.dim() != 4 or z.shape[1] != self.z_channels:
             raise ValueError(f"render expects latents (B, {self.z_channels}, h, w), got {tuple(z.shape)}")
         H, W = (size, size) if isinstance(size, int) else tuple(size)
@@ -711,8 +711,8 @@ class INFD(nn.Module):
         B = phi.shape[0]
         # float32 queries even under bf16 autocast (liif_query keeps them so; the official never casts them)
         coord, cell = make_coord_cell_grid((H, W), device=phi.device, bs=B)  # (B, H, W, 2) each
-        # why tiles: the CLIF CNN runs on the full query grid, so its activations grow with H*W (Sec. 4 renders
-        # far above the encoder resolution); the padding gives border queries their convolutional context
+        # why tiles: the CLIF CNN runs on the full query grid, so its activations grow with H*W (renders go far
+        # above the encoder resolution); the padding gives border queries their convolutional context
         # patch_size 0 / None from the caller: one whole tile
         if not p or p <= 0:
             return self.render_phi(phi, coord, cell)  # CLIF: (B, 3, H, W)
@@ -737,7 +737,7 @@ class INFD(nn.Module):
                 out[:, :, y0: y0 + yl, x0: x0 + xl] = tile[:, :, pt: pt + yl, pl: pl + xl]  # keep the centre
         return out
 
-    # ---------------------------------------------------------------- training (Sec. 3.2)
+    # ---------------------------------------------------------------- training
     def data_transform(self, image_size):
         """Contract hook for train.py: f(PIL image, random.Random) -> {"x", "gt", "gt_coord", "gt_cell"}.
         Official ae_ffhq settings with P = image_size: x = the whole image LANCZOS-resized to P (the encoder input),
@@ -746,7 +746,7 @@ class INFD(nn.Module):
         a folder may mix sizes, and larger images give larger scales."""
         cfg = self.sampler_cfg
 
-        # Sec. 3.2 data pipeline: encoder input at the fixed resolution P + a random-scale P x P ground-truth crop
+        # data pipeline: encoder input at the fixed resolution P + a random-scale P x P ground-truth crop
         def transform(img, rng):
             w, h = img.size
             # the centre square keeps the scale 1:1 with the original pixels (no aspect distortion)
@@ -776,7 +776,7 @@ class INFD(nn.Module):
         image x at its own resolution (official vis_ae_whole)."""
         x = batch["x"]
         if "gt" in batch:
-            # patch training (Sec. 3.2): gt and its coordinates come from sample_patch
+            # patch training: gt and its coordinates come from sample_patch
             return batch["gt"], batch["gt_coord"], batch["gt_cell"]
         coord, cell = make_coord_cell_grid(x.shape[-2:], device=x.device, bs=x.shape[0])  # (B, H, W, 2) each
         return x, coord, cell
@@ -806,7 +806,7 @@ class INFD(nn.Module):
             pred = self.render_phi(self.decoder(z_q), coord, cell)  # (B, 3, P, P)
             # losses in float32 even under mixed precision
             pred32, gt32 = pred.float(), gt.float()
-            # Sec. 3.2: pixel (L1) + perceptual (LPIPS) reconstruction terms on the rendered patch vs the gt crop
+            # pixel (L1) + perceptual (LPIPS) reconstruction terms on the rendered patch vs the gt crop
             l1 = (pred32 - gt32).abs().mean()
             perc = get_lpips(self.lpips_pretrained, x.device)(pred32, gt32).float().mean()  # (B, 1, 1, 1) -> scalar
             nll = lc["l1"] * l1 + lc["perc"] * perc
@@ -815,7 +815,7 @@ class INFD(nn.Module):
             mse = ((gt32 - pred32.detach()) / 2).pow(2).mean(dim=(1, 2, 3))  # (B,)
             logs = {"l1": l1.detach(), "lpips": perc.detach(), "quant": quant_loss.detach().float(),
                     "psnr": (-10 * torch.log10(mse)).mean()}
-            # Sec. 3.2 adversarial term: the GAN loss on rendered patches pushes CLIF outputs to photorealistic detail
+            # adversarial term: the GAN loss on rendered patches pushes CLIF outputs to photorealistic detail
             if use_gan:
                 # generator hinge term: raise D's logit on the rendered patch
                 g_loss = -self.disc(pred).float().mean()  # (B, 1, h', w') logits -> scalar
@@ -899,7 +899,7 @@ DROPPED = ("perc_loss.", "z_dm.", "z_dm_ema.")
 
 
 def official_to_create(spec):
-    """Official INFD constructor kwargs (first line of reference/infd/keys/*.txt, or `{'name', 'args'}`) -> our
+    """Official INFD constructor kwargs (first line of tests/golden/infd/keys/*.txt.gz, or `{'name', 'args'}`) -> our
     INFD arguments."""
     spec = spec.get("args", spec) if "encoder" not in spec else spec
     enc = dict(VQF4, **(spec["encoder"].get("args") or {}))
