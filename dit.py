@@ -330,22 +330,20 @@ class DiT(nn.Module):
         # (N, Cout, H, W): [0:C] eps, [C:2C] variance value v
         return self.unpatchify(x)
 
-    def forward_with_cfg(self, x, t, y, cfg_scale, cfg_all_channels=None):
+    def forward_with_cfg(self, x, t, y, cfg_scale):
         """Classifier-free guidance (Sec. 3.1): eps = eps(x|null) + s (eps(x|c) - eps(x|null)).
 
         Batch layout as the official sample.py: x = cat([z, z]), y = cat([labels, null]). Faithful quirks:
         only the FIRST half of x is used (duplicated), and only output channels 0..2 are guided (the
         official code hard-codes 3 "for exact reproducibility"); the rest (eps channel 3 and v) passes
-        through unguided. cfg_all_channels=True guides all `in_channels` eps channels (the obvious variant).
+        through unguided. self.cfg_all_channels guides all `in_channels` eps channels (the obvious variant).
         """
-        if cfg_all_channels is None:
-            cfg_all_channels = self.cfg_all_channels
         # (N, C, H, W) -> (N/2, C, H, W): the z of cat([z, z])
         half = x[: len(x) // 2]
         combined = torch.cat([half, half], dim=0)  # (N/2, C, H, W) -> (N, C, H, W)
         model_out = self.forward(combined, t, y)
         # as official models.py: eps, rest = model_out[:, :3], model_out[:, 3:]
-        n_guided = self.in_channels if cfg_all_channels else 3
+        n_guided = self.in_channels if self.cfg_all_channels else 3
         # (N, n_guided, H, W), (N, Cout - n_guided, H, W)
         eps, rest = model_out[:, :n_guided], model_out[:, n_guided:]
         cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)  # 2 x (N/2, n_guided, H, W)

@@ -89,8 +89,8 @@ def test_forward_golden():
         comb = model(inp["x_cfg"], inp["t_cfg"], inp["y_cfg"])
         cfg = model.forward_with_cfg(inp["x_cfg"], inp["t_cfg"], inp["y_cfg"], inp["cfg_scale"])
         cfg_mixed = model.forward_with_cfg(inp["x_cfg_mixed"], inp["t_cfg"], inp["y_cfg"], inp["cfg_scale"])
-        cfg_all = model.forward_with_cfg(inp["x_cfg"], inp["t_cfg"], inp["y_cfg"], inp["cfg_scale"],
-                                         cfg_all_channels=True)
+        model.cfg_all_channels = True
+        cfg_all = model.forward_with_cfg(inp["x_cfg"], inp["t_cfg"], inp["y_cfg"], inp["cfg_scale"])
     report("tiny_forward/cfg_combined_forward",
            assert_close(comb, ref["cfg_combined_forward"], atol=1e-5, rtol=1e-5, what="cfg_combined_forward"))
     report("tiny_forward/cfg_out", assert_close(cfg, ref["cfg_out"], atol=2e-5, rtol=1e-5, what="cfg_out"))
