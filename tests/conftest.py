@@ -19,7 +19,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 def load_golden(model: str, name: str) -> dict:
-    """tests/golden/<model>/<name>: a dict made by running the official code (see ../shared/reference)."""
+    """tests/golden/<model>/<name>: a dict made by running the official code (each folder says how)."""
     return torch.load(GOLDEN / model / name, map_location="cpu", weights_only=False)
 
 
