@@ -46,8 +46,7 @@ Deliberately left out / changed (each is also noted where it happens):
       discriminator no gradient; we do the same inside `loss("ae", ...)`.
     * Posterior noise is drawn on the latent's device (the official draws it on the CPU and copies it).
     * The official keeps the learned `loss.logvar` out of the optimizer (so it never moves from
-      logvar_init although it has requires_grad=True). We give it requires_grad=False, which leaves every
-      number identical; `learn_logvar=True` adds it to the "ae" group (what the code comment intended).
+      logvar_init although it has requires_grad=True). We give it requires_grad=False: the same numbers.
     * The submodule the official calls `loss` is `loss_fn` here, because `loss(...)` is the contract
       method. `load_official` renames `loss.*` -> `loss_fn.*` (the only rename).
     * Logs, image logging, validation, EMA (the official has none for the autoencoder) live in train.py.
@@ -292,23 +291,20 @@ class DiagonalGaussianDistribution:
             self.var = self.std = torch.zeros_like(self.mean)
 
     def sample(self, noise=None):
-        """mean + std * eps. eps from the global RNG on the latent's device (or given, for tests)."""
-        # reparameterisation trick: gradients reach mean and std, not the noise eps
+        """mean + std * eps (reparameterised: gradients reach mean and std), eps ~ N(0, I) from the global RNG
+        on the latent's device, or the given `noise` (reproducible tests)."""
         if noise is None:
-            # eps ~ N(0, I) with the latent's shape (B, C, h, w)
             noise = torch.randn(self.mean.shape, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + self.std * noise.to(self.mean)  # (B, C, h, w); a given noise is cast to mean's dtype/device
+        return self.mean + self.std * noise.to(self.mean)
 
     def kl(self, other=None):
         """KL(q || N(0, I)) (or KL(q || other)) summed over C, H, W: shape (B,). The L_reg of Sec. 3.1."""
         if self.deterministic:
             return torch.tensor([0.0])  # the official returns a CPU float32 (1,) tensor here
         if other is None:
-            # 0.5 * sum(mu^2 + sigma^2 - 1 - log sigma^2), the closed form of KL(N(mu, sigma^2) || N(0, 1))
-            # sum over dim=[1, 2, 3]: (B, C, h, w) -> (B,)
+            # the closed form of KL(N(mu, sigma^2) || N(0, 1)), summed: (B, C, h, w) -> (B,)
             return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
-        # general KL between two diagonal Gaussians (unused by the autoencoder, kept as the official)
-        # KL(N(m1, v1) || N(m2, v2)) = 0.5 * sum((m1 - m2)^2 / v2 + v1 / v2 - 1 - log v1 + log v2): (B,)
+        # KL between two diagonal Gaussians (unused by the autoencoder; official API, pinned by the golden)
         return 0.5 * torch.sum((self.mean - other.mean).pow(2) / other.var + self.var / other.var - 1.0
                                - self.logvar + other.logvar, dim=[1, 2, 3])
 
@@ -316,13 +312,12 @@ class DiagonalGaussianDistribution:
         """-log N(sample; mean, var) summed over `dims`."""
         if self.deterministic:
             return torch.tensor([0.0])
-        # per element 0.5 * (log 2pi + log sigma^2 + (x - mu)^2 / sigma^2), the Gaussian NLL
+        # per element 0.5 * (log 2pi + log sigma^2 + (x - mu)^2 / sigma^2), summed over dims
         logtwopi = math.log(2.0 * math.pi)
-        # (B, C, h, w) -> (B,) with the default dims (1, 2, 3)
         return 0.5 * torch.sum(logtwopi + self.logvar + (sample - self.mean).pow(2) / self.var, dim=list(dims))
 
-    # the mode of a Gaussian is its mean: the deterministic encoding (forward(sample_posterior=False))
     def mode(self):
+        """The mean: the deterministic encoding (encode(x, sample=False))."""
         return self.mean
 
 
@@ -459,7 +454,7 @@ class LPIPSWithDiscriminator(nn.Module):
 
     def __init__(self, disc_start, logvar_init=0.0, kl_weight=1.0, pixelloss_weight=1.0, disc_num_layers=3,
                  disc_in_channels=3, disc_factor=1.0, disc_weight=1.0, perceptual_weight=1.0, disc_loss="hinge",
-                 disc_ndf=64, lpips_pretrained=True, learn_logvar=False):
+                 disc_ndf=64, lpips_pretrained=True):
         super().__init__()
         # taming's two choices: hinge (every released config) or the non-saturating softplus loss
         if disc_loss not in ("hinge", "vanilla"):
@@ -470,9 +465,9 @@ class LPIPSWithDiscriminator(nn.Module):
         self.perceptual_weight = perceptual_weight
         self.lpips_pretrained = lpips_pretrained  # LPIPS: get_lpips, built at the first loss, not in state_dict()
         # output log variance: the reconstruction is scored as a Laplace likelihood with a learned scale
-        self.logvar = nn.Parameter(torch.ones(size=()) * logvar_init, requires_grad=learn_logvar)
-        # the official LPIPSWithDiscriminator has no ndf argument (always 64); disc_ndf is our extension
-        # n_layers=3 is pix2pix's 70x70 PatchGAN (each output logit sees a 70x70 input patch)
+        self.logvar = nn.Parameter(torch.ones(size=()) * logvar_init, requires_grad=False)
+        # disc_ndf is ours (the official is always 64: the CPU-sized tiny preset narrows it); n_layers=3 is
+        # pix2pix's 70x70 PatchGAN (each output logit sees a 70x70 input patch)
         self.discriminator = NLayerDiscriminator(disc_in_channels, ndf=disc_ndf, n_layers=disc_num_layers)
         # DCGAN-style N(0, 0.02) init, applied after construction as in taming
         self.discriminator.apply(weights_init)
@@ -502,8 +497,7 @@ class LPIPSWithDiscriminator(nn.Module):
             for p, f in zip(self.discriminator.parameters(), flags):
                 p.requires_grad_(f)
 
-    def forward(self, inputs, reconstructions, posteriors, optimizer_idx, global_step, last_layer=None,
-                weights=None):
+    def forward(self, inputs, reconstructions, posteriors, optimizer_idx, global_step, last_layer=None):
         """(loss, log) for optimizer_idx 0 (autoencoder) or 1 (discriminator); logs are detached."""
         # losses in float32 whatever the autocast dtype of the network
         inputs, reconstructions = inputs.float(), reconstructions.float()
@@ -515,13 +509,10 @@ class LPIPSWithDiscriminator(nn.Module):
             if self.perceptual_weight > 0:
                 p_loss = self.perceptual_loss(inputs, reconstructions)  # (B, 1, 1, 1), broadcast to every pixel
                 rec_loss = rec_loss + self.perceptual_weight * p_loss  # (B, C, H, W) + (B, 1, 1, 1) -> (B, C, H, W)
-            # one learned scale for all pixels: rec / exp(logvar) + logvar; logvar 0 gives plain L1 + LPIPS
-            # for the L1 part: the Laplace NLL with scale b = exp(logvar), |x - x_rec| / b + log b (minus log 2)
+            # one scale for all pixels: for the L1 part the Laplace NLL |x - x_rec| / b + log b, b = exp(logvar)
             nll_loss = rec_loss / torch.exp(self.logvar) + self.logvar
-            # `weights` (per-element) is None in training: loss() never passes it
-            weighted_nll_loss = nll_loss if weights is None else weights * nll_loss
-            weighted_nll_loss = torch.sum(weighted_nll_loss) / weighted_nll_loss.shape[0]  # sum / B
-            nll_loss = torch.sum(nll_loss) / nll_loss.shape[0]  # unweighted, (B, C, H, W) -> scalar
+            # summed over all elements / B (the official's per-element `weights` option: never passed, left out)
+            nll_loss = torch.sum(nll_loss) / nll_loss.shape[0]
             # L_reg: kl() is (B,), already summed over C, h, w; averaged over the batch like the nll
             kl_loss = posteriors.kl()
             kl_loss = torch.sum(kl_loss) / kl_loss.shape[0]  # (B,) -> scalar
@@ -529,15 +520,13 @@ class LPIPSWithDiscriminator(nn.Module):
             logits_fake = self._discriminate_for_generator(reconstructions)  # (B, 1, H', W')
             g_loss = -torch.mean(logits_fake)  # -L_adv
             if self.disc_factor > 0.0:
-                # on the UNweighted nll (as the official), even before disc_start
-                # lambda = ||grad_W nll|| / (||grad_W g_loss|| + 1e-4) at W = last_layer, clamped, times disc_weight
+                # lambda of VQGAN Eq. 7 at W = last_layer, computed even before disc_start (as the official)
                 d_weight = calculate_adaptive_weight(nll_loss, g_loss, last_layer, self.discriminator_weight)
             else:
                 # disc_factor 0: no GAN at all, and no autograd.grad through last_layer
                 d_weight = torch.zeros((), device=inputs.device)
-            # Eq. 25 without the discriminator's own term: L_rec + kl_weight * L_reg + lambda * L_adv
-            # disc_factor is 0 before disc_start, so the first disc_start steps train E, D on L_rec + L_reg only
-            loss = weighted_nll_loss + self.kl_weight * kl_loss + d_weight * disc_factor * g_loss
+            # Eq. 25 without the discriminator's own term (disc_factor 0 before disc_start: L_rec + L_reg only)
+            loss = nll_loss + self.kl_weight * kl_loss + d_weight * disc_factor * g_loss
             # rec_loss is logged as a per-element mean (L1 + LPIPS), unlike the summed nll
             log = {"total_loss": loss.detach(), "logvar": self.logvar.detach(), "kl_loss": kl_loss.detach(),
                    "nll_loss": nll_loss.detach(), "rec_loss": rec_loss.detach().mean(),
@@ -545,8 +534,7 @@ class LPIPSWithDiscriminator(nn.Module):
                    "g_loss": g_loss.detach()}
             return loss, log
         if optimizer_idx == 1:
-            # two separate calls (matters for BatchNorm in train mode)
-            # detached inputs: this step trains D_psi only, E and D receive no gradient
+            # two separate calls (matters for BatchNorm in train mode); detached: this step trains D_psi only
             logits_real = self.discriminator(inputs.detach()).float()  # (B, C, H, W) -> (B, 1, H', W')
             logits_fake = self.discriminator(reconstructions.detach()).float()  # (B, C, H, W) -> (B, 1, H', W')
             # hinge: 0.5 * (mean relu(1 - D(x)) + mean relu(1 + D(x_rec))), 0 before disc_start
@@ -607,7 +595,6 @@ class AutoencoderKL(nn.Module):
         # H, W must be multiples of f: Downsample floors odd sizes and D(E(x)) would not match x
         check_images(x, self.in_channels, self.downsample_factor)
         moments = self.quant_conv(self.encoder(x))  # (B, C, H, W) -> (B, 2*embed_dim, H/f, W/f)
-        # chunked along dim 1: (B, 2*embed_dim, h, w) -> mean, logvar, each (B, embed_dim, h, w)
         return DiagonalGaussianDistribution(moments)
 
     def decode_latent(self, z):
@@ -615,11 +602,10 @@ class AutoencoderKL(nn.Module):
         check_images(z, self.embed_dim, 1, what="z")
         return self.decoder(self.post_quant_conv(z))  # -> (B, z_channels, h, w) -> (B, out_ch, h*f, w*f)
 
-    def forward(self, x, sample_posterior=True, noise=None):
-        """(reconstruction, posterior): decode a posterior sample (or its mode), as in training."""
+    def forward(self, x, sample_posterior=True):
+        """(reconstruction, posterior): decode a posterior sample (training) or, if not sample_posterior, its mode."""
         posterior = self.encode_posterior(x)
-        # training decodes a posterior sample; sample_posterior=False decodes the mean
-        z = posterior.sample(noise) if sample_posterior else posterior.mode()  # (B, embed_dim, h, w)
+        z = posterior.sample() if sample_posterior else posterior.mode()
         return self.decode_latent(z), posterior
 
     def get_last_layer(self):
@@ -652,13 +638,10 @@ class AutoencoderKL(nn.Module):
         return self.loss_fn
 
     def optimizer_groups(self, phase=None):
-        """{"ae": E, D, quant_conv, post_quant_conv (+ logvar if learn_logvar), "disc": the PatchGAN}."""
-        # everything but the loss module (PatchGAN, logvar); LPIPS is not a registered module
+        """{"ae": E, D, quant_conv, post_quant_conv, "disc": the PatchGAN}."""
+        # everything but the loss module (PatchGAN; logvar, which the official never optimizes)
         loss_fn = self._loss_fn()
         ae = [p for name, p in self.named_parameters() if not name.startswith("loss_fn.")]
-        # logvar joins only with learn_logvar=True (the official never optimizes it)
-        if loss_fn.logvar.requires_grad:
-            ae.append(loss_fn.logvar)
         return {"ae": ae, "disc": list(loss_fn.discriminator.parameters())}
 
     def loss(self, group, batch, step):
@@ -704,25 +687,21 @@ def _hparams(batch_size):
 
 
 CONFIGS = {
-    # 55,312,063 | 58,077,697 params; 64x64x3 latents for 256^2
-    # f = 4: three levels in ch_mult, so two Downsamples
+    # 55,312,063 | 58,077,697 params; 64x64x3 latents for 256^2 (f = 4: three levels, two Downsamples)
     "kl-f4": dict(ch=128, ch_mult=(1, 2, 4), num_res_blocks=2, attn_resolutions=(), z_channels=3,
                   embed_dim=3, resolution=256, scale_factor=0.0, **_RELEASED_LOSS),
     # the Stable Diffusion VAE layout; 83,653,863 | 86,419,497 params; 32x32x4 latents for 256^2;
     # scale 0.18215 as in txt2img-1p4B-eval.yaml / Stable Diffusion
-    # f = 8: four levels
     "kl-f8": dict(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, attn_resolutions=(), z_channels=4,
                   embed_dim=4, resolution=256, scale_factor=0.18215, **_RELEASED_LOSS),
-    # 69,610,963 | 72,376,597 params; 16x16x16; scale from retrieval-augmented-diffusion/768x768.yaml
-    # f = 16: five levels; attention at nominal resolution 16 = 256 / 16, the lowest level
+    # 69,610,963 | 72,376,597 params; 16x16x16; scale from retrieval-augmented-diffusion/768x768.yaml;
+    # attention at nominal resolution 16 = 256 / 16, the lowest level
     "kl-f16": dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,), z_channels=16,
                    embed_dim=16, resolution=256, scale_factor=0.22765929, **_RELEASED_LOSS),
-    # 103,880,131 | 106,645,765 params; 8x8x64
-    # f = 32: six levels; attention at the two lowest levels (16 and 8)
+    # 103,880,131 | 106,645,765 params; 8x8x64; attention at the two lowest levels (16 and 8)
     "kl-f32": dict(ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_resolutions=(16, 8),
                    z_channels=64, embed_dim=64, resolution=256, scale_factor=0.0, **_RELEASED_LOSS),
-    # CPU-sized: f4, attention in the mid blocks only, a small PatchGAN; 954,567 | 997,529 params
-    # level widths 32, 64, 64: the smallest ones GroupNorm(32) allows
+    # CPU-sized (ours): f4, mid-block attention only, a small PatchGAN; 954,567 | 997,529 params
     "tiny": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), z_channels=4, embed_dim=4,
                  resolution=32, scale_factor=0.0, disc_start=1000, kl_weight=1e-6, disc_weight=0.5,
                  disc_num_layers=2, disc_ndf=16),
@@ -733,7 +712,7 @@ _BODY_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels
               "in_channels", "out_ch", "dropout", "attn_type", "scale_factor")
 _LOSS_KEYS = ("disc_start", "logvar_init", "kl_weight", "pixelloss_weight", "disc_num_layers",
               "disc_in_channels", "disc_factor", "disc_weight", "perceptual_weight", "disc_loss", "disc_ndf",
-              "lpips_pretrained", "learn_logvar")
+              "lpips_pretrained")
 
 
 def _from_official(kwargs):
