@@ -408,7 +408,7 @@ class VectorQuantizer(nn.Module):
 
     def __init__(self, n_e, e_dim, beta=0.25, legacy=True, sane_index_shape=False):
         super().__init__()
-        # n_e = K codebook entries (n_embed), e_dim = C = embed_dim; beta 0.25 as VQ-VAE Sec. 3.2 and the taming code
+        # n_e = K codes (n_embed), e_dim = C = embed_dim; beta 0.25 as VQ-VAE Sec. 3.2 and the taming code
         self.n_e, self.e_dim, self.beta, self.legacy = n_e, e_dim, beta, legacy
         self.sane_index_shape = sane_index_shape
         # the codebook Z = {e_k}, a (n_e, e_dim) table, trained only through the codebook term of the loss
@@ -416,43 +416,37 @@ class VectorQuantizer(nn.Module):
         self.embedding.weight.data.uniform_(-1.0 / n_e, 1.0 / n_e)  # the official init
 
     def forward(self, z):
-        # float32 even under AMP: near-ties in d would flip the argmin in bf16 (see the class docstring)
+        # float32 even under AMP: near-ties in d would flip the argmin in bf16
         with torch.autocast(z.device.type, enabled=False):
-            # channels-last first, so that each latent pixel's C-vector becomes one row to quantize
+            # each latent pixel's C-vector becomes one row to quantize
             z = z.float().permute(0, 2, 3, 1).contiguous()  # (B, C, H, W) -> (B, H, W, C)
-            z_flattened = z.view(-1, self.e_dim)  # (B, H, W, C) -> (N, C), N = B*H*W
-            # e: (n_e, C); fp32 copy so the distance matmul runs at full precision
-            e = self.embedding.weight.float()
+            z_flattened = z.view(-1, self.e_dim)  # (N, C), N = B*H*W
+            e = self.embedding.weight.float()  # (n_e, C)
             # squared distances ||z||^2 + ||e||^2 - 2 z.e, the expanded form of the official: (N, n_e)
-            # (N, 1) + (n_e,) - (N, C) @ (C, n_e) -> (N, n_e) by broadcasting
             d = (torch.sum(z_flattened ** 2, dim=1, keepdim=True) + torch.sum(e ** 2, dim=1)
                  - 2 * z_flattened @ e.t())
-            # VQGAN Eq. 2: z_q = argmin_k ||z_ij - e_k||, one code per latent pixel
-            min_encoding_indices = torch.argmin(d, dim=1)  # (N,), the first minimum on ties
-            # lookup in e (a differentiable cast of the weight): z_q is float32 and the codebook term reaches the weight
-            z_q = F.embedding(min_encoding_indices, e).view(z.shape)  # (N,) -> (B, H, W, C)
-            # VQGAN Eq. 4's last two terms: sg[z_q] - z pulls the encoder to the codes, z_q - sg[z] moves the codes
-            if self.legacy:  # commitment weight 1, codebook weight beta (official default)
-                # first term: commitment (gradient to E only); second: codebook (gradient to the codes only), times beta
+            # VQGAN Eq. 2: one code per latent pixel (argmin takes the first minimum on ties)
+            min_encoding_indices = torch.argmin(d, dim=1)  # (N,)
+            # lookup in e (a differentiable cast of the weight): the codebook term reaches the weight
+            z_q = F.embedding(min_encoding_indices, e).view(z.shape)  # (B, H, W, C)
+            # VQGAN Eq. 4's last two terms: sg[z_q] - z pulls the encoder to the codes (commitment), z_q - sg[z]
+            # moves the codes (codebook); legacy: beta on the codebook term; else VQ-VAE Eq. 3's placement
+            if self.legacy:
                 loss = torch.mean((z_q.detach() - z) ** 2) + self.beta * torch.mean((z_q - z.detach()) ** 2)
-            else:  # VQ-VAE Eq. 3: codebook weight 1, commitment weight beta
-                # VQ-VAE Eq. 3: ||sg[z_e] - e||^2 + beta ||z_e - sg[e]||^2; VQ-VAE uses beta = 0.25 in all experiments
+            else:
                 loss = self.beta * torch.mean((z_q.detach() - z) ** 2) + torch.mean((z_q - z.detach()) ** 2)
-            # straight-through estimator: forward value z_q, gradient passed to z unchanged
-            # argmin has no gradient, so d(z_q)/d(z) := I: the decoder's gradient is copied onto E's output
-            # VQ-VAE Sec. 3.2: "copy gradients from decoder input z_q(x) to encoder output z_e(x)"
-            z_q = z + (z_q - z).detach()  # (B, H, W, C); value z_q (up to rounding), d z_q / d z = I
+            # straight-through (VQ-VAE Sec. 3.2, "copy gradients from decoder input z_q(x) to encoder output
+            # z_e(x)"): the value is z_q, the gradient d z_q / d z = I
+            z_q = z + (z_q - z).detach()
             z_q = z_q.permute(0, 3, 1, 2).contiguous()  # (B, H, W, C) -> (B, C, H, W)
-        # (N,) indices by default (official); (B, H, W) only when asked, e.g. for a transformer prior
-        if self.sane_index_shape:
-            # (N,) -> (B, H, W), the latent grid layout of the codes
+        if self.sane_index_shape:  # (N,) -> (B, H, W), the latent grid layout of the codes
             min_encoding_indices = min_encoding_indices.reshape(z_q.shape[0], z_q.shape[2], z_q.shape[3])
         # the two Nones stand in for the official's perplexity / one-hot encodings slots, never used by LDM
         return z_q, loss, (None, None, min_encoding_indices)
 
     def get_codebook_entry(self, indices, shape=None):
         """Codebook lookup; `shape` = (B, H, W, C) gives (B, C, H, W), None keeps (N, C)."""
-        # decode from indices, e.g. sampled by a prior over codes (VQGAN Sec. 3.2 transformer); no straight-through
+        # decode from indices, e.g. sampled by a prior over codes (VQGAN Sec. 3.2 transformer)
         z_q = self.embedding(indices)  # (N,) -> (N, C)
         if shape is not None:
             z_q = z_q.view(shape).permute(0, 3, 1, 2).contiguous()  # (N, C) -> (B, H, W, C) -> (B, C, H, W)
@@ -465,15 +459,12 @@ def measure_perplexity(predicted_indices, n_embed):
     The official builds F.one_hot(indices, n_embed) (N x n_embed floats: 0.8 GB for vq-f8 at batch 12); a
     scatter-add histogram gives the same numbers without that memory and without a host sync.
     """
-    # counts[k] = number of latent vectors assigned to code k (histogram over the whole batch)
-    counts = torch.zeros(n_embed, device=predicted_indices.device)  # (n_embed,)
-    # flatten: (N,) or (B, H, W) -> (N,); index_add_ adds one count at counts[index] for every vector
-    counts.index_add_(0, predicted_indices.reshape(-1), torch.ones_like(predicted_indices.reshape(-1), dtype=counts.dtype))
-    # empirical code distribution p_k; perplexity = exp(H(p)) ranges 1 (collapse) .. n_embed (uniform)
-    avg_probs = counts / predicted_indices.numel()  # (n_embed,), sums to 1
-    perplexity = (-(avg_probs * torch.log(avg_probs + 1e-10)).sum()).exp()  # (n_embed,) -> (), exp(entropy)
-    # codes used at least once in this batch (dead codes lower this, a known VQ failure mode)
-    cluster_use = torch.sum(avg_probs > 0)  # (n_embed,) -> (), an integer count
+    counts = torch.zeros(n_embed, device=predicted_indices.device)  # counts[k]: vectors assigned to code k
+    idx = predicted_indices.reshape(-1)
+    counts.index_add_(0, idx, torch.ones_like(idx, dtype=counts.dtype))
+    avg_probs = counts / predicted_indices.numel()  # p_k; perplexity exp(H(p)): 1 (collapse) .. n_embed (uniform)
+    perplexity = (-(avg_probs * torch.log(avg_probs + 1e-10)).sum()).exp()
+    cluster_use = torch.sum(avg_probs > 0)  # codes used at least once (dead codes lower it)
     return perplexity, cluster_use
 
 
@@ -536,29 +527,23 @@ class VQLPIPSWithDiscriminator(nn.Module):
                 predicted_indices=None):
         """(loss, log) for optimizer_idx 0 (autoencoder) or 1 (discriminator); logs are detached."""
         inputs, reconstructions = inputs.float(), reconstructions.float()  # fp32 loss math under AMP
-        # 0 before disc_start, self.disc_factor afterwards: gates both the generator and the D loss
+        # 0 before disc_start: gates both the generator and the D loss
         disc_factor = adopt_weight(self.disc_factor, global_step, threshold=self.discriminator_iter_start)
         if optimizer_idx == 0:
-            # None when a quantizer-free path calls the loss; treated as L_VQ = 0
-            if codebook_loss is None:
-                codebook_loss = torch.zeros((), device=inputs.device)  # ()
             # L_rec of VQGAN Eq. 4, L1 per element (taming) + LPIPS below; the ldm variant also allows L2
             if self.pixel_loss == "l1":
                 rec_loss = torch.abs(inputs - reconstructions)  # (B, C, H, W)
             else:
                 rec_loss = (inputs - reconstructions) ** 2  # (B, C, H, W), the ldm variant's pixel_loss 'l2'
             if self.perceptual_weight > 0:
-                p_loss = self.perceptual_loss(inputs, reconstructions)  # (B, 1, 1, 1), broadcast
-                rec_loss = rec_loss + self.perceptual_weight * p_loss  # (B, C, H, W) + (B, 1, 1, 1) -> (B, C, H, W)
+                p_loss = self.perceptual_loss(inputs, reconstructions)  # (B, 1, 1, 1), broadcast to every pixel
+                rec_loss = rec_loss + self.perceptual_weight * p_loss
             else:
                 p_loss = torch.zeros((), device=inputs.device)  # (), logged only
-            # (B, C, H, W) -> (): LPIPS is broadcast over C, H, W, so the mean adds perceptual_weight * mean(LPIPS)
-            nll_loss = torch.mean(rec_loss)  # a mean, unlike the KL loss's sum / B
+            nll_loss = torch.mean(rec_loss)  # a mean over all elements, unlike the KL loss's sum / B
             # generator side of VQGAN Eq. 5 in the code's hinge form: -E[D(x_rec)], D itself frozen here
-            logits_fake = self._discriminate_for_generator(reconstructions)  # (B, 1, H', W') patch logits
-            g_loss = -torch.mean(logits_fake)  # (B, 1, H', W') -> ()
-            # VQGAN Eq. 7: lambda = ||grad_GL L_rec|| / (||grad_GL L_GAN|| + 1e-4 (the paper: 1e-6)), GL = conv_out,
-            # times disc_weight; d_weight * disc_factor scales L_GAN in the total below
+            g_loss = -torch.mean(self._discriminate_for_generator(reconstructions))
+            # lambda of VQGAN Eq. 7 (delta 1e-4 as the code; the paper: 1e-6), times disc_weight
             d_weight = calculate_adaptive_weight(nll_loss, g_loss, last_layer, self.discriminator_weight)
             # VQGAN Eq. 6 for E, D and the codebook: L_rec + L_VQ + lambda * L_GAN (lambda = 0 before disc_start)
             loss = nll_loss + d_weight * disc_factor * g_loss + self.codebook_weight * codebook_loss.mean()
@@ -617,22 +602,19 @@ class VQModel(nn.Module):
         # double_z=False: E outputs z_channels maps (no mean/logvar split as in the KL model)
         self.encoder = Encoder(in_channels=in_channels, double_z=False, **body)
         self.decoder = Decoder(out_ch=out_ch, **body)
-        # n_classes is forced to n_embed so the perplexity histogram matches the codebook size
-        # loss=None: inference only, no PatchGAN (and never an LPIPS)
+        # loss=None: inference only, no PatchGAN; n_classes = n_embed, the perplexity histogram's size
         self.loss_fn = None if loss is None else VQLPIPSWithDiscriminator(**loss, n_classes=n_embed)
         # beta 0.25 and legacy=True as VQModel constructs it (legacy is never passed, so True)
         self.quantize = VectorQuantizer(n_embed, embed_dim, beta=beta, legacy=legacy)
-        # 1x1 convs map between E/D's z_channels and the codebook dimension embed_dim (equal in all presets)
-        self.quant_conv = nn.Conv2d(z_channels, embed_dim, 1)  # (B, z_channels, h, w) -> (B, embed_dim, h, w)
-        self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)  # (B, embed_dim, h, w) -> (B, z_channels, h, w)
+        # 1x1 convs between E/D's z_channels and the codebook dimension embed_dim (equal in all presets)
+        self.quant_conv = nn.Conv2d(z_channels, embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
         self.in_channels, self.embed_dim, self.n_embed = in_channels, embed_dim, n_embed
-        # f of Sec. 3.1: one stride-2 Downsample per level but the last, so f = 4, 8, 16 for 3, 4, 5 levels
         self.downsample_factor = 2 ** (len(ch_mult) - 1)
         # 1.0 in every official VQ LDM config; 0 = "not measured yet" (encode/decode use 1, with a warning,
         # until train.py --ae measures 1/std and stores it here)
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
         self._scale_checked = False
-        # optimizer settings read by train.py (see _hparams below), not used by the model itself
         self.hparams = dict(hparams or {})
 
     # --- the official VQModel methods --------------------------------------------------------------------
@@ -652,7 +634,6 @@ class VQModel(nn.Module):
 
     def forward(self, x, return_pred_indices=False):
         """(x_rec, codebook loss[, indices]), as VQModel.forward."""
-        # diff = L_VQ of VectorQuantizer (already beta-weighted), ind the (N,) code indices
         quant, diff, (_, _, ind) = self.encode_quant(x)
         dec = self.decode_quant(quant)  # (B, embed_dim, H/f, W/f) -> (B, out_ch, H, W)
         return (dec, diff, ind) if return_pred_indices else (dec, diff)
@@ -736,30 +717,25 @@ def _hparams(batch_size):
 # f = 2^(len(ch_mult) - 1); a 256^2 image gives (256/f)^2 latent pixels of embed_dim channels; n_embed = |Z|
 CONFIGS = {
     # 55,322,782 | 58,088,415 params; 64x64x3 latents for 256^2 (LDM celebahq/ffhq/lsun_beds/cin256-v2)
-    # f4: ch_mult has 3 levels -> 2 downsamplings; z_channels = embed_dim = 3 (a 3-channel latent)
     "vq-f4": dict(ch=128, ch_mult=(1, 2, 4), num_res_blocks=2, attn_resolutions=(), z_channels=3,
                   embed_dim=3, n_embed=8192, resolution=256, scale_factor=1.0, disc_start=0, disc_weight=0.75),
     # no attention at all (attn_type none), LDM inpainting; 53,219,486 | 55,985,119 params
     "vq-f4-noattn": dict(ch=128, ch_mult=(1, 2, 4), num_res_blocks=2, attn_resolutions=(), z_channels=3,
                          embed_dim=3, n_embed=8192, resolution=256, attn_type="none", scale_factor=1.0,
                          disc_start=11, disc_weight=0.75),
-    # 67,717,295 | 68,380,656 params; 32x32x4 (LDM cin-ldm-vq-f8)
-    # f8 with 16384 codes; the 2-layer PatchGAN sees smaller patches than the default 3
+    # 67,717,295 | 68,380,656 params; 32x32x4 (LDM cin-ldm-vq-f8); a 2-layer PatchGAN
     "vq-f8": dict(ch=128, ch_mult=(1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(32,), z_channels=4,
                   embed_dim=4, n_embed=16384, resolution=256, scale_factor=1.0, disc_start=1, disc_weight=0.6,
                   disc_num_layers=2),
-    # f8 with only 256 codes; the GAN joins at step 250001
-    # 67,652,783 | 70,418,416 params
+    # 67,652,783 | 70,418,416 params; f8 with only 256 codes
     "vq-f8-n256": dict(ch=128, ch_mult=(1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(32,), z_channels=4,
                        embed_dim=4, n_embed=256, resolution=256, scale_factor=1.0, disc_start=250001,
                        disc_weight=0.75),
     # 69,593,371 | 70,256,732 params; 16x16x8
-    # f16: the strongest compression; disc_start 250001 = the GAN joins only late in training
     "vq-f16": dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,), z_channels=8,
                    embed_dim=8, n_embed=16384, resolution=256, scale_factor=1.0, disc_start=250001,
                    disc_weight=0.75, disc_num_layers=2),
-    # CPU-sized: f4, mid attention only, 256 codes, a small PatchGAN; 953,231 | 996,192 params
-    # scale_factor 0.0 = unmeasured (train.py --ae fills it); resolution 32 keeps CPU tests fast
+    # CPU-sized (ours): f4, mid attention only, 256 codes, a small PatchGAN; 953,231 | 996,192 params
     "tiny": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), z_channels=4, embed_dim=4,
                  n_embed=256, resolution=32, scale_factor=0.0, disc_start=1000, disc_weight=0.75,
                  disc_num_layers=2, disc_ndf=16),
@@ -777,18 +753,16 @@ def _from_official(kwargs):
     """The official constructor kwargs ({"ddconfig", "lossconfig", "n_embed", "embed_dim", ...}) -> flat."""
     # ddconfig = the Encoder/Decoder kwargs of the yaml; options we do not implement are rejected loudly
     dd = dict(kwargs["ddconfig"])
-    # double_z is the KL model's mean/logvar split; a VQ encoder outputs z itself
-    if dd.pop("double_z", False):
+    if dd.pop("double_z", False):  # the KL model's mean/logvar split; a VQ encoder outputs z itself
         raise ValueError("VQModel needs ddconfig.double_z = False")
     if dd.pop("tanh_out", False) or dd.pop("give_pre_end", False) or dd.pop("resamp_with_conv", True) is False:
         raise ValueError("tanh_out / give_pre_end / resamp_with_conv=False are not supported")
     dd.pop("use_linear_attn", None)
     if kwargs.get("remap") is not None:
         raise ValueError("VQModel remap (index remapping, unused by LDM) is not supported")
-    # embed_dim / n_embed live outside ddconfig in the official yaml (they belong to the quantizer)
     cfg = {**dd, "embed_dim": kwargs["embed_dim"], "n_embed": kwargs["n_embed"]}
     lossconfig = kwargs.get("lossconfig") or {}
-    # LDM's first_stage_config uses torch.nn.Identity as loss; only standalone AE yamls name the VQ loss
+    # LDM's first_stage_config has a torch.nn.Identity loss; only standalone AE yamls name the VQ loss
     if lossconfig.get("target", "torch.nn.Identity") != "torch.nn.Identity":
         params = dict(lossconfig.get("params", {}))
         if params.pop("use_actnorm", False) or params.pop("disc_conditional", False):
