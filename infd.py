@@ -9,8 +9,8 @@ Official code matched: github.com/yinboc/infd @ b79aafe6f597c2e4b74cb87fc0ef5d27
                                                  VectorQuantizer, SimpleRendererNet, FixresOriginalTail
   models/renderers/wrappers.py               -> CLIFRenderer (ConcatWrapper), FixresRenderer (FixresWrapper)
   models/vqgan/discriminator.py              -> NLayerDiscriminator (PatchGAN)
-  utils/geometry.py                          -> make_coord_grid, make_coord_cell_grid, convert_posenc,
-                                                 convert_liif_feat_coord_cell
+  utils/geometry.py                          -> make_coord_grid, make_coord_cell_grid, liif_query
+                                                 (convert_liif_feat_coord_cell)
   datasets/wrapper_cae.py                    -> sample_patch (the multi-scale random-crop sampler)
   gen_samples.py:render_output_patchwise     -> INFD.render (tiled any-resolution rendering)
   trainers/infd_trainer.py + cfgs/*.yaml     -> hparams, disc_start, loss weights
@@ -39,7 +39,6 @@ Conventions (official): images in [-1, 1]; coordinates in [-1, 1] are pixel CENT
 `cell` is the full pixel size (2/H, 2/W). decode(z) renders at the encoder resolution; render(z, size) at any size.
 """
 import copy
-import math
 import warnings
 
 import numpy as np
@@ -220,7 +219,6 @@ class Decoder(nn.Module):
 
     def __init__(self, ch, ch_mult, num_res_blocks, z_channels):
         super().__init__()
-        # lowest-resolution width first: the decoder mirrors the encoder, ch_mult read from the end
         block_in = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
         self.mid = nn.Module()
@@ -242,19 +240,15 @@ class Decoder(nn.Module):
             self.up.insert(0, level)  # prepend: up[i] is level i
 
     def forward(self, z):
-        # (B, z_channels, h, w) -> (B, ch*ch_mult[-1], h, w)
-        h = self.conv_in(z)
-        # shape kept: (B, ch*ch_mult[-1], h, w)
+        h = self.conv_in(z)  # (B, z_channels, h, w) -> (B, ch*ch_mult[-1], h, w)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        # run coarse -> fine: up[-1] (lowest resolution) first, up[0] last
+        # coarse -> fine: up[-1] (lowest resolution) first, up[0] last
         for level in reversed(self.up):
             for block in level.block:
-                # channels -> ch*ch_mult[i] of this level, size kept
                 h = block(h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)  # (B, C, h, w) -> (B, C, 2h, 2w)
-        # after L-1 upsamplings: (B, ch*ch_mult[0], h*f, w*f), f = 2^(L-1), i.e. phi at the encoder resolution
-        # phi: no norm_out / conv_out (give_pre_end)
+        # phi (B, ch*ch_mult[0], h*f, w*f) at the encoder resolution: no norm_out / conv_out (give_pre_end)
         return h
 
 
@@ -282,7 +276,6 @@ class VectorQuantizer(nn.Module):
         indices = d.argmin(1)  # (B*H*W,)
         z_q = self.embedding(indices).view(z.shape)  # (B*H*W, C) -> (B, H, W, C)
         # VQ loss (legacy weighting, see the class docstring): commitment + beta * codebook
-        # (the straight-through line below lets the decoder gradient reach the encoder despite the argmin)
         loss = torch.mean((z_q.detach() - z) ** 2) + self.beta * torch.mean((z_q - z.detach()) ** 2)
         z_q = z + (z_q - z).detach()  # straight-through estimator
         return z_q.permute(0, 3, 1, 2).contiguous(), loss, indices  # (B, H, W, C) -> (B, C, H, W)
@@ -299,8 +292,7 @@ def make_coord_grid(shape, range=(-1, 1), device="cpu"):
         lo, hi = range[i] if isinstance(range[0], (list, tuple)) else range
         # pixel i covers [lo + i*(hi-lo)/s, lo + (i+1)*(hi-lo)/s]: its centre has the +0.5 offset
         axes.append(lo + (hi - lo) * ((0.5 + torch.arange(s, device=device)) / s))  # centres of s equal cells
-    # indexing='ij' keeps axis order (row, col), matching the (y, x) convention of the module docstring
-    # k x (s_1, ..., s_k) -> (s_1, ..., s_k, k)
+    # indexing='ij' keeps axis order (row, col), the (y, x) convention: k x (s_1, ..., s_k) -> (s_1, ..., s_k, k)
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
 
 
@@ -317,19 +309,6 @@ def make_coord_cell_grid(shape, range=(-1, 1), device="cpu", bs=None):
         coord = coord.unsqueeze(0).expand(bs, *coord.shape)  # (*shape, k) -> (bs, *shape, k)
         cell = cell.unsqueeze(0).expand(bs, *cell.shape)  # (*shape, k) -> (bs, *shape, k)
     return coord, cell
-
-
-def convert_posenc(x, dim, w_max):
-    """Fourier features (unused by the released configs; kept for the renderer's co_pe_dim / ce_pe_dim options):
-    (..., d) -> (..., d*dim) = cat(cos(pi x_j w_k), sin(pi x_j w_k)), w_k = exp(linspace(0, log w_max, dim/2))."""
-    if dim % 2:
-        raise ValueError(f"positional-encoding dim must be even, got {dim}")
-    # log-spaced frequencies from 1 to w_max (dim/2 of them)
-    w = torch.exp(torch.linspace(0, math.log(w_max), dim // 2, device=x.device))
-    # (..., d, 1) @ (1, dim/2) -> (..., d*dim/2)
-    x = torch.matmul(x.unsqueeze(-1), w.unsqueeze(0)).view(*x.shape[:-1], -1)
-    # 2 x (..., d*dim/2) -> (..., d*dim)
-    return torch.cat([torch.cos(math.pi * x), torch.sin(math.pi * x)], dim=-1)
 
 
 # The per-query inputs of CLIF; relative coordinate and cell are what let one phi be
@@ -357,12 +336,11 @@ def liif_query(phi, coord, cell):
     q_coord = F.grid_sample(feat_coord, coord.flip(-1), mode="nearest", align_corners=False)  # (B, 2, 1, N)
     # multiply by (H, W): a feature pixel has width 2/H, so the offset becomes units of half a feature pixel
     scale = torch.tensor([H, W], dtype=coord.dtype, device=coord.device)
-    # (B, 1, N, 2), q_coord (B, 2, 1, N) -> (B, 1, N, 2)
     rel_coord = (coord - q_coord.permute(0, 2, 3, 1)) * scale
     # rel_cell: query pixel size relative to a feature pixel (lets CLIF know the output scale)
     rel_cell = cell * scale  # (B, 1, N, 2)
     q_feat = q_feat.permute(0, 2, 3, 1).reshape(B, *query_shape, -1)  # (B, C, 1, N) -> (B, ..., C)
-    # rel_coord, rel_cell: (B, 1, N, 2) -> (B, ..., 2), i.e. back to the query grid shape
+    # (B, 1, N, 2) -> (B, ..., 2): back to the query grid shape
     return q_feat, rel_coord.reshape(B, *query_shape, 2), rel_cell.reshape(B, *query_shape, 2)
 
 
@@ -388,25 +366,19 @@ class RendererNet(nn.Module):
             self.norm_out = nn.Identity()
 
     def forward(self, x):
-        # self.model = [conv_in, res, res]: the official ModuleList layout, hence the loop
-        for layer in self.model:
-            # (B, C + 4, h, w) -> (B, hidden, h, w), then kept
+        for layer in self.model:  # [conv_in, res, res], the official ModuleList: (B, C + 4, h, w) -> (B, hidden, h, w)
             x = layer(x)
-        # (B, hidden, h, w) -> (B, 3, h, w)
-        return self.conv_out(nonlinearity(self.norm_out(x)))
+        return self.conv_out(nonlinearity(self.norm_out(x)))  # (B, 3, h, w)
 
 
 class CLIFRenderer(nn.Module):
     """Convolutional local image function (official `renderer_concat_wrapper`):
-    rgb = CNN(cat[q_feat, rel_coord, rel_cell]) on the (B, h, w) query grid. Queries must form a 2-D grid."""
+    rgb = CNN(cat[q_feat, rel_coord, rel_cell]) on the (B, h, w) query grid. Queries must form a 2-D grid.
+    The official wrapper's Fourier-feature options (co_pe_dim / ce_pe_dim) are left out: no config uses them."""
 
-    def __init__(self, z_dec_channels, hidden_channels, normalize=True, co_pe_dim=None,
-                 co_pe_w_max=None, ce_pe_dim=None, ce_pe_w_max=None):
+    def __init__(self, z_dec_channels, hidden_channels, normalize=True):
         super().__init__()
-        self.co_pe, self.ce_pe = (co_pe_dim, co_pe_w_max), (ce_pe_dim, ce_pe_w_max)
-        # each raw coordinate pair is 2 channels; with Fourier features it becomes 2 * pe_dim
-        coord_dim = (2 if co_pe_dim is None else 2 * co_pe_dim) + (2 if ce_pe_dim is None else 2 * ce_pe_dim)
-        self.net = RendererNet(z_dec_channels + coord_dim, hidden_channels, normalize)
+        self.net = RendererNet(z_dec_channels + 4, hidden_channels, normalize)  # + (dy, dx) + (cell_y, cell_x)
 
     def forward(self, phi, coord, cell):
         if coord.dim() != 4 or coord.shape[-1] != 2 or cell.shape != coord.shape:
@@ -414,15 +386,9 @@ class CLIFRenderer(nn.Module):
                              f"{tuple(cell.shape)}")
         # each query looks up phi independently; spatial context comes only from the CNN over the query grid
         q_feat, rel_coord, rel_cell = liif_query(phi, coord, cell)
-        # optional Fourier features (off in the released configs: co_pe_dim = ce_pe_dim = None)
-        if self.co_pe[0] is not None:
-            rel_coord = convert_posenc(rel_coord, *self.co_pe)
-        if self.ce_pe[0] is not None:
-            rel_cell = convert_posenc(rel_cell, *self.ce_pe)
         # (B, h, w, C + 2 + 2) -> (B, C + 4, h, w): channel order q_feat, rel_coord (dy, dx), rel_cell (cy, cx)
         layout = torch.cat([q_feat, rel_coord.to(q_feat.dtype), rel_cell.to(q_feat.dtype)], dim=-1).permute(0, 3, 1, 2)
-        # (B, C + 4, h, w) -> (B, 3, h, w)
-        return self.net(layout)
+        return self.net(layout)  # (B, 3, h, w)
 
     def last_layer_weight(self):
         # W for the adaptive GAN weight (INFD._adaptive_weight)
@@ -450,8 +416,7 @@ class FixresRenderer(nn.Module):
         self.net = OriginalTail(z_dec_channels)
 
     def forward(self, phi, coord=None, cell=None):
-        # (B, C, R, R) -> (B, 3, R, R): the output size is fixed by phi
-        return self.net(phi)
+        return self.net(phi)  # (B, C, R, R) -> (B, 3, R, R): the output size is fixed by phi
 
     def last_layer_weight(self):
         # same role as CLIFRenderer.last_layer_weight (adaptive GAN weight)
@@ -463,8 +428,8 @@ class FixresRenderer(nn.Module):
 # =============================================================================================================
 def to_tensor(img):
     """PIL RGB -> (3, H, W) in [-1, 1], computed as torchvision ToTensor + Normalize(0.5, 0.5) (same bits)."""
-    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)  # (H, W, 3) -> (3, H, W)
-    # [0, 1] -> [-1, 1], the image convention of the whole file
+    # (H, W, 3) uint8 -> (3, H, W) in [0, 1] -> [-1, 1], the image convention of the whole file
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
     return (x - 0.5) / 0.5
 
 
@@ -915,8 +880,8 @@ def official_to_create(spec):
               adaptive_gan_weight=spec.get("adaptive_gan_weight", False), scale_factor=1.0, hparams=AE_HPARAMS)
     if r["name"] == "renderer_concat_wrapper":
         net = r["args"]["net"].get("args", {})
-        if net.get("kernel_size", 3) != 3:
-            raise ValueError(f"only kernel_size 3 renderers are implemented, got {net['kernel_size']}")
+        if net.get("kernel_size", 3) != 3 or any(r["args"].get(k) is not None for k in ("co_pe_dim", "ce_pe_dim")):
+            raise ValueError("only kernel_size 3 renderers without Fourier features (co/ce_pe_dim) are implemented")
         kw.update(renderer="clif", renderer_hidden=net["hidden_channels"], renderer_normalize=net.get("normalize", True))
     elif r["name"] == "renderer_fixres_wrapper":
         kw.update(renderer="fixres")
