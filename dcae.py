@@ -13,12 +13,12 @@ mit-han-lab/efficientvit @ de7d7733cc0329f391b33f1f459271562ec27bd5,
 
 Map from the paper to this file
   Sec. 3.1 "Motivation"                why residual autoencoding: high-compression AEs are hard to optimise.
-  Sec. 3.2 "Residual Autoencoding",    ChannelAveragingShortcut (space-to-channel, then channel averaging),
-  Fig. 4                               ChannelDuplicatingShortcut (channel duplication, then channel-to-space),
+  Residual Autoencoding, Fig. 4        ChannelAveragingShortcut (space-to-channel, then channel averaging),
+                                       ChannelDuplicatingShortcut (channel duplication, then channel-to-space),
                                        build_downsample / build_upsample (learned branch + shortcut), the same
                                        shortcuts at the latent (Encoder.project_out, Decoder.project_in).
-  Sec. 3.2 "Decoupled High-Resolution  DCAE.trainable_modules, optimizer_groups(phase), loss: phase 1 low-res
-  Adaptation"                          full training (L1 + LPIPS), phase 2 high-res latent adaptation (middle
+  Decoupled High-Resolution            DCAE.trainable_modules, optimizer_groups(phase), loss: phase 1 low-res
+  Adaptation (three phases)            full training (L1 + LPIPS), phase 2 high-res latent adaptation (middle
                                        layers), phase 3 low-res local refinement (decoder head, + PatchGAN).
   official code only                   ResBlock and EfficientViT stages (LiteMLA + GLUMBConv), TRMSNorm2d,
                                        Encoder, Decoder; CONFIGS = the releases of ae_model_zoo.py + tiny.
@@ -126,7 +126,7 @@ class ResidualBlock(nn.Module):
     """main(x) + shortcut(x); just main(x) when shortcut is None (official ops.ResidualBlock, no pre/post ops).
 
     DC-AE uses it twice: with an identity shortcut around ResBlock / LiteMLA / GLUMBConv, and with the
-    residual-autoencoding shortcuts (Sec. 3.2) around the learned down/up-sampling layers.
+    residual-autoencoding shortcuts (paper Fig. 4) around the learned down/up-sampling layers.
     """
 
     def __init__(self, main, shortcut):
@@ -141,12 +141,12 @@ class ResidualBlock(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Sec. 3.2 Residual autoencoding: parameter-free space<->channel shortcuts
+# Residual Autoencoding (Fig. 4): parameter-free space<->channel shortcuts
 # --------------------------------------------------------------------------------------------------------------
 
 
 class ChannelAveragingShortcut(nn.Module):
-    """Down-sampling shortcut of residual autoencoding (Sec. 3.2): space-to-channel, then channel averaging.
+    """Down-sampling shortcut of residual autoencoding (Fig. 4): space-to-channel, then channel averaging.
 
     The learned down-sampling layer beside it only learns a residual on top of this parameter-free map, which
     the paper proposes against the optimisation difficulty of high-compression autoencoders (Sec. 3.1).
@@ -154,8 +154,9 @@ class ChannelAveragingShortcut(nn.Module):
     (h*r+i, w*r+j) of channel c into channel c*r^2 + i*r + j, then output channel o is the mean of the
     g = C*r^2/C_out CONSECUTIVE channels o*g ... o*g+g-1. For the usual C -> 2C block (r = 2, g = 2) that is
     a 1x2 average pool inside each channel followed by a 2x1 space-to-channel (efficientvit issue #141).
-    The paper's text ("split into two halves, average") pairs channel o with o + 2C instead, i.e. input
-    channel c with channel c + C/2 at the same pixel. The two are NOT a channel permutation of each other:
+    The paper's equation (space-to-channel, then split into two groups and average) pairs channel o with
+    o + 2C instead, i.e. input channel c with channel c + C/2 at the same pixel. The two are NOT a channel
+    permutation of each other:
         x = arange(8).view(1, 2, 2, 2)            channel 0 = [[0, 1], [2, 3]], channel 1 = [[4, 5], [6, 7]]
         code  (2 -> 4 channels): [0.5, 2.5, 4.5, 6.5]   neighbouring pixels of one channel
         paper (2 -> 4 channels): [2, 3, 4, 5]           channel 0 and channel 1 at the same pixel
@@ -181,7 +182,7 @@ class ChannelAveragingShortcut(nn.Module):
 
 
 class ChannelDuplicatingShortcut(nn.Module):
-    """Up-sampling shortcut of residual autoencoding (Sec. 3.2): channel duplication, then channel-to-space.
+    """Up-sampling shortcut of residual autoencoding (Fig. 4): channel duplication, then channel-to-space.
 
     Official ChannelDuplicatingPixelUnshuffleUpSampleLayer, matched here: every input channel is repeated
     R = C_out*r^2/C_in times CONSECUTIVELY (repeat_interleave: channel k of the repeated map is input channel
@@ -258,7 +259,7 @@ class InterpolateConvUpsample(nn.Module):
 
 
 def build_downsample(block_type, in_ch, out_ch, shortcut):
-    """Encoder down-sampling block: learned layer (+ averaging shortcut, Sec. 3.2) (official build_downsample_block)."""
+    """Encoder down-sampling block: learned layer (+ averaging shortcut, Fig. 4) (official build_downsample_block)."""
     if block_type == "Conv":
         # plain 3x3 stride-2 conv (SANA AE); ConvPixelUnshuffle (in/mix releases) keeps all pixels in channels
         main = ConvLayer(in_ch, out_ch, 3, stride=2, bias=True)
@@ -270,12 +271,12 @@ def build_downsample(block_type, in_ch, out_ch, shortcut):
         return main
     if shortcut != "averaging":
         raise ValueError(f"unknown downsample shortcut {shortcut!r} (expected 'averaging' or None)")
-    # Sec. 3.2: the learned layer only learns the residual on top of space-to-channel
+    # residual autoencoding: the learned layer only learns the residual on top of space-to-channel
     return ResidualBlock(main, ChannelAveragingShortcut(in_ch, out_ch, 2))
 
 
 def build_upsample(block_type, in_ch, out_ch, shortcut):
-    """Decoder up-sampling block: learned layer (+ duplicating shortcut, Sec. 3.2) (official build_upsample_block)."""
+    """Decoder up-sampling block: learned layer (+ duplicating shortcut, Fig. 4) (official build_upsample_block)."""
     if block_type == "ConvPixelShuffle":
         main = ConvPixelShuffleUpsample(in_ch, out_ch)
     elif block_type == "InterpolateConv":
@@ -287,7 +288,7 @@ def build_upsample(block_type, in_ch, out_ch, shortcut):
         return main
     if shortcut != "duplicating":
         raise ValueError(f"unknown upsample shortcut {shortcut!r} (expected 'duplicating' or None)")
-    # Sec. 3.2: the learned layer only learns the residual on top of channel-to-space
+    # residual autoencoding: the learned layer only learns the residual on top of channel-to-space
     return ResidualBlock(main, ChannelDuplicatingShortcut(in_ch, out_ch, 2))
 
 
@@ -473,8 +474,8 @@ class Encoder(nn.Module):
 
     Spatial compression f = 2^(N-1). When depth_list[0] == 0 (all in/mix releases) project_in is itself a
     down-sampling layer straight to width_list[1], without shortcut, and width_list[0] is never built.
-    project_out = 3x3 conv to the latent + the averaging shortcut with factor 1 (Sec. 3.2: the same
-    residual principle at the latent: latent channel o = mean of feature channels o*g ... o*g+g-1).
+    project_out = 3x3 conv to the latent + the averaging shortcut with factor 1 (residual autoencoding at
+    the latent: latent channel o = mean of feature channels o*g ... o*g+g-1).
     """
 
     def __init__(self, cfg):
@@ -499,7 +500,7 @@ class Encoder(nn.Module):
                                  _per_stage(cfg["norm"], i), _per_stage(cfg["act"], i))
             # the last stage has no down-sampling: n stages -> n-1 halvings -> f = 2^(n-1)
             if i < n - 1 and depths[i] > 0:
-                # Sec. 3.2: the down-sampling block (with the averaging shortcut) ends the stage, h -> h/2
+                # the down-sampling block (+ averaging shortcut) ends the stage, h -> h/2
                 blocks.append(build_downsample(cfg["downsample_block_type"], widths[i], widths[i + 1],
                                                cfg["downsample_shortcut"]))
             stages.append(nn.Sequential(*blocks))  # an empty stage is an empty Sequential (identity)
@@ -510,7 +511,7 @@ class Encoder(nn.Module):
         if cfg["out_shortcut"] is None:
             self.project_out = main
         elif cfg["out_shortcut"] == "averaging":
-            # Sec. 3.2 at the latent: conv(x) + channel-group mean of x (factor 1: no spatial change)
+            # residual autoencoding at the latent: conv(x) + channel-group mean of x (factor 1)
             self.project_out = ResidualBlock(main, ChannelAveragingShortcut(widths[-1], cfg["latent_channels"], 1))
         else:
             raise ValueError(f"unknown encoder out_shortcut {cfg['out_shortcut']!r} (expected 'averaging' or None)")
@@ -528,10 +529,10 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """project_in -> stages N-1..0 (an up-sampling block, then blocks) -> project_out (official dc_ae.Decoder).
 
-    project_in = 3x3 conv from the latent + the duplicating shortcut with factor 1 (Sec. 3.2). Stage i is
-    stored at stages[i] (encoder order) and run in reverse; it starts with an up-sampling block from
-    width_list[i+1]. project_out = out_norm -> out_act (ReLU in every release, even SANA's SiLU decoder) ->
-    3x3 conv, or an up-sampling layer without shortcut when depth_list[0] == 0.
+    project_in = 3x3 conv from the latent + the duplicating shortcut with factor 1 (residual autoencoding at
+    the latent). Stage i is stored at stages[i] (encoder order) and run in reverse; it starts with an
+    up-sampling block from width_list[i+1]. project_out = out_norm -> out_act (ReLU in every release, even
+    SANA's SiLU decoder) -> 3x3 conv, or an up-sampling layer without shortcut when depth_list[0] == 0.
     """
 
     def __init__(self, cfg):
@@ -546,7 +547,7 @@ class Decoder(nn.Module):
         if cfg["in_shortcut"] is None:
             self.project_in = proj
         elif cfg["in_shortcut"] == "duplicating":
-            # Sec. 3.2 at the latent: conv(z) + z's channels repeated up to width_list[-1] (factor 1)
+            # residual autoencoding at the latent: conv(z) + z's channels repeated to width_list[-1] (factor 1)
             self.project_in = ResidualBlock(proj, ChannelDuplicatingShortcut(cfg["latent_channels"], widths[-1], 1))
         else:
             raise ValueError(f"unknown decoder in_shortcut {cfg['in_shortcut']!r} (expected 'duplicating' or None)")
@@ -554,7 +555,7 @@ class Decoder(nn.Module):
         for i in range(n):
             blocks = []
             if i < n - 1 and depths[i] > 0:
-                # Sec. 3.2: the up-sampling block (with the duplicating shortcut) starts the stage, h -> 2h
+                # the up-sampling block (+ duplicating shortcut) starts the stage, h -> 2h
                 blocks.append(build_upsample(cfg["upsample_block_type"], widths[i + 1], widths[i],
                                              cfg["upsample_shortcut"]))
             blocks += build_stage(widths[i], depths[i], _per_stage(cfg["block_type"], i),
@@ -583,7 +584,7 @@ class Decoder(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Training losses (Sec. 3.2 decoupled high-resolution adaptation): L1 + LPIPS, + PatchGAN in phase 3
+# Training losses (decoupled high-resolution adaptation): L1 + LPIPS, + PatchGAN in phase 3
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -769,7 +770,7 @@ class DCAE(nn.Module):
         """Reconstruction decode(encode(x)) (the official forward also returns a dummy loss and info dict)."""
         return self.decoder(self.encoder(x))  # (B, C, H, W) -> unscaled latent -> (B, C, H, W)
 
-    # ---- Sec. 3.2 decoupled high-resolution adaptation: which parameters train in which phase ------------------
+    # ---- Decoupled high-resolution adaptation: which parameters train in which phase ---------------------------
 
     def trainable_modules(self, phase):
         """Modules whose parameters train in `phase` (1, 2 or 3).
@@ -822,7 +823,7 @@ class DCAE(nn.Module):
         for m in modules:
             for p in m.parameters():
                 p.requires_grad_(True)
-        # phase 3 (Sec. 3.2): the PatchGAN trains with the decoder head, as its own 'disc' group
+        # phase 3 (local refinement): the PatchGAN trains with the decoder head, as its own 'disc' group
         if phase == 3:
             for p in self.disc.parameters():
                 p.requires_grad_(True)
@@ -878,7 +879,7 @@ class DCAE(nn.Module):
         x = batch["x"]
         self._check_images(x)
         tc = self.train_cfg
-        # the GAN term belongs to phase 3 only (Sec. 3.2 low-resolution local refinement)
+        # the GAN term belongs to phase 3 only (low-resolution local refinement)
         gan_on = self.phase == 3 and step >= tc["disc_start"]
         if group == "ae":
             x_hat = self._reconstruct(x)

@@ -313,7 +313,7 @@ def test_scale_factors():
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Sec. 3.2 residual autoencoding: the two shortcuts written out index by index (the official grouping)
+# Residual autoencoding (paper Fig. 4): the two shortcuts written out index by index (the official grouping)
 # ------------------------------------------------------------------------------------------------------------
 
 
@@ -383,7 +383,7 @@ def test_shortcuts_are_transposes(c, r):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Sec. 3.2 decoupled high-resolution adaptation: the three phases
+# Decoupled high-resolution adaptation: the three phases
 # ------------------------------------------------------------------------------------------------------------
 
 
