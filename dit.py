@@ -12,15 +12,16 @@ Matches the official code, facebookresearch/DiT@ed81ce2229091fd4ecc9a223645f95cf
   * train.py / sample.py            -> DiT.loss, DiT.sample, HPARAMS
 The diffusion is the one of "Improved Denoising Diffusion Probabilistic Models" (Nichol & Dhariwal 2021,
 arXiv:2102.09672, "IDDPM" below) that DiT trains with unchanged: linear betas, eps-prediction, learned
-variance interpolation and the hybrid loss L_simple + L_vlb.
+variance interpolation and the hybrid loss L_simple + L_vlb. Also cited by number below: DDPM (Ho et al. 2020,
+arXiv:2006.11239), DDIM (Song et al. 2021, arXiv:2010.02502), ADM (Dhariwal & Nichol 2021, arXiv:2105.05233).
 
 Paper -> code map
   Sec. 3.2 "Patchify" (Fig. 4)                    PatchEmbed, get_2d_sincos_pos_embed (fixed, ViT-style)
   Sec. 3.2 "DiT block design", adaLN-Zero (Fig. 3) modulate, DiTBlock (Fig. 5: the conditioning ablation)
-  Sec. 3.2 conditioning on t and c                 TimestepEmbedder, LabelEmbedder (+ null class for CFG)
+  Sec. 3.2 conditioning on t and c; App. A         TimestepEmbedder, LabelEmbedder (+ null class for CFG)
   Sec. 3.2 "Transformer decoder"                   FinalLayer, DiT.unpatchify
   Sec. 3.2 "Model size" (Table 1), patch 2/4/8     CONFIGS
-  Sec. 3.1 diffusion formulation, learned          GaussianDiffusion (IDDPM Eq. 9-16)
+  Sec. 3.1 diffusion formulation, learned          GaussianDiffusion (DDPM Eq. 4-15, IDDPM Sec. 3.1)
     Sigma_theta, L_simple + L_vlb
   Sec. 3.1 classifier-free guidance                DiT.forward_with_cfg, DiT.sample
   Sec. 4 training set-up (AdamW 1e-4, no wd,       HPARAMS
@@ -107,7 +108,7 @@ def get_2d_sincos_pos_embed(embed_dim, grid_size):
 
 
 class TimestepEmbedder(nn.Module):
-    """t -> D: sinusoidal frequency features (256 wide) then an MLP (Sec. 3.2, as in ADM)."""
+    """t -> D: 256-dim frequency embedding then a two-layer SiLU MLP (App. A; ADM's method, Sec. 4)."""
 
     def __init__(self, hidden_size, frequency_embedding_size=256):
         super().__init__()
@@ -335,8 +336,9 @@ class DiT(nn.Module):
 
         Batch layout as the official sample.py: x = cat([z, z]), y = cat([labels, null]). Faithful quirks:
         only the FIRST half of x is used (duplicated), and only output channels 0..2 are guided (the
-        official code hard-codes 3 "for exact reproducibility"); the rest (eps channel 3 and v) passes
-        through unguided. self.cfg_all_channels guides all `in_channels` eps channels (the obvious variant).
+        official code hard-codes 3 "for exact reproducibility"; App. A: the paper guided 3 of the 4 latent
+        channels); the rest (eps channel 3 and v) passes through unguided. self.cfg_all_channels guides all
+        `in_channels` eps channels (the obvious variant).
         """
         # (N, C, H, W) -> (N/2, C, H, W): the z of cat([z, z])
         half = x[: len(x) // 2]
@@ -358,7 +360,7 @@ class DiT(nn.Module):
         return {"model": [p for p in self.parameters() if p.requires_grad]}
 
     def loss(self, group, batch, step):
-        """Hybrid loss L_simple + L_vlb (IDDPM Sec. 3.1, Eq. 16; the weighting is explained in training_losses).
+        """Hybrid loss L_simple + L_vlb (IDDPM Sec. 3.1; the weighting is explained in training_losses).
 
         As the official train.py: t ~ U{0..999}, then eps ~ N(0, I), then label dropout in train mode,
         all from the global torch RNG in that order. Returns the batch mean (float32) and detached logs.
@@ -366,7 +368,7 @@ class DiT(nn.Module):
         if group != "model":
             raise ValueError(f"dit has one optimizer group 'model', got {group!r}")
         x_start = batch["x"].float()
-        # one uniform t per sample: an unbiased one-term estimate of the sum over t in L_vlb (IDDPM Eq. 4-6)
+        # one uniform t per sample: an unbiased one-term estimate of the sum over t in L_vlb (DDPM Eq. 5)
         t = torch.randint(0, self.diffusion.num_timesteps, (x_start.shape[0],), device=x_start.device)
         terms = self.diffusion.training_losses(self, x_start, t, model_kwargs=dict(y=batch["y"]))
         logs = {"mse": terms["mse"].mean().detach(), "vb": terms["vb"].mean().detach()}
@@ -385,7 +387,7 @@ class DiT(nn.Module):
         clip_denoised = self.clip_denoised if clip_denoised is None else clip_denoised
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"unknown sampler {sampler!r}: dit offers 'ddpm' and 'ddim'")
-        # 250 respaced DDPM steps: the paper's setting for all reported FIDs (official sample.py default)
+        # 250 respaced DDPM steps: the paper's setting for all reported FIDs (Sec. 4; official sample.py default)
         steps = 250 if steps is None else int(steps)
         device = self.pos_embed.device
         diffusion = GaussianDiffusion(str(steps), learn_sigma=self.learn_sigma)  # respaced chain, e.g. "250"
@@ -426,7 +428,7 @@ class DiT(nn.Module):
 def linear_beta_schedule(num_timesteps=1000):
     """DDPM's linear betas, scaled so any T gives the same curve as T = 1000 (IDDPM code). float64."""
     scale = 1000 / num_timesteps  # 1 for T = 1000
-    # beta_1 = 1e-4 .. beta_T = 0.02 (DDPM); DiT does not use IDDPM's cosine schedule
+    # beta_1 = 1e-4 .. beta_T = 0.02 (DDPM Sec. 4; DiT Sec. 4); DiT does not use IDDPM's cosine schedule
     return np.linspace(scale * 0.0001, scale * 0.02, num_timesteps, dtype=np.float64)
 
 
@@ -478,7 +480,7 @@ def approx_standard_normal_cdf(x):
 
 
 def discretized_gaussian_log_likelihood(x, means, log_scales):
-    """log p(x_0 | x_1) of DDPM's discrete decoder (DDPM Eq. 13; IDDPM Sec. 2.1): a Gaussian integrated
+    """log p(x_0 | x_1) of DDPM's discrete decoder (DDPM Sec. 3.3, Eq. 13): a Gaussian integrated
     over the bin [x - 1/255, x + 1/255] (data assumed in [-1, 1]; DiT applies it to latents as-is),
     with the edge bins extended to -inf / +inf. Arguments of the logs are clamped at 1e-12."""
     # 1/255 is half a bin: 8-bit values 0..255 mapped to [-1, 1] have bin width 2/255
@@ -530,19 +532,19 @@ class GaussianDiffusion:
         alphas = 1.0 - b  # alpha_t = 1 - beta_t
         ac = self.alphas_cumprod = np.cumprod(alphas)  # abar_t
         ac_prev = self.alphas_cumprod_prev = np.append(1.0, ac[:-1])  # abar_{t-1}, abar_{-1} = 1
-        # coefficients of IDDPM Eq. 9 (q_sample) and of x_0 from eps (p_mean_variance); each (T',)
+        # coefficients of DDPM Eq. 4 (q_sample) and of x_0 from eps (DDPM Eq. 15, p_mean_variance); each (T',)
         self.sqrt_alphas_cumprod = np.sqrt(ac)
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - ac)
         self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / ac)
         self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / ac - 1)
-        # Posterior q(x_{t-1} | x_t, x_0) = N(mu~_t, beta~_t I) (IDDPM Eq. 10-12)
+        # Posterior q(x_{t-1} | x_t, x_0) = N(mu~_t, beta~_t I) (DDPM Eq. 6-7)
         self.posterior_variance = b * (1.0 - ac_prev) / (1.0 - ac)  # beta~_t; 0 at t = 0
         # log(beta~_t) with t = 0 replaced by t = 1 (beta~_0 = 0 would give -inf)
         self.posterior_log_variance_clipped = np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
-        # mu~_t = coef1 x_0 + coef2 x_t (IDDPM Eq. 11)
+        # mu~_t = coef1 x_0 + coef2 x_t (DDPM Eq. 7)
         self.posterior_mean_coef1 = b * np.sqrt(ac_prev) / (1.0 - ac)
         self.posterior_mean_coef2 = (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac)
-        # log beta_t: the upper end of the learned-variance interpolation (IDDPM Eq. 15)
+        # log beta_t: the upper end of the learned-variance interpolation (DDPM Sec. 3.2: beta_t, beta~_t bound it)
         self.log_betas = np.log(b)
         # FIXED_LARGE (learn_sigma=False): sigma_t^2 = beta_t, with beta~_1 at t = 0 (official p_mean_variance)
         self.fixed_large_log_variance = np.log(np.append(self.posterior_variance[1], b[1:]))
@@ -562,12 +564,12 @@ class GaussianDiffusion:
 
     # ----- forward process ------------------------------------------------------------------------
     def q_sample(self, x_start, t, noise):
-        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (IDDPM Eq. 9)."""
+        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (DDPM Eq. 4, reparameterised)."""
         return (self._extract("sqrt_alphas_cumprod", t, x_start.ndim) * x_start
                 + self._extract("sqrt_one_minus_alphas_cumprod", t, x_start.ndim) * noise)
 
     def q_posterior_mean(self, x_start, x_t, t):
-        """mu~_t(x_t, x_0) = coef1 x_0 + coef2 x_t (IDDPM Eq. 11)."""
+        """mu~_t(x_t, x_0) = coef1 x_0 + coef2 x_t (DDPM Eq. 7)."""
         return (self._extract("posterior_mean_coef1", t, x_t.ndim) * x_start
                 + self._extract("posterior_mean_coef2", t, x_t.ndim) * x_t)
 
@@ -575,8 +577,8 @@ class GaussianDiffusion:
     def p_mean_variance(self, model_fn, x, t, clip_denoised=True, model_kwargs=None, model_output=None):
         """Mean and log-variance of p_theta(x_{t-1} | x_t) from the network output.
 
-        eps parameterisation (IDDPM Eq. 13 via x_0 = (x_t - sqrt(1-abar) eps) / sqrt(abar)) and the learned
-        variance interpolation (IDDPM Eq. 15): Sigma = exp(v' log beta_t + (1 - v') log beta~_t),
+        eps parameterisation (DDPM Eq. 11: mu~_t at x_0 = (x_t - sqrt(1-abar) eps) / sqrt(abar)) and the learned
+        variance interpolation (IDDPM Sec. 3.1; ADM Eq. 1): Sigma = exp(v' log beta_t + (1 - v') log beta~_t),
         v' = (v + 1) / 2 so the raw output v in [-1, 1] spans [beta~_t, beta_t] (no clamp: it may extrapolate).
         `t` indexes THIS (possibly respaced) process; the network is called with timestep_map[t].
         """
@@ -589,22 +591,22 @@ class GaussianDiffusion:
         if self.learn_sigma:
             # (N, 2C, H, W) -> 2 x (N, C, H, W): eps FIRST
             eps, v = torch.split(model_output, C, dim=1)
-            # IDDPM Eq. 15 range: min_log = log beta~_t (t = 0 uses beta~_1), max_log = log beta_t
+            # interpolation range: min_log = log beta~_t (t = 0 uses beta~_1), max_log = log beta_t
             min_log = self._extract("posterior_log_variance_clipped", t, x.ndim)
             max_log = self._extract("log_betas", t, x.ndim)
             frac = (v + 1) / 2  # v in [-1, 1] -> v' in [0, 1]
-            model_log_variance = frac * max_log + (1 - frac) * min_log  # IDDPM Eq. 15
+            model_log_variance = frac * max_log + (1 - frac) * min_log  # v' log beta_t + (1 - v') log beta~_t
         else:
             eps = model_output
             # (N, 1, 1, 1) -> (N, C, H, W), the same shape as in the learned case
             model_log_variance = self._extract("fixed_large_log_variance", t, x.ndim).expand_as(x)
-        # x_0-hat = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps, i.e. IDDPM Eq. 9 solved for x_0
+        # x_0-hat = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps, i.e. DDPM Eq. 4 solved for x_0 (DDPM Eq. 15)
         pred_xstart = (self._extract("sqrt_recip_alphas_cumprod", t, x.ndim) * x
                        - self._extract("sqrt_recipm1_alphas_cumprod", t, x.ndim) * eps)
         if clip_denoised:
             # only with clip_denoised (pixel presets)
             pred_xstart = pred_xstart.clamp(-1, 1)
-        mean = self.q_posterior_mean(pred_xstart, x, t)  # plug x_0-hat into Eq. 11
+        mean = self.q_posterior_mean(pred_xstart, x, t)  # plug x_0-hat into DDPM Eq. 7 (= Eq. 11)
         return {"mean": mean, "log_variance": model_log_variance, "pred_xstart": pred_xstart, "eps": eps}
 
     def _noise_like(self, x, noise, generator):
@@ -623,10 +625,10 @@ class GaussianDiffusion:
 
     def ddim_sample(self, model_fn, x, t, clip_denoised=True, model_kwargs=None, eta=0.0, noise=None,
                     generator=None):
-        """One DDIM step (Song et al. 2021, Eq. 12). The learned variance is unused. Official detail: eps is
+        """One DDIM step (DDIM Eq. 12). The learned variance is unused. Official detail: eps is
         RE-DERIVED from the (possibly clipped) x_0-hat, so clipping changes the direction too."""
         out = self.p_mean_variance(model_fn, x, t, clip_denoised, model_kwargs)
-        # eps = (x_t / sqrt(abar_t) - x_0-hat) / sqrt(1/abar_t - 1): IDDPM Eq. 9 solved for eps
+        # eps = (x_t / sqrt(abar_t) - x_0-hat) / sqrt(1/abar_t - 1): DDPM Eq. 4 solved for eps
         eps = ((self._extract("sqrt_recip_alphas_cumprod", t, x.ndim) * x - out["pred_xstart"])
                / self._extract("sqrt_recipm1_alphas_cumprod", t, x.ndim))
         alpha_bar = self._extract("alphas_cumprod", t, x.ndim)
@@ -642,7 +644,7 @@ class GaussianDiffusion:
 
     # ----- training loss --------------------------------------------------------------------------
     def vb_terms_bpd(self, model_output, x_start, x_t, t):
-        """L_t in bits per dimension (IDDPM Eq. 4-6): KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0,
+        """L_t in bits per dimension (DDPM Eq. 5): KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0,
         the discretised decoder NLL -log p(x_0|x_1) for t = 0 (clip_denoised=False)."""
         true_mean = self.q_posterior_mean(x_start, x_t, t)
         true_log_variance = self._extract("posterior_log_variance_clipped", t, x_t.ndim)  # log beta~_t, (N, 1, 1, 1)
@@ -655,7 +657,7 @@ class GaussianDiffusion:
         return torch.where(t == 0, decoder_nll, kl)
 
     def training_losses(self, model_fn, x_start, t, model_kwargs=None, noise=None):
-        """Hybrid loss L_hybrid = L_simple + lambda L_vlb (IDDPM Eq. 16) per sample.
+        """Hybrid loss L_hybrid = L_simple + lambda L_vlb (IDDPM Sec. 3.1) per sample.
 
         IDDPM's lambda = 0.001 on the one-sample estimate T * L_t of L_vlb gives exactly L_t for T = 1000,
         so the official code (LossType.MSE) adds the single-t term unscaled: per sample mse + vb, with vb
@@ -681,7 +683,7 @@ class GaussianDiffusion:
             eps = model_output
             # FIXED_LARGE: no variance to learn, so L_vlb is dropped and only L_simple trains
             terms["vb"] = torch.zeros_like(t, dtype=torch.float32)
-        # L_simple (IDDPM Eq. 14): target = noise (EPSILON)
+        # L_simple (DDPM Eq. 14): target = noise (EPSILON)
         terms["mse"] = mean_flat((noise - eps) ** 2)
         terms["loss"] = terms["mse"] + terms["vb"]
         return terms

@@ -20,16 +20,17 @@ Golden tensors of that code: tests/golden/unet_ldm/.
 Map from the paper to this file
   Sec. 3.2, Eq. 1-2   L_LDM = E ||eps - eps_theta(z_t, t)||^2                     -> LatentDiffusion.p_losses
                       z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps (DDPM Eq. 4)  -> LatentDiffusion.q_sample
-                      the time-conditional UNet eps_theta (ADM backbone)        -> UNetModel, ResBlock,
+                      the time-conditional UNet eps_theta (App. E.2.1: ADM's)     -> UNetModel, ResBlock,
                                                                                    AttentionBlock, Down/Upsample
   Sec. 3.3            cross-attention softmax(Q K^T / sqrt(d)) V, Q from the UNet
                       features, K and V from tau_theta(y)                      -> CrossAttention, SpatialTransformer
-                      tau_theta for classes: a learned embedding table         -> ClassEmbedder (cin256-v2)
+                      tau_theta for classes: one embedding layer (App. E.2.1)     -> ClassEmbedder (cin256-v2)
   Sec. 3.3, Eq. 3     conditional objective E ||eps - eps_theta(z_t, t, tau_theta(y))||^2 -> p_losses with cond
   Sec. 4.3.1, App. D.4  classifier-free guidance e_uncond + s (e_cond - e_uncond) -> LatentDiffusion.guided_eps
+                      (Ho & Salimans Sec. 3.2: (1 + w) e_cond - w e_uncond, i.e. s = 1 + w)
   (DDIM, Song et al.) DDIM sampling on a timestep sub-sequence, eta             -> ddim_schedule, ddim_step
   (DDPM, Ho et al.)   ancestral sampling                                        -> ddpm_sample
-  App. E              hyper-parameters of the released models                  -> CONFIGS
+  App. E.1            hyper-parameters of the released models (Tab. 12-15)     -> CONFIGS
 Suggested reading order: timestep_embedding, ResBlock, CrossAttention -> SpatialTransformer, UNetModel,
 LatentDiffusion (register_schedule, q_sample, p_losses), make_ddim_timesteps -> ddim_step, CONFIGS.
 
@@ -68,7 +69,7 @@ from torch.utils.checkpoint import checkpoint
 
 
 # =============================================================================================
-# Building blocks of the time-conditional UNet (Sec. 3.2; the ADM UNet of Dhariwal & Nichol 2021)
+# Building blocks of the time-conditional UNet (Sec. 3.2; App. E.2.1: the ADM UNet of Dhariwal & Nichol 2021)
 # =============================================================================================
 def timestep_embedding(timesteps, dim, max_period=10000):
     """Sinusoidal embedding of the (integer or fractional) timestep t, as the official util.py computes it.
@@ -298,7 +299,9 @@ class BasicTransformerBlock(nn.Module):
 
 class SpatialTransformer(nn.Module):
     """Sec. 3.3: the cross-attention layer of the conditional UNet. Image features become H*W tokens,
-    pass `depth` BasicTransformerBlocks, and return as a residual: x + proj_out(blocks(proj_in(GN(x))))."""
+    pass `depth` BasicTransformerBlocks, and return as a residual: x + proj_out(blocks(proj_in(GN(x)))).
+    App. E.2.1, Tab. 16 draws it with LayerNorm and (self-attn, MLP, cross-attn); the code uses GN and
+    (self-attn, cross-attn, MLP)."""
 
     def __init__(self, in_channels, n_heads, d_head, depth=1, dropout=0.0, context_dim=None):
         super().__init__()
@@ -440,7 +443,7 @@ class UNetModel(nn.Module):
 
 
 class ClassEmbedder(nn.Module):
-    """tau_theta for class labels (Sec. 3.3, cin256-v2): a learned table, one token per image.
+    """tau_theta for class labels (Sec. 3.3; App. E.2.1: a single learnable embedding layer), one token per image.
     label (B,) -> context (B, 1, embed_dim). The last row (ImageNet: 1000) is the null class for guidance."""
 
     def __init__(self, embed_dim, n_classes=1000):
@@ -625,7 +628,7 @@ class LatentDiffusion(nn.Module):
         # uncond first, as the official DDIMSampler concatenates [unconditional_conditioning, c]
         c_in = torch.cat([uncond, cond])  # (B, L, D) x 2 -> (2B, L, D); labels (B,) -> (2B,)
         e_uncond, e_cond = self.apply_model(x_in, t_in, c_in).chunk(2)  # (2B, C, H, W) -> 2 x (B, C, H, W)
-        # s > 1 extrapolates away from the unconditional prediction (Ho & Salimans 2021)
+        # s > 1 extrapolates away from the unconditional prediction (Ho & Salimans Sec. 3.2, with s = 1 + w)
         return e_uncond + scale * (e_cond - e_uncond)
 
     def eps(self, x, t, cond, uncond=None, scale=1.0):
@@ -784,7 +787,7 @@ class LatentDiffusion(nn.Module):
 
 
 # =============================================================================================
-# Presets: the released configs (configs/latent-diffusion/*.yaml, App. E), tiny, demo
+# Presets: the released configs (configs/latent-diffusion/*.yaml, App. E.1), tiny, demo
 # =============================================================================================
 # hparams: AdamW as the official configure_optimizers builds it (torch default weight_decay 0.01, no
 # clipping = Lightning's default), EMA 0.9999 (LitEma; celebahq/ffhq/churches train with use_ema, the DDPM default).

@@ -235,7 +235,7 @@ def test_config_gflops_all():
 # paper claims / behaviour
 # -------------------------------------------------------------------------------------------------
 def test_adaln_zero_init():
-    """adaLN-Zero (Sec. 3.1): a fresh model outputs exactly 0 and every block is the identity."""
+    """adaLN-Zero (Sec. 3.2): a fresh model outputs exactly 0 and every block is the identity."""
     torch.manual_seed(0)
     model = dit.create("tiny").eval()
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 900]), torch.tensor([1, 2])

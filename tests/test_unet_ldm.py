@@ -624,7 +624,7 @@ def test_block_ddim_update():
 
 
 def reference_attention(attn, x, context):
-    """softmax(Q K^T / sqrt(d)) V written out (LDM Eq. 3 with heads), on the module's own weights."""
+    """softmax(Q K^T / sqrt(d)) V written out (LDM Sec. 3.3, with heads), on the module's own weights."""
     q, k, v = attn.to_q(x), attn.to_k(context), attn.to_v(context)
     h = attn.heads
     q, k, v = (z.reshape(z.shape[0], z.shape[1], h, -1).transpose(1, 2) for z in (q, k, v))
