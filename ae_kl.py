@@ -37,6 +37,8 @@ Deliberately left out / changed (each is also noted where it happens):
       3x3 `conv_shortcut` option (never used), the avg-pool Down/Upsample (resamp_with_conv=True always),
       the "linear" attention (no config uses it), `give_pre_end`, `tanh_out`, dropout > 0 is kept.
     * ActNorm and the conditional discriminator (no released config uses them): a ValueError if asked.
+    * Official kwargs whose lossconfig is torch.nn.Identity (LDM's first_stage_config) build loss=None, as
+      the official builds no loss there; a dict config without disc_start gets the released 50001.
     * `pixelloss_weight` is accepted and ignored, as in the official code (it is stored and never read).
     * LPIPS comes from the `lpips` pip package (the same network and weights as taming's copy). It is
       frozen, in eval mode (the official Lightning trainer puts it in train mode, which turns its dropout
@@ -734,9 +736,8 @@ def _from_official(kwargs):
         if params.pop("use_actnorm", False) or params.pop("disc_conditional", False):
             raise ValueError("use_actnorm / disc_conditional discriminators are not supported")
         cfg.update(params)  # create() splits these off again by _LOSS_KEYS
-    else:
-        # LDM configs embed the first stage with an Identity loss: use the released loss settings
-        cfg.update(_RELEASED_LOSS)
+    else:  # LDM configs embed the first stage with an Identity loss: no loss here either (loss=None)
+        cfg["loss"] = None
     return cfg
 
 
@@ -765,6 +766,7 @@ def create(config="tiny", **overrides):
     if "in_channels" in overrides:
         c = overrides.pop("in_channels")
         cfg.update(in_channels=c, out_ch=c, disc_in_channels=c)
+    build_loss = build_loss and cfg.pop("loss", True) is not None
     cfg.update(overrides)
     # Lightning's checkpoint metric, present in official kwargs, no role here
     cfg.pop("monitor", None)

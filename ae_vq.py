@@ -36,11 +36,12 @@ Deliberately left out / changed:
       `exists`. We implement the intended behaviour: the taming loss numbers plus the ldm variant's perplexity
       / cluster-usage logs (and `pixel_loss="l2"`), always given the indices.
     * LPIPS: the lpips package, frozen, eval mode, built lazily, kept out of state_dict() (as ae_kl.py).
+    * Official kwargs whose lossconfig is torch.nn.Identity (LDM's first_stage_config) build loss=None; a dict
+      config without disc_start gets 250001; the tiny preset and its batch of 12 are ours.
     * The autoencoder step gives the discriminator no gradient (Lightning's toggle_optimizer).
     * The submodule the official calls `loss` is `loss_fn` ("loss" is the contract method); the official
       `VQModel.encode/decode` are `encode_quant/decode_quant` here, because `encode/decode` are the contract's
       (VQModelInterface semantics times scale_factor).
-    * Perplexity uses a scatter-add histogram instead of a one-hot matrix (same numbers, no N x n_embed tensor).
 """
 import copy
 import warnings
@@ -454,11 +455,8 @@ class VectorQuantizer(nn.Module):
 
 
 def measure_perplexity(predicted_indices, n_embed):
-    """exp(entropy of the code histogram) and the number of codes used (ldm vqperceptual.measure_perplexity).
-
-    The official builds F.one_hot(indices, n_embed) (N x n_embed floats: 0.8 GB for vq-f8 at batch 12); a
-    scatter-add histogram gives the same numbers without that memory and without a host sync.
-    """
+    """exp(entropy of the code histogram) and the number of codes used (ldm vqperceptual.measure_perplexity),
+    from a scatter-add histogram: the official's N x n_embed one-hot matrix gives the same numbers."""
     counts = torch.zeros(n_embed, device=predicted_indices.device)  # counts[k]: vectors assigned to code k
     idx = predicted_indices.reshape(-1)
     counts.index_add_(0, idx, torch.ones_like(idx, dtype=counts.dtype))
@@ -771,8 +769,8 @@ def _from_official(kwargs):
         if params.pop("perceptual_loss", "lpips") != "lpips":
             raise ValueError("only perceptual_loss 'lpips' exists")
         cfg.update(params)
-    else:  # LDM stages carry no loss: use the vq-f4 released loss settings
-        cfg.update(disc_start=0, disc_weight=0.75)
+    else:  # LDM configs embed the first stage with an Identity loss: no loss here either (loss=None)
+        cfg["loss"] = None
     return cfg
 
 
@@ -798,6 +796,7 @@ def create(config="tiny", **overrides):
     if "in_channels" in overrides:
         c = overrides.pop("in_channels")
         cfg.update(in_channels=c, out_ch=c, disc_in_channels=c)
+    build_loss = build_loss and cfg.pop("loss", True) is not None
     cfg.update(overrides)
     cfg.pop("monitor", None)  # Lightning's checkpoint metric, present in official kwargs, no role here
     if cfg.pop("disc_conditional", False):

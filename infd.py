@@ -33,7 +33,10 @@ Reading order: liif_query, RendererNet, CLIFRenderer, sample_patch, INFD.loss, I
 
 Deliberately left out: the diffusion UNet `z_dm` / `z_dm_ema` of the official dm checkpoints (load_official drops
 them, see there), the unused options of the official code (z_gaussian KL latents, conditional dm, hrft loader,
-downsampled L1/LPIPS, scale-conditioned discriminator, SimpleRendererNetLarger, LinearAttention).
+downsampled L1/LPIPS, scale-conditioned discriminator, SimpleRendererNetLarger, LinearAttention, the renderer's
+Fourier features). Differs: encode() resamples other sizes with antialiased bicubic (the official data pipeline uses
+PIL LANCZOS); under DDP the official uses SyncBatchNorm in D and all-reduces the adaptive-weight gradients, here
+each rank uses its own; a checkpoint without disc.* loads as loss=None; the tiny preset is ours.
 
 Conventions (official): images in [-1, 1]; coordinates in [-1, 1] are pixel CENTRES, last dim (y, x) = (row, col);
 `cell` is the full pixel size (2/H, 2/W). decode(z) renders at the encoder resolution; render(z, size) at any size.
@@ -812,8 +815,9 @@ class INFD(nn.Module):
 # Presets, create, load_official
 # =============================================================================================================
 # Official training settings (cfgs/trainers/ae.yaml, ae_ffhq.yaml): Adam lr 3.6e-5, betas (0.5, 0.9), no weight
-# decay, no gradient clipping, total batch 8, 1M iterations; no EMA for the autoencoder (decay 0 -> ema == weights).
-AE_HPARAMS = dict(lr=3.6e-5, betas=(0.5, 0.9), weight_decay=0.0, grad_clip=0.0, batch_size=8, ema_decay=0.0)
+# decay, no gradient clipping (grad_clip inf: a no-op), global batch 8 (BaseTrainer splits it over the GPUs),
+# 1M iterations; no EMA for the autoencoder (decay 0 -> ema == weights). The tiny preset's lr 2e-4 is ours.
+AE_HPARAMS = dict(lr=3.6e-5, betas=(0.5, 0.9), weight_decay=0.0, grad_clip=float("inf"), batch_size=8, ema_decay=0.0)
 
 CONFIGS = {
     # cfgs/models/ae-d4vq.yaml: 60.76M params without LPIPS (official count 75.48M incl. 14.72M LPIPS);

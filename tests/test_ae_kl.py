@@ -497,6 +497,8 @@ def test_inference_model_and_encode_mode(capsys):
     ldm = {"first_stage_model." + k: v for k, v in full.state_dict().items() if not k.startswith("loss_fn.")}
     loaded = ae_kl.load_official(ldm, "tiny")
     assert loaded.loss_fn is None and "built with loss=None" in capsys.readouterr().out
+    # official kwargs with LDM's Identity lossconfig: no loss either (the official builds none)
+    assert ae_kl.create(_unpack("tiny_kl_encode")["config"]).loss_fn is None
 
 
 def test_lpips_in_loss_is_frozen_and_outside_state_dict():
