@@ -14,14 +14,18 @@ import argparse
 import hashlib
 import importlib
 import inspect
+import json
 import math
+import os
 import random
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
@@ -196,6 +200,191 @@ def save_grid(x, path, nrow=None):
     Image.fromarray(grid).save(path)
 
 
+# ------------------------------------------------------- shape score (issue 17): how recognisable are a shapes run's samples
+# A small CNN, trained once on real Shapes images and cached, names the shape in each generated image. The shape score
+# is the share of samples it names as the class they were drawn for; for an unconditional model, the class histogram.
+SCORE_SIZE = 32  # the classifier's input side: larger samples are box-filtered down to it, smaller ones are refused
+SCORE_VERSION = 1  # in the cache file's name: bump it whenever Shapes or the classifier's recipe changes
+SCORE_SEEDS = (1_000_001, 1_000_002)  # Shapes seeds of the classifier's training and held-out images (runs use 0, 1, ..)
+
+
+def shapes_tensor(n, seed):
+    """n real Shapes images at SCORE_SIZE -> (n, 3, 32, 32) in [-1, 1] and their labels (n,)."""
+    source = Shapes(SCORE_SIZE, n, seed)
+    images, labels = zip(*(source.image(i) for i in range(n)))
+    x = torch.from_numpy(np.stack([np.asarray(img) for img in images]))  # (n, H, W, 3) uint8
+    return x.permute(0, 3, 1, 2).float() / 127.5 - 1, torch.tensor(labels)
+
+
+def shape_classifier_net():
+    """(B, 3, 32, 32) -> (B, 4) logits: four 3x3 conv + BatchNorm + ReLU stages of 16, 32, 64, 64 channels with a 2x2
+    max-pool between them, global average pool, linear. 76k parameters, ~3.6 MFLOP (multiply-adds) per image."""
+    nn = torch.nn
+
+    def stage(c_in, c_out):
+        return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+    return nn.Sequential(*stage(3, 16), nn.MaxPool2d(2), *stage(16, 32), nn.MaxPool2d(2), *stage(32, 64),
+                         nn.MaxPool2d(2), *stage(64, 64), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 4))
+
+
+def train_shape_classifier(n=20_000, batch=32, lr=3e-3):
+    """One pass over n fresh Shapes images, AdamW with a one-cycle learning rate; each batch is turned by one of the
+    square's 8 rotations/flips (none changes a shape's kind). Seeded, and the caller's RNG is left as it was.
+    -> (net in eval mode, accuracy on 2,000 held-out Shapes images of another seed)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SCORE_SEEDS[0])
+        x, y = shapes_tensor(n, SCORE_SEEDS[0])
+        net, order = shape_classifier_net(), torch.randperm(n)
+        opt = torch.optim.AdamW(net.parameters(), lr, weight_decay=1e-4)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=n // batch, pct_start=0.15)
+        for step in range(n // batch):
+            j, turn = order[step * batch:(step + 1) * batch], int(torch.randint(8, ()))
+            xb = torch.rot90(x[j], turn % 4, (2, 3))  # (B, 3, 32, 32), turned by 90 * turn degrees
+            loss = torch.nn.functional.cross_entropy(net(xb.flip(3) if turn >= 4 else xb), y[j])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            schedule.step()
+    x, y = shapes_tensor(2000, SCORE_SEEDS[1])
+    return net.eval(), (classify_shapes(net.eval(), x) == y).float().mean().item()
+
+
+def shape_classifier_path():
+    """$XDG_CACHE_HOME (default ~/.cache)/seven-papers/shape_classifier_32px_v1.pt; tests point XDG_CACHE_HOME elsewhere."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "seven-papers" / f"shape_classifier_{SCORE_SIZE}px_v{SCORE_VERSION}.pt"
+
+
+def shape_classifier(device):
+    """The cached classifier in eval mode on `device`; trained here (once, on the CPU) when the cache has none or an
+    unreadable one. -> (net, its held-out accuracy)."""
+    path, net = shape_classifier_path(), shape_classifier_net()
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        net.load_state_dict(state["net"])
+        accuracy = float(state["held_out_accuracy"])
+    except Exception as e:  # noqa: BLE001 (no file yet, or a truncated / foreign one: train again)
+        if path.exists():
+            print(f"note: {path} is unreadable ({type(e).__name__}); training the shape classifier again")
+        t0 = time.time()
+        net, accuracy = train_shape_classifier()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"net": net.state_dict(), "held_out_accuracy": accuracy}, path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)  # atomic: a killed run never leaves half a file under the name
+        print(f"shape classifier trained in {time.time() - t0:.0f} s ({100 * accuracy:.2f}% right on 2,000 held-out "
+              f"shapes), cached at {path}")
+    return net.to(device).eval(), accuracy
+
+
+@torch.no_grad()
+def classify_shapes(net, x):
+    """Images (B, 3, H, W) in [-1, 1], H = W >= 32 -> the class the classifier names for each, (B,) on the CPU."""
+    if x.shape[-1] != x.shape[-2] or x.shape[-1] < SCORE_SIZE:
+        raise ValueError(f"the shape score needs square images of at least {SCORE_SIZE} px, got {tuple(x.shape[-2:])}")
+    x = x.float().clamp(-1, 1)  # as the saved PNGs show them
+    if x.shape[-1] != SCORE_SIZE:  # box filter (an average over each output pixel's area), as Shapes itself downsamples
+        x = torch.nn.functional.interpolate(x, size=SCORE_SIZE, mode="area")
+    device = next(net.parameters()).device
+    with torch.autocast(device.type, enabled=False):  # train.py calls this under bf16 autocast
+        return torch.cat([net(x[i:i + 256].to(device)).argmax(1).cpu() for i in range(0, len(x), 256)])
+
+
+def shape_score(predicted, labels=None):
+    """-> {"n", "hist": share of the samples named as each class}, and when the samples had labels,
+    "right", "score" (share named as their own class) and "per_class" (that share for each class, None if not drawn)."""
+    k, n = len(Shapes.classes), len(predicted)
+    result = {"n": n, "hist": (torch.bincount(predicted, minlength=k).float() / n).tolist()}
+    if labels is not None:
+        hit = predicted == labels
+        result.update(right=int(hit.sum()), score=hit.float().mean().item(),
+                      per_class=[hit[labels == c].float().mean().item() if (labels == c).any() else None for c in range(k)])
+    return result
+
+
+def format_score(result):
+    """One line: "shape score 87.5% (224/256 right; per class circle 95% ...; named circle 26% ...)", or the histogram."""
+    hist = " ".join(f"{c} {100 * h:.0f}%" for c, h in zip(Shapes.classes, result["hist"]))
+    if "score" not in result:
+        return f"shape histogram of {result['n']} unconditional samples: {hist}"
+    per = " ".join(f"{c} {100 * s:.0f}%" for c, s in zip(Shapes.classes, result["per_class"]) if s is not None)
+    return f"shape score {100 * result['score']:.1f}% ({result['right']}/{result['n']} right; per class {per}; named {hist})"
+
+
+@torch.no_grad()
+def label_probe(model, ae, device, size=None, **sampling):
+    """The contract has no "is class-conditional" flag, so ask the model: do labels 0 and 1 draw different images from
+    the same noise? -> (class-conditional?, side of the decoded images in pixels). Costs two one-image samples."""
+    a, b = (to_image(model.sample(1, labels=torch.tensor([c], device=device), generator=torch.Generator(device).manual_seed(0),
+                                  **sampling), ae, size) for c in (0, 1))
+    return not torch.equal(a, b), a.shape[-1]
+
+
+@torch.no_grad()
+def score_samples(model, ae, n, device, conditional, classes=(0, 1, 2, 3), seed=0, batch=64, size=None, bar=False,
+                  **sampling):
+    """Draw n samples (decoded through `ae`; labels cycling through `classes` if the model is conditional), batch i
+    seeded as sample.py seeds it, and score them."""
+    labels, predicted = torch.tensor([classes[i % len(classes)] for i in range(n)]), []
+    net = shape_classifier(device)[0]
+    for i in tqdm(range(0, n, batch), disable=not bar, desc="scoring", unit="batch"):
+        y = labels[i:i + batch].to(device) if conditional else None
+        x = model.sample(min(batch, n - i), labels=y, generator=torch.Generator(device).manual_seed(seed_for("sample", seed, i)),
+                         **sampling)
+        predicted.append(classify_shapes(net, to_image(x, ae, size)))
+    return shape_score(torch.cat(predicted), labels if conditional else None)
+
+
+def score_run(args, device):
+    """sample.py RUN --score [N]: N samples with the run's sampler defaults (or --steps/--sampler/--cfg), one line."""
+    if args.official or not args.ckpt:
+        fail("--score rates a run of train.py --data shapes: give its run folder")
+    if args.score < 1:
+        fail(f"--score {args.score}: expected a number of samples >= 1")
+    data = load_checkpoint(args.ckpt).get("args", {}).get("data")
+    if data != "shapes":
+        fail(f"--score: {args.ckpt} was trained on --data {data}, not shapes; the shape score rates shapes runs only")
+    model, ae, _ = load(args, device)
+    if not hasattr(model, "sample"):
+        fail(f"--score: {args.ckpt} is an autoencoder; score a diffusion run (a latent run decodes through it)")
+    classes = args.classes or list(range(len(Shapes.classes)))
+    if not all(0 <= c < len(Shapes.classes) for c in classes):
+        fail(f"--class {' '.join(map(str, classes))}: shapes has classes 0..{len(Shapes.classes) - 1} ({', '.join(Shapes.classes)})")
+    sampling = dict(steps=args.steps, cfg=args.cfg, sampler=args.sampler)
+    try:
+        conditional, side = label_probe(model, ae, device, args.size, **sampling)
+        if side < SCORE_SIZE:
+            fail(f"--score: the samples are {side} px; the shape classifier needs at least {SCORE_SIZE} px (below that "
+                 "Shapes' classes are not told apart reliably)")
+        result = score_samples(model, ae, args.score, device, conditional, classes, args.seed, args.batch, args.size,
+                               bar=True, **sampling)
+    except ValueError as e:
+        fail(str(e))
+    print(format_score(result))
+    return result
+
+
+def log_shape_score(model, ae, args, path, step, device, n=64):
+    """train.py, at each grid of a shapes run: n fresh EMA samples with the grid's sampler settings; shape_score
+    (conditional models) and shape_hist join the step's record in log.jsonl (train.py logged it just before; a new
+    record when the step logged none). Autoencoders, and samples under 32 px, are not scored."""
+    if not hasattr(model, "sample"):
+        return
+    sampling = dict(steps=args.sample_steps, cfg=args.sample_cfg)
+    conditional, side = label_probe(model, ae, device, **sampling)
+    if side < SCORE_SIZE:
+        return
+    result = score_samples(model, ae, n, device, conditional, seed=args.seed, batch=n, **sampling)
+    tqdm.write(f"step {step}: {format_score(result)}")
+    values = {"shape_score": result.get("score"), "shape_hist": result["hist"]}
+    lines = path.read_text().splitlines() if path.exists() else []
+    if lines and json.loads(lines[-1])["step"] == step:
+        lines[-1] = json.dumps({**json.loads(lines[-1]), **values})
+    else:
+        lines.append(json.dumps({"step": step, **values}))
+    path.with_suffix(".tmp").write_text("".join(line + "\n" for line in lines))
+    os.replace(path.with_suffix(".tmp"), path)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Sample from, or reconstruct with, a trained or official model.")
     p.add_argument("ckpt", nargs="?", help="run folder or checkpoint written by train.py")
@@ -218,6 +407,8 @@ def parse_args(argv=None):
     p.add_argument("--size", type=int, default=None, help="render at this size (INFD's render(z, size))")
     p.add_argument("--out", default=None, help="output PNG (grid) or folder (--reconstruct)")
     p.add_argument("--each", action="store_true", help="also write one PNG per image")
+    p.add_argument("--score", type=int, nargs="?", const=256, metavar="N", help="shapes runs: classify N samples "
+                   "(default 256), print the shape score")
     p.add_argument("--cpu", action="store_true")
     return p.parse_args(argv)
 
@@ -353,6 +544,8 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if args.score is not None:  # the shape score of a shapes run (issue 17)
+        return score_run(args, device)
     model, ae, size = load(args, device)
     if args.reconstruct:
         reconstruct(model, args, size, device)

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from sample import (Folder, Shapes, build_model, center_crop_transform, fail, fit_scale_factor, load_autoencoder,
-                    load_checkpoint, load_weights, save_grid, seed_for)
+                    load_checkpoint, load_weights, log_shape_score, save_grid, seed_for)
 
 DEFAULTS = dict(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, ema_decay=0.9999, warmup_steps=0, grad_clip=1.0, batch_size=64)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
@@ -368,6 +368,8 @@ def main(argv=None):
         if main_proc and args.sample_every > 0 and (done % args.sample_every == 0 or done == args.steps):
             with autocast:
                 save_grid(preview(ema, ae, fixed, args, num_classes, device), out / "samples" / f"step_{done:07d}.png")
+                if args.data == "shapes":  # issue 17: the shape score of 64 fresh samples joins this step's log record
+                    log_shape_score(ema, ae, args, out / "log.jsonl", done, device)
         if done % args.ckpt_every == 0 or done == args.steps:
             saved = checkpoint(done)
     pbar.close()
