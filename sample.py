@@ -1,24 +1,18 @@
 """sample.py: generate, reconstruct, or render at any size; from our checkpoints or the official ones.
 
-    python sample.py runs/dit-demo                                  # 16 EMA samples -> runs/dit-demo/samples.png
+    python sample.py runs/dit-demo                                  # 16 EMA samples -> runs/dit-demo/generated/grid.png
     python sample.py runs/dit-demo --n 64 --class 2 --cfg 3 --sampler ddim --steps 50 --each
+    torchrun --nproc_per_node 8 sample.py runs/dit-xl --n 50000 --steps 250 --cfg 1.5 --npz dit.npz   # for FID
     python sample.py --model dit --official DiT-XL-2-256x256.pt --config DiT-XL/2 \
         --ae ae_kl:kl-f8:vae-ft-mse-840000-ema-pruned.ckpt --class 207 --cfg 4
     python sample.py runs/ae_kl-tiny --reconstruct photo.jpg        # input|output pairs, PSNR and LPIPS
     python sample.py runs/infd-tiny --reconstruct photos/ --size 1024   # INFD renders at any size
 
 Like train.py it knows only the model-file contract (README.md): `sample`, `encode`, `decode`, `render`,
-`load_official`. Images are written as PNG; a grid, and with --each one file per image.
+`load_official`. --out is always a folder (default: inside the run folder): grid.png, with --each one PNG per
+image, and with --reconstruct one input|output pair per image; --npz FILE adds the uint8 array FID suites read.
 """
-import argparse
-import hashlib
-import importlib
-import inspect
-import json
-import math
-import os
-import random
-import time
+import argparse, hashlib, importlib, inspect, json, math, os, random, re, sys, time  # noqa: E401
 from pathlib import Path
 
 import numpy as np
@@ -100,18 +94,32 @@ class Folder:
             return img.convert("RGB"), self.labels[i]
 
 
-def center_crop_transform(image_size):
-    """ADM/DiT preprocessing: box-halve while large, bicubic-resize the short side, centre crop; random flip."""
-    def transform(img, rng):
-        while min(img.size) >= 2 * image_size:
+class CenterCrop:
+    """ADM/DiT preprocessing: box-halve while large, bicubic-resize the short side, centre crop; random flip
+    (flip=False: never). A class, not a closure: DataLoader workers started with `spawn` (macOS, Windows) unpickle it."""
+
+    def __init__(self, image_size, flip=True):
+        self.image_size, self.flip = image_size, flip
+
+    def __call__(self, img, rng):
+        size = self.image_size
+        while min(img.size) >= 2 * size:
             img = img.resize(tuple(x // 2 for x in img.size), Image.BOX)
-        scale = image_size / min(img.size)
-        img = img.resize(tuple(max(image_size, round(x * scale)) for x in img.size), Image.BICUBIC)
-        left, top = (img.size[0] - image_size) // 2, (img.size[1] - image_size) // 2
-        img = img.crop((left, top, left + image_size, top + image_size))
-        img = img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
+        scale = size / min(img.size)
+        img = img.resize(tuple(max(size, round(x * scale)) for x in img.size), Image.BICUBIC)
+        left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+        img = img.transpose(Image.FLIP_LEFT_RIGHT) if self.flip and rng.random() < 0.5 else img
         return {"x": torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)}  # (3, H, W)
-    return transform
+
+
+def pick_device(name=None):
+    """--device cpu|cuda|mps (default: cuda, else Apple's mps, else cpu); under torchrun, GPU number LOCAL_RANK."""
+    ok = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    name = name or next(k for k, v in ok.items() if v)
+    if not ok[name]:
+        fail(f"--device {name}: not available on this machine (torch {torch.__version__})")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if name == "cuda" else torch.device(name)
 
 
 # ------------------------------------------------------- checkpoints and images (train.py uses these too)
@@ -156,29 +164,34 @@ def build_model(create, weights=None, what="checkpoint"):
     return model
 
 
+def load_official(name, path, config, flag):
+    """A released checkpoint through the model file's load_official; any failure is one line naming the flag."""
+    try:
+        return importlib.import_module(name).load_official(path, config)
+    except Exception as e:  # noqa: BLE001 (unpickling, a wrong file or config: all mean "not this checkpoint")
+        fail(f"{flag} {path}: not a loadable {name} {config} checkpoint ({type(e).__name__}: "
+             f"{(str(e).strip() or '-').splitlines()[0][:160]})")
+
+
 def load_autoencoder(spec, device):
     """--ae: one of our autoencoder checkpoints (EMA weights), or MODEL:CONFIG:PATH for an official one."""
     if spec.count(":") >= 2 and not Path(spec).exists():
         name, config, path = spec.split(":", 2)
-        ae, scale = importlib.import_module(name).load_official(path, config), None
+        ae = load_official(name, path, config, "--ae")
     else:
         ck = load_checkpoint(spec)
-        ae, scale = build_model(ck["create"], ck["ema"], f"--ae {spec}"), None
+        ae = build_model(ck["create"], ck["ema"], f"--ae {spec}")
     if not all(hasattr(ae, f) for f in ("encode", "decode", "scale_factor")):
         fail(f"--ae {spec} is not an autoencoder (no encode/decode/scale_factor)")
-    return ae.to(device).eval().requires_grad_(False), scale
+    return ae.to(device).eval().requires_grad_(False)
 
 
 @torch.no_grad()
 def fit_scale_factor(ae, x):
-    """train.py --ae with no stored factor: LDM's scale_by_std, 1 / std of the first batch's latents (averaged
-    over ranks), so the diffusion model sees latents of unit variance."""
+    """train.py --ae with no stored factor: LDM's scale_by_std, 1 / std of the first batch's latents (every
+    process gets the same images and seed), so the diffusion model sees latents of unit variance."""
     ae.scale_factor.fill_(1.0)
-    var = ae.encode(x).float().var()
-    if dist.is_initialized():
-        dist.all_reduce(var)  # a sum over ranks (gloo has no AVG)
-        var /= dist.get_world_size()
-    ae.scale_factor.fill_(float(var.rsqrt()))
+    ae.scale_factor.fill_(float(ae.encode(x).float().var().rsqrt()))
 
 
 def to_uint8(x):
@@ -187,8 +200,8 @@ def to_uint8(x):
 
 
 def save_grid(x, path, nrow=None):
-    """Images (B, 3, H, W) in [-1, 1] -> one PNG grid with a 2-pixel gap."""
-    imgs = to_uint8(x[:, :3])
+    """Images (B, 3, H, W) in [-1, 1] (or uint8 (B, H, W, 3)) -> one PNG grid with a 2-pixel gap."""
+    imgs = x if isinstance(x, np.ndarray) else to_uint8(x[:, :3])
     b, h, w, c = imgs.shape
     nrow = nrow or math.ceil(math.sqrt(b))
     rows = math.ceil(b / nrow)
@@ -387,30 +400,45 @@ def log_shape_score(model, ae, args, path, step, device, n=64):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Sample from, or reconstruct with, a trained or official model.")
+    p.error = fail  # a bad value is one line naming the flag, not usage text
     p.add_argument("ckpt", nargs="?", help="run folder or checkpoint written by train.py")
     p.add_argument("--model", help="with --official: the model file (dit, hdit, ...)")
     p.add_argument("--official", help="an official released checkpoint (needs --model and --config)")
     p.add_argument("--config", help="with --official: a CONFIGS preset of the model file")
     p.add_argument("--ae", help="decode through this autoencoder: our checkpoint or MODEL:CONFIG:OFFICIAL_PATH")
-    p.add_argument("--n", type=int, default=16, help="number of samples")
+    p.add_argument("--n", "--num-samples", type=int, default=16, help="samples (--num-samples under torchrun: it takes --n)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the paper's)")
-    p.add_argument("--sampler", default=None, help="model-specific name, e.g. ddpm, ddim, euler, dpmpp_2m")
+    p.add_argument("--sampler", default=None, help="default: the paper's. " + (sampler_help() if {"-h", "--help"} &
+                   set(sys.argv[1:] if argv is None else argv) else ""))
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--class", dest="classes", type=int, nargs="+", default=None, help="class label(s), cycled")
     p.add_argument("--context", help="text-conditioned models: .pt with precomputed text-encoder states, a tensor "
                    "(L, D) or (N, L, D), or a dict {'context': ..., 'uc_context': ...} (uc: the empty prompt, for --cfg)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=16, help="images per forward pass")
+    p.add_argument("--batch", type=int, default=16, help="images per forward pass (batch b is seeded by --seed and b)")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--reconstruct", help="autoencoders: an image or a folder of images to encode and decode")
     p.add_argument("--image-size", type=int, default=None, help="--reconstruct: input size (default: trained size)")
     p.add_argument("--size", type=int, default=None, help="render at this size (INFD's render(z, size))")
-    p.add_argument("--out", default=None, help="output PNG (grid) or folder (--reconstruct)")
+    p.add_argument("--out", default=None, help="output FOLDER in every mode (default: RUN/generated, or "
+                   "RUN/reconstructed with --reconstruct; next to a checkpoint file given instead of a run folder)")
     p.add_argument("--each", action="store_true", help="also write one PNG per image")
     p.add_argument("--score", type=int, nargs="?", const=256, metavar="N", help="shapes runs: classify N samples "
                    "(default 256), print the shape score")
-    p.add_argument("--cpu", action="store_true")
-    return p.parse_args(argv)
+    p.add_argument("--npz", help="also write all samples to this .npz: uint8 arr_0 (N, H, W, 3), as ADM/DiT's FID suite reads")
+    p.add_argument("--device", choices=["cpu", "cuda", "mps"], default=None, help="default: cuda, else mps, else cpu")
+    args = p.parse_args(argv)
+    for flag in ("n", "batch", "steps", "image_size", "size"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected an integer >= 1")
+    return args
+
+
+def sampler_help():
+    """--help: the names of each model file's SAMPLERS, where it declares them."""
+    names = [f.stem for f in sorted(Path(__file__).parent.glob("*.py")) if re.search(r"^SAMPLERS\b", f.read_text(), re.M)]
+    return "; ".join(f"{m}: {', '.join(importlib.import_module(m).SAMPLERS)}" for m in names) + \
+        "; other model files: model-specific (see their sample(), e.g. ddpm, ddim)"
 
 
 def load(args, device):
@@ -418,9 +446,8 @@ def load(args, device):
     if args.official:
         if not (args.model and args.config):
             fail("--official needs --model and --config")
-        model, size = importlib.import_module(args.model).load_official(args.official, args.config), None
-        ae = load_autoencoder(args.ae, device)[0] if args.ae else None
-        return model.to(device).eval(), ae, size
+        model = load_official(args.model, args.official, args.config, "--official")
+        return model.to(device).eval(), load_autoencoder(args.ae, device) if args.ae else None, None
     if not args.ckpt:
         fail("give a run folder / checkpoint, or --model NAME --official PATH --config NAME")
     ck = load_checkpoint(args.ckpt)
@@ -428,7 +455,9 @@ def load(args, device):
     model = build_model(ck["create"], ck[weights], f"{args.ckpt} '{weights}'").to(device).eval()
     ae = None
     if args.ae or ck.get("ae"):
-        ae = load_autoencoder(args.ae or ck["ae"]["spec"], device)[0]
+        run = Path(args.ckpt) if Path(args.ckpt).is_dir() else Path(args.ckpt).parent
+        stored = ck.get("ae") and (str(run / ck["ae"]["spec"]) if (run / ck["ae"]["spec"]).exists() else ck["ae"]["spec"])
+        ae = load_autoencoder(args.ae or stored, device)  # train.py stores an AE inside the run folder relative to it
         if ck.get("ae") and not args.ae:
             ae.scale_factor.fill_(ck["ae"]["scale_factor"])  # the factor train.py measured (or the official one)
     return model, ae, ck["create"]["overrides"].get("image_size")
@@ -461,29 +490,41 @@ def load_context(path, model, n, device):
 
 
 @torch.no_grad()
-def generate(model, ae, args, device):
+def generate(model, ae, args, device, out):
+    """--n samples in batches of --batch. Batch i (its first sample's index) draws from the seed (--seed, i) and its
+    labels cycle by index, so torchrun's processes (process r: batches r, r + N, ...) give what one process gives."""
     if not hasattr(model, "sample"):
         fail("this is an autoencoder: use --reconstruct IMAGE_OR_FOLDER")
     ctx = load_context(args.context, model, args.n, device) if args.context else {}
-    gen = torch.Generator(device).manual_seed(args.seed)
-    images = []
-    for i in range(0, args.n, args.batch):
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine, bar = {}, tqdm(total=args.n, unit="img", disable=rank != 0, desc="sampling")
+    for i in range(rank * args.batch, args.n, world * args.batch):
         n = min(args.batch, args.n - i)
         labels = (torch.tensor([args.classes[(i + j) % len(args.classes)] for j in range(n)], device=device)
                   if args.classes else None)
+        gen = torch.Generator(device).manual_seed(seed_for("sample", args.seed, i))
         try:
             x = model.sample(n, labels=labels, steps=args.steps, cfg=args.cfg, sampler=args.sampler, generator=gen,
                              **{k: v[i:i + n] for k, v in ctx.items()})
         except ValueError as e:
             fail(str(e))
-        images.append(to_image(x, ae, args.size).float().cpu())
-    images = torch.cat(images)
-    out = Path(args.out or (Path(args.ckpt if Path(args.ckpt or "").is_dir() else ".") / "samples.png"))
-    save_grid(images, out)
-    if args.each:
-        for k, img in enumerate(to_uint8(images)):
-            Image.fromarray(img).save(out.with_name(f"{out.stem}_{k:05d}.png"))
-    print(f"wrote {len(images)} samples to {out}" + (f" (+ {len(images)} single PNGs)" if args.each else ""))
+        mine[i] = to_uint8(to_image(x, ae, args.size)[:, :3])
+        bar.update(min(n * world, args.n - bar.n))  # rank 0 counts for all: the bar's img/s is the whole job's
+    bar.close()
+    if world > 1:  # the processes' batches meet on rank 0 (gloo, through host memory)
+        parts = [None] * world if rank == 0 else None
+        dist.gather_object(mine, parts, dst=0)
+        mine = {i: v for part in parts or [] for i, v in part.items()}
+    if rank != 0:
+        return
+    images = np.concatenate([mine[i] for i in sorted(mine)])  # (N, H, W, 3) uint8
+    save_grid(images[:256], out / "grid.png")  # a look at the first 256
+    for k, img in enumerate(images if args.each else []):
+        Image.fromarray(img).save(out / f"{k:06d}.png")
+    if args.npz:
+        np.savez(args.npz, arr_0=images)
+    print(f"wrote {len(images)} samples to {out}/grid.png" + (f" (+ {len(images)} single PNGs)" if args.each else "")
+          + (f" and {args.npz} (arr_0 {images.shape} uint8)" if args.npz else ""))
 
 
 def lpips_metric(device):
@@ -500,7 +541,7 @@ def lpips_metric(device):
 
 
 @torch.no_grad()
-def reconstruct(model, args, size, device):
+def reconstruct(model, args, size, device, out):
     if not (hasattr(model, "encode") and hasattr(model, "decode")):
         fail("--reconstruct needs an autoencoder checkpoint (encode/decode)")
     src = Path(args.reconstruct)
@@ -510,9 +551,8 @@ def reconstruct(model, args, size, device):
         files = Folder(src, labelled=False).files
     size_in = args.image_size or size or 256
     size_out = args.size or size_in
-    out = Path(args.out or "reconstructions")
     out.mkdir(parents=True, exist_ok=True)
-    tf_in, tf_out, rng = center_crop_transform(size_in), center_crop_transform(size_out), _NoFlip()
+    tf_in, tf_out, rng = CenterCrop(size_in, flip=False), CenterCrop(size_out, flip=False), None
     metric, psnrs, dists = lpips_metric(device), [], []
     for f in files:
         with Image.open(f) as img:
@@ -534,23 +574,25 @@ def reconstruct(model, args, size, device):
           + (f", mean LPIPS {np.mean(dists):.4f}" if dists else ""))
 
 
-class _NoFlip:  # evaluation: centre crop, never flip
-    def random(self):
-        return 1.0
-
-
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    device = pick_device(args.device)
     if device.type == "cuda":
+        torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun: every process samples its share of the batches
+        dist.init_process_group("gloo")
     if args.score is not None:  # the shape score of a shapes run (issue 17)
         return score_run(args, device)
     model, ae, size = load(args, device)
+    src = Path(args.official or args.ckpt)
+    out = Path(args.out or (src if src.is_dir() else src.parent) / ("reconstructed" if args.reconstruct else "generated"))
     if args.reconstruct:
-        reconstruct(model, args, size, device)
+        reconstruct(model, args, size, device, out)
     else:
-        generate(model, ae, args, device)
+        generate(model, ae, args, device, out)
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

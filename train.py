@@ -3,24 +3,24 @@
     python train.py --model dit --config demo --data shapes --image-size 32 --steps 3000
     torchrun --nproc_per_node 8 train.py --model hdit --config hdit_ffhq1024 --data ffhq --image-size 1024
 
-It knows only the model-file contract (README.md, "Model file contract"): `create`, `optimizer_groups`,
-`loss`, `hparams`, and `sample` / `encode` / `decode` for the grids. Everything else here is plumbing that
-any diffusion or autoencoder paper needs: data, DDP, bf16, EMA, checkpoints, resume, logs.
+It knows only the model-file contract (README.md): `create`, `optimizer_groups`, `loss`, `hparams`, and `sample` /
+`encode` / `decode` for the grids. The rest is plumbing: data, DDP, bf16, EMA, checkpoints, resume, logs.
 
-Reproducibility: --batch-size is the GLOBAL batch. Each optimizer step reads one global batch from a
-per-epoch permutation and cuts it into world_size * grad_accum equal shards; shard s is the same samples
-and is run under the same RNG seed whatever the number of processes. So two DDP ranks compute exactly what
-one process with --grad-accum 2 computes, and a resumed run repeats an uninterrupted one step for step.
+Reproducibility: --batch-size is the GLOBAL batch. Each step reads one global batch from a per-epoch permutation and
+cuts it into world_size * grad_accum equal shards; shard s is the same samples, and every random draw for it (the
+--ae encode included) is seeded from (seed, step, s), whatever the number of processes. So two DDP ranks compute
+what one process with --grad-accum 2 computes, and a resumed run repeats an uninterrupted one step for step.
 """
-import argparse, ast, contextlib, copy, json, os, random, sys, time  # noqa: E401
+import argparse, ast, contextlib, copy, functools, hashlib, json, os, random, sys, time  # noqa: E401
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from sample import (Folder, Shapes, build_model, center_crop_transform, fail, fit_scale_factor, load_autoencoder,
-                    load_checkpoint, load_weights, log_shape_score, save_grid, seed_for)
+from sample import (CenterCrop, Folder, Shapes, build_model, fail, fit_scale_factor, load_autoencoder, load_checkpoint,
+                    load_weights, log_shape_score, pick_device, save_grid, seed_for)
 
 DEFAULTS = dict(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, ema_decay=0.9999, warmup_steps=0, grad_clip=1.0, batch_size=64)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
@@ -43,9 +43,6 @@ class Examples(torch.utils.data.Dataset):
 
     def __init__(self, source, transform):
         self.source, self.transform, self.warned = source, transform, False
-
-    def __len__(self):
-        return len(self.source)
 
     def __getitem__(self, item):
         i, aug_seed = item
@@ -88,10 +85,75 @@ class ShardSampler(torch.utils.data.Sampler):
             step += 1
 
 
+@functools.cache
+def built_transform(spec, image_size):  # once per process: the main one and each DataLoader worker
+    return build_model(ast.literal_eval(spec)).data_transform(image_size)
+
+
+def model_transform(spec, image_size, img, rng):
+    """A model's own data_transform (INFD's patch sampler), rebuilt from the run's spec (a repr) in each process: the
+    model file returns a closure, which DataLoader workers started by `spawn` (macOS, Windows) cannot unpickle."""
+    return built_transform(spec, image_size)(img, rng)
+
+
+class Latents(torch.utils.data.Dataset):
+    """--cache-latents: RUN/latents.npy holds per image z (its latent and its mirror's: fast-DiT encodes both flips)
+    and y (its label); a step reads one through a memory map, mirrored where the image transform would flip."""
+
+    def __init__(self, path):
+        self.path, self.rows = path, None
+
+    def __getstate__(self):  # each worker maps the file itself
+        return {"path": self.path, "rows": None}
+
+    def __getitem__(self, item):
+        i, aug_seed = item
+        self.rows = np.load(self.path, mmap_mode="r") if self.rows is None else self.rows
+        flip = int(random.Random(aug_seed).random() < 0.5)  # the one draw CenterCrop makes
+        return {"x": torch.from_numpy(self.rows[i]["z"][flip].copy()), "y": torch.tensor(int(self.rows[i]["y"])),
+                "skipped": torch.tensor(0)}
+
+
+@torch.no_grad()
+def cache_latents(path, ae, source, args, autocast, device, rank, world):
+    """Encode the data set once, each process a strided share, into one memory-mapped file. Its key (AE weights,
+    image size, data) is written last: an interrupted or outdated cache is rebuilt, a matching one reused."""
+    h, key_file = hashlib.blake2b(repr((args.image_size, args.data, len(source))).encode()), path.with_suffix(".key")
+    for t in ae.state_dict().values():
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    if key_file.exists() and key_file.read_text() == h.hexdigest():
+        return Latents(path)
+    data, mine = Examples(source, CenterCrop(args.image_size, flip=False)), range(rank, len(source), world)
+    sync = dist.barrier if world > 1 else (lambda: None)
+    if rank == 0:
+        key_file.unlink(missing_ok=True)
+        z = ae.encode(data[(0, 0)]["x"][None].to(device))[0]
+        np.lib.format.open_memmap(path, "w+", [("z", np.float32, (2, *z.shape)), ("y", np.int64)], (len(source),))
+    sync()
+    rows = np.load(path, mmap_mode="r+")
+    loader = torch.utils.data.DataLoader(data, batch_size=64, sampler=[(i, 0) for i in mine], num_workers=args.workers)
+    for k, b in enumerate(tqdm(loader, desc="caching latents", disable=rank != 0)):
+        idx, x = list(mine[64 * k: 64 * (k + 1)]), b["x"].to(device)
+        torch.manual_seed(seed_for("cache", args.seed, idx[0]))  # ae_kl: one fixed posterior sample per image
+        with autocast:
+            rows["z"][idx] = torch.stack([ae.encode(x), ae.encode(x.flip(-1))], 1).float().cpu().numpy()
+        rows["y"][idx] = b["y"].numpy()
+    rows.flush()
+    sync()
+    if rank == 0:
+        key_file.write_text(h.hexdigest())
+    return Latents(path)
+
+
 # ------------------------------------------------------------------------------------ helpers
 @torch.no_grad()
-def ema_update(ema_params, params, decay):
-    torch._foreach_lerp_(ema_params, params, 1.0 - decay)  # ema += (1 - decay) * (p - ema)
+def ema_update(ema, model, decay):
+    """ema += (1 - decay) * (p - ema) for the parameters; buffers (BatchNorm statistics) are copied, as
+    k-diffusion's ema_update does. decay 0 makes the EMA equal the weights (presets with use_ema: False)."""
+    pairs = [(e, p) for e, p in zip(ema.parameters(), model.parameters()) if p.is_floating_point()]
+    torch._foreach_lerp_(*map(list, zip(*pairs)), 1.0 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
 
 
 class LossCall(torch.nn.Module):
@@ -105,21 +167,29 @@ class LossCall(torch.nn.Module):
             return self.m.loss(group, batch, step)
         except FileNotFoundError as e:
             fail(str(e))
+        except (NotImplementedError, TypeError) as e:  # an op Apple's MPS backend lacks (float64, some kernels)
+            if "MPS" not in str(e):
+                raise
+            fail(f"{str(e).splitlines()[0]} (set PYTORCH_ENABLE_MPS_FALLBACK=1 to run it on the CPU, or use --device cpu)")
 
 
-def count_flops(call, batch, groups, step):
-    """FLOPs of one training step for one sample: every group's loss forward + backward (FlopCounterMode)."""
+def count_flops(call, batch, groups, step, forward_only=False):
+    """FLOPs of one training step for one sample: every group's loss forward + backward (FlopCounterMode).
+    forward_only (--grad-checkpoint): 3x a no-grad forward (backward ~ 2x forward), because the counter's module
+    hooks keep every activation of a backward pass alive, which checkpointing exists to avoid."""
     from torch.utils.flop_counter import FlopCounterMode
     n = min(2, len(batch["x"]))
-    few = {k: v[:n] for k, v in batch.items()}
+    few = {k: v[:n] if torch.is_tensor(v) else v for k, v in batch.items()}
     buffers = [b.clone() for b in call.buffers()]  # e.g. BatchNorm statistics: this extra step must not move them
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, torch.no_grad() if forward_only else contextlib.nullcontext():
         for g in groups:
             loss, _ = call(g, few, step)
-            loss.backward()
+            if not forward_only:
+                loss.backward()
     call.zero_grad(set_to_none=True)
-    torch._foreach_copy_(list(call.buffers()), buffers)
-    return counter.get_total_flops() / n
+    for b, kept in zip(call.buffers(), buffers):
+        b.copy_(kept)
+    return counter.get_total_flops() / n * (3 if forward_only else 1)
 
 
 @torch.no_grad()
@@ -138,6 +208,7 @@ def preview(ema, ae, fixed, args, num_classes, device):
 # ------------------------------------------------------------------------------------ main
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train any model file of this repository (see README.md).")
+    p.error = fail  # a bad value is one line naming the flag, not usage text
     p.add_argument("--model", required=True, help="model file name: dit, hdit, unet_ldm, ae_kl, ae_vq, dcae, infd")
     p.add_argument("--config", default="tiny", help="preset name from the model file's CONFIGS")
     p.add_argument("--data", default="shapes", help="shapes | ffhq | imagenet (under $DATA_ROOT, default ./data) | PATH")
@@ -151,21 +222,30 @@ def parse_args(argv=None):
                                 ("sample-steps", None, "sampler steps for the grids")]:
         p.add_argument(f"--{name}", type=int, default=default, help=what)
     for name in ("lr", "weight-decay", "ema-decay", "grad-clip"):
-        p.add_argument(f"--{name}", type=float, default=None, help="default: the preset's hparams")
+        p.add_argument(f"--{name}", type=float, default=None, help="default: the preset's hparams (0: none)")
     p.add_argument("--sample-cfg", type=float, default=1.0)
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/ckpt.pt if there is one")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/ckpt.pt (same flags; --lr may change)")
     p.add_argument("--init", default=None, help="start from this checkpoint's EMA weights (e.g. a DC-AE phase)")
     p.add_argument("--phase", type=int, default=None, help="passed to optimizer_groups (DC-AE phases 1-3)")
     p.add_argument("--ae", default=None, help="train on the latents of this autoencoder checkpoint (or MODEL:CONFIG:PATH)")
+    p.add_argument("--cache-latents", action="store_true", help="with --ae: encode the data once into RUN_DIR/latents.npy")
     p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="create() overrides")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="autocast dtype on CUDA")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="autocast; auto: bf16 on GPUs that support it, else fp16 + GradScaler; fp32 on CPU and MPS")
+    p.add_argument("--device", choices=["cpu", "cuda", "mps"], default=None, help="default: cuda, else mps, else cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the loss")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute each layer in backward (saves memory)")
-    p.add_argument("--cpu", action="store_true", help="do not use CUDA even if present")
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: known GPUs)")
     args = p.parse_args(argv)
+    for flag, low in [("batch_size", 1), ("steps", 1), ("grad_accum", 1), ("image_size", 1), ("log_every", 1), ("ckpt_every", 1),
+                      ("workers", 0), ("sample_every", 0), ("warmup_steps", 0), ("lr", 0), ("ema_decay", 0), ("grad_clip", 0)]:
+        if getattr(args, flag) is not None and getattr(args, flag) < low:
+            fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected a number >= {low}")
+    if args.cache_latents and not args.ae:
+        fail("--cache-latents needs --ae (it caches the autoencoder's latents)")
     args.image_size = args.image_size or (32 if args.data == "shapes" else 256)
     args.out = args.out or f"runs/{args.model}-{args.config.replace('/', '-')}"
+    args.ae = str(Path(args.ae).resolve()) if args.ae and Path(args.ae).exists() else args.ae
     return args
 
 
@@ -182,49 +262,80 @@ def parse_sets(items):
     return out
 
 
+def check_resume(ck, args, out):
+    """--resume continues the same run: the flags that fix the model, its inputs and the data order must match."""
+    was, same = ck["args"], ("model", "config", "data", "image_size", "batch_size", "seed", "ae", "set", "phase")
+    diff = [f"--{k.replace('_', '-')} {was.get(k)} (now {getattr(args, k)})" for k in same if was.get(k) != getattr(args, k)]
+    if diff:
+        fail(f"--resume: {out}/ckpt.pt was trained with other flags: {', '.join(diff)}; give the same flags or a new --out")
+    if was.get("lr") != args.lr:
+        print(f"note: --resume with lr {args.lr} (the checkpoint's run used {was.get('lr')}) from step {ck['step']}")
+
+
+def pick_precision(choice, device):
+    """auto: bf16 autocast where the GPU has bf16 (not emulated), else fp16 autocast with a GradScaler (T4, V100);
+    fp32 on CPU and MPS. -> (name, autocast context, GradScaler (a no-op unless fp16))."""
+    if choice == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+        choice = ("bf16" if bf16 else "fp16") if device.type == "cuda" else "fp32"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(choice)
+    autocast = torch.autocast(device.type, dtype) if dtype else contextlib.nullcontext()
+    return choice, autocast, torch.amp.GradScaler(device.type, enabled=choice == "fp16")
+
+
 def main(argv=None):
     args = parse_args(argv)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    cuda = torch.cuda.is_available() and not args.cpu
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    device = pick_device(args.device)
+    cuda, main_proc, out = device.type == "cuda", rank == 0, Path(args.out)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cuda  # TF32 matmuls/convs on GPU
     if cuda:
         torch.cuda.set_device(device)
     if world > 1:
         dist.init_process_group("nccl" if cuda else "gloo")
-    main_proc, out = rank == 0, Path(args.out)
-    autocast = torch.autocast("cuda", torch.bfloat16) if cuda and args.precision == "bf16" else contextlib.nullcontext()
+    precision, autocast, scaler = pick_precision(args.precision, device)
 
     ck = load_checkpoint(out / "ckpt.pt") if args.resume and (out / "ckpt.pt").exists() else None
-    if ck and (ck["create"]["model"], ck["create"]["config"]) != (args.model, args.config):
-        fail(f"{out}/ckpt.pt is a {ck['create']['model']} {ck['create']['config']} run, not {args.model} {args.config}")
+    if world > 1:  # every process reads RUN_DIR itself: with per-node disks the other nodes would start at step 0
+        seen = [None] * world
+        dist.all_gather_object(seen, ck["step"] if ck else None)
+        if len(set(seen)) > 1:
+            fail(f"the processes see different checkpoints in {out} (step by rank: {seen}); a multi-node run needs "
+                 "--out (and --data, --ae, --init) on a file system that every node shares")
     if args.resume and not ck and main_proc:
         print(f"no checkpoint in {out}; starting at step 0")
     start = ck["step"] if ck else 0
+    out.mkdir(parents=True, exist_ok=True)
+    if main_proc and (out / "log.jsonl").exists():  # drop records past the resumed step (logged after its checkpoint)
+        lines = (out / "log.jsonl").read_text().splitlines()
+        (out / "log.jsonl").write_text("".join(r + "\n" for r in lines if json.loads(r)["step"] <= start))
 
     # Data, and the shape the model sees: pixels, or the latents of a frozen autoencoder (--ae).
     source = find_data(args.data, args.image_size, args.seed)
     num_classes, accum, shards = len(source.classes), args.grad_accum, world * args.grad_accum
-    default_tf = center_crop_transform(args.image_size)
+    default_tf = CenterCrop(args.image_size)
     ae, ae_info, shape = None, None, (3, args.image_size, args.image_size)
-    if args.ae:  # latents of a frozen autoencoder: measure their shape (and scale) on 8 images of this rank
-        ae, _ = load_autoencoder(args.ae, device)
-        probe = torch.stack([Examples(source, default_tf)[(j % len(source), j)]["x"] for j in range(8 * rank, 8 * rank + 8)])
+    if args.ae:  # latents of a frozen autoencoder: measure their shape (and scale) on the first 8 images, seeded
+        ae = load_autoencoder(args.ae, device)
+        probe = torch.stack([Examples(source, default_tf)[(j % len(source), j)]["x"] for j in range(8)]).to(device)
+        torch.manual_seed(seed_for("scale", args.seed))  # the same factor in every process and every run
         if ck and ck.get("ae"):
             ae.scale_factor.fill_(ck["ae"]["scale_factor"])
         elif float(ae.scale_factor) == 0:
-            fit_scale_factor(ae, probe.to(device))
+            fit_scale_factor(ae, probe)
         with torch.no_grad(), autocast:
-            shape = tuple(ae.encode(probe[:1].to(device)).shape[1:])
-        ae_info = {"spec": str(Path(args.ae).resolve()) if Path(args.ae).exists() else args.ae,
+            shape = tuple(ae.encode(probe[:1]).shape[1:])
+        inside = Path(args.ae).is_relative_to(out.resolve())  # stored relative: a moved run folder keeps working
+        ae_info = {"spec": str(Path(args.ae).relative_to(out.resolve())) if inside else args.ae,
                    "scale_factor": float(ae.scale_factor)}
     spec = ck["create"] if ck else {"model": args.model, "config": args.config, "overrides": {
         "image_size": shape[-1], "in_channels": shape[0], "num_classes": num_classes, **parse_sets(args.set)}}
     torch.manual_seed(args.seed)  # the same initial weights in every process and every run with this seed
     try:
         model = build_model(spec)
-    except ValueError as e:
-        fail(f"--ae latent shape {shape} does not fit {args.model} {args.config}: {e}" if args.ae else str(e))
+    except (ValueError, TypeError) as e:
+        what = f"--set {' '.join(args.set)}" if args.set else f"--ae latent shape {shape}" if args.ae else "--model"
+        fail(f"{what} does not fit {args.model} {args.config}: {type(e).__name__}: {str(e).splitlines()[0]}")
     if args.grad_checkpoint:  # activation checkpointing, where the model file offers it (HDiT)
         getattr(model, "set_grad_checkpointing", lambda: fail(f"--grad-checkpoint: {args.model} does not support it"))()
     if args.init:
@@ -232,8 +343,11 @@ def main(argv=None):
     model.to(device)
     groups = model.optimizer_groups(phase=args.phase)
     hp = {**DEFAULTS, **getattr(model, "hparams", {})}
-    hp.update({k: getattr(args, k) for k in ("lr", "weight_decay", "ema_decay", "grad_clip", "batch_size",
-                                             "warmup_steps") if getattr(args, k) is not None})
+    for k in ("lr", "weight_decay", "ema_decay", "grad_clip", "batch_size", "warmup_steps"):  # a flag overrides
+        hp[k] = hp[k] if getattr(args, k) is None else getattr(args, k)
+        setattr(args, k, hp[k])  # the checkpoint records the values used, so --resume can compare them
+    if ck:
+        check_resume(ck, args, out)
     batch = hp["batch_size"]
     if batch % shards:
         fail(f"--batch-size {batch} is not divisible by processes x --grad-accum = {shards}")
@@ -249,7 +363,6 @@ def main(argv=None):
                                        fused=cuda or None)
         params[name] = [p for pg in pgs for p in pg["params"]]
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    ema_pairs = [(e, p) for e, p in zip(ema.parameters(), model.parameters()) if p.is_floating_point()]
     if ck:
         load_weights(model, ck["model"], "checkpoint 'model'")
         load_weights(ema, ck["ema"], "checkpoint 'ema'")
@@ -258,26 +371,33 @@ def main(argv=None):
             opt.load_state_dict(ck["opt"][name])
             for pg, lr in zip(opt.param_groups, lrs):
                 pg["initial_lr"] = lr
+        scaler.load_state_dict(ck.get("scaler") or scaler.state_dict())
         torch.set_rng_state(ck["rng"]["torch"])
+        if cuda and torch.is_tensor(ck["rng"].get("cuda")):
+            torch.cuda.set_rng_state(ck["rng"]["cuda"], device)
 
-    transform = default_tf if args.ae or not hasattr(model, "data_transform") else model.data_transform(args.image_size)
+    own = hasattr(model, "data_transform") and not args.ae
+    tf = functools.partial(model_transform, repr(spec), args.image_size) if own else default_tf
+    data = cache_latents(out / "latents.npy", ae, source, args, autocast, device, rank, world) if args.cache_latents \
+        else Examples(source, tf)
     sampler = ShardSampler(len(source), batch, range(rank * accum, (rank + 1) * accum), shards, args.seed, start)
-    loader = torch.utils.data.DataLoader(Examples(source, transform), batch_size=batch // shards, sampler=sampler,
-                                         num_workers=args.workers, pin_memory=cuda, persistent_workers=args.workers > 0)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch // shards, sampler=sampler, num_workers=args.workers,
+                                         pin_memory=cuda, persistent_workers=args.workers > 0)
 
-    def prepare(b):
+    def prepare(b, step, shard):  # -> device; latents under the (step, shard) seed; which part of the global batch
         b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
-        if ae is not None:
+        if ae is not None and not args.cache_latents:
+            torch.manual_seed(seed_for("encode", args.seed, step, shard))  # ae_kl's posterior sample
             with torch.no_grad(), autocast:
                 b["x"] = ae.encode(b["x"]).float()
-        return b
+        return {**b, "shard": (shard, shards)}  # part k of K: HDiT stratifies its noise levels over the global batch
 
-    first = torch.utils.data.default_collate([Examples(source, transform)[(j, j)] for j in (0, 1)])
-    first = prepare({k: v for k, v in first.items() if k != "skipped"})
-    # FlopCounterMode's module hooks keep every activation alive, undoing --grad-checkpoint: no count where no MFU shows
-    count = main_proc and (cuda or args.peak_tflops or not args.grad_checkpoint)
+    first = torch.utils.data.default_collate([data[(j, j)] for j in (0, 1)])
+    first = prepare({k: v for k, v in first.items() if k != "skipped"}, start, 0)
+    # FlopCounterMode's module hooks keep every activation alive, undoing --grad-checkpoint: there, count 3x a forward
     try:
-        flops = count_flops(LossCall(model), first, list(groups), start) if count else None
+        with torch.random.fork_rng(devices=[device] if cuda else []):  # rank 0 alone counts: keep its RNG in step
+            flops = count_flops(LossCall(model), first, list(groups), start, args.grad_checkpoint) if main_proc else None
     except Exception as e:  # noqa: BLE001 (an op FlopCounterMode does not know: report no MFU, train anyway)
         flops, _ = None, print(f"note: FLOP count failed ({type(e).__name__}); MFU not reported")
     # Wrapped only now: DDP hooks every parameter's gradient, and the FLOP count's backward is not a DDP step.
@@ -289,10 +409,10 @@ def main(argv=None):
     call = torch.compile(call) if args.compile else call
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if cuda and k in torch.cuda.get_device_name()), None)
     if main_proc:
-        out.mkdir(parents=True, exist_ok=True)
         print(f"{args.model} {args.config}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, input {shape}, "
-              f"{f'{flops / 1e9:.3g}' if flops else '-'} GFLOP/sample/step, {len(source)} images, {num_classes} classes, "
-              f"{world} process(es), global batch {batch} = {shards} x {batch // shards}, {device}")
+              f"{f'{flops / 1e9:.3g}' if flops else '-'} GFLOP/sample/step{' (3x forward)' * args.grad_checkpoint}, "
+              f"{len(source)} images, {num_classes} classes, {world} process(es), global batch {batch} = {shards} x "
+              f"{batch // shards}, {device}, precision {precision}{' + GradScaler' * scaler.is_enabled()}")
 
     bad = torch.zeros((), dtype=torch.bool, device=device)
     sums, n_steps, t0, skipped, saved, fixed = {}, 0, time.time(), torch.zeros((), device=device), start, None
@@ -312,14 +432,14 @@ def main(argv=None):
         if main_proc:  # atomic: temp file, then rename, so a run killed while writing keeps the previous one
             torch.save({
                 "model": model.state_dict(), "ema": ema.state_dict(), "step": done, "create": spec, "ae": ae_info,
-                "opt": {n: o.state_dict() for n, o in opts.items()}, "args": vars(args),
-                "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if cuda else []}},
+                "opt": {n: o.state_dict() for n, o in opts.items()}, "scaler": scaler.state_dict(), "args": vars(args),
+                "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if cuda else None}},
                 out / "ckpt.pt.tmp")
             os.replace(out / "ckpt.pt.tmp", out / "ckpt.pt")
         return done
 
     for step in range(start, args.steps):
-        micro = [prepare(next(it)) for _ in range(accum)]
+        micro = [prepare(next(it), step, rank * accum + k) for k in range(accum)]
         for b in micro:
             skipped += b.pop("skipped").sum()
         fixed = fixed or micro[0]
@@ -333,18 +453,20 @@ def main(argv=None):
                 with no_sync() if k < accum - 1 else contextlib.nullcontext():
                     with autocast:
                         loss, logs = call(name, b, step)
-                    (loss / accum).backward()
+                    scaler.scale(loss / accum).backward()
                 bad |= ~torch.isfinite(loss.detach())
                 for key, v in {"loss" if len(opts) == 1 else f"loss_{name}": loss, **logs}.items():
                     sums[key] = sums.get(key, 0) + v.detach().float() / accum
-            if hp["grad_clip"]:
+            if hp["grad_clip"]:  # 0: no clipping
+                scaler.unscale_(opt)
                 norm = torch.nn.utils.clip_grad_norm_(params[name], hp["grad_clip"], foreach=True)
                 sums[f"grad_norm_{name}"] = sums.get(f"grad_norm_{name}", 0) + norm
-            opt.step()
+            scaler.step(opt)  # opt.step(), skipped by an fp16 GradScaler when the gradients overflowed
+        scaler.update()
         # EMA warm-up so short runs get a useful EMA: k-diffusion's 1 - (1 + n)^-ema_power when the preset names a
-        # power (HDiT), else LDM LitEma's (1 + n) / (10 + n); both capped at the preset's decay.
+        # power (HDiT), else LDM LitEma's (1 + n) / (10 + n); both capped at the preset's decay (0: EMA = weights).
         power = hp.get("ema_power")
-        ema_update(*zip(*ema_pairs), min(hp["ema_decay"], 1 - (1 + step) ** -power if power else (1 + step) / (10 + step)))
+        ema_update(ema, model, min(hp["ema_decay"], 1 - (1 + step) ** -power if power else (1 + step) / (10 + step)))
         n_steps, done = n_steps + 1, step + 1
         pbar.update(1)
         if done % args.log_every == 0 or done == args.steps:

@@ -60,9 +60,9 @@ def test_diffusion_model_trains_and_samples(model, tmp_path):
     run(model, out, "--steps", "2", "--sample-every", "2")
     assert (out / "ckpt.pt").exists() and (out / "samples" / "step_0000002.png").exists()
     assert all(np.isfinite(r["loss"]) for r in log(out)) and len(log(out)) == 2
-    sample.main([str(out), "--n", "4", "--steps", "2", "--class", "0", "3", "--each", "--out", str(tmp_path / "s.png")])
-    assert Image.open(tmp_path / "s.png").size == (2 * 34 + 2, 2 * 34 + 2)
-    assert len(list(tmp_path.glob("s_*.png"))) == 4
+    sample.main([str(out), "--n", "4", "--steps", "2", "--class", "0", "3", "--each", "--out", str(tmp_path / "s")])
+    assert Image.open(tmp_path / "s" / "grid.png").size == (2 * 34 + 2, 2 * 34 + 2)
+    assert len(list((tmp_path / "s").glob("0*.png"))) == 4
 
 
 @pytest.mark.parametrize("model", AUTOENCODERS)
@@ -83,7 +83,7 @@ def test_autoencoder_trains_and_reconstructs(model, ae_runs, tmp_path, capsys):
     assert Image.open(pairs[0]).size == (64, 32)  # input | output, 32x32 each (centre crop of the trained size)
     assert "mean PSNR" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="autoencoder: use --reconstruct"):
-        sample.main([str(out), "--out", str(tmp_path / "x.png")])
+        sample.main([str(out), "--out", str(tmp_path / "x")])
 
 
 # Patch sizes that fit each latent grid at 32 px: DC-AE's f8 tiny gives 16x4x4, so the transformers use patch 1.
@@ -101,11 +101,11 @@ def test_latent_diffusion_by_composition(model, ae, ae_runs, tmp_path, capsys):
     assert (ck["create"]["overrides"]["in_channels"], ck["create"]["overrides"]["image_size"]) == latent
     assert ck["ae"]["scale_factor"] > 0  # measured on the first batch (1 / std), stored for sample.py
     assert Image.open(out / "samples" / "step_0000002.png").size == (4 * 34 + 2, 4 * 34 + 2)  # decoded to 32 px
-    sample.main([str(out), "--n", "2", "--steps", "2", "--out", str(tmp_path / "s.png")])
-    assert Image.open(tmp_path / "s.png").size == (2 * 34 + 2, 1 * 34 + 2)
+    sample.main([str(out), "--n", "2", "--steps", "2"])
+    assert Image.open(out / "generated" / "grid.png").size == (2 * 34 + 2, 1 * 34 + 2)
     if ae == "infd":  # INFD renders its latents at any size
-        sample.main([str(out), "--n", "2", "--steps", "2", "--size", "48", "--out", str(tmp_path / "r.png")])
-        assert Image.open(tmp_path / "r.png").size == (2 * 50 + 2, 1 * 50 + 2)
+        sample.main([str(out), "--n", "2", "--steps", "2", "--size", "48", "--out", str(tmp_path / "r")])
+        assert Image.open(tmp_path / "r" / "grid.png").size == (2 * 50 + 2, 1 * 50 + 2)
 
 
 def test_ae_latents_that_do_not_fit_are_one_line(ae_runs, tmp_path):
@@ -186,19 +186,20 @@ def test_text_context_from_the_command_line(tmp_path):
     ctx = {"context": torch.randn(3, 32), "uc_context": torch.zeros(3, 32)}  # (L, D): the same prompt for all
     torch.save(ctx, tmp_path / "prompt.pt")
     args = [str(tmp_path / "ckpt.pt"), "--n", "2", "--steps", "2", "--context", str(tmp_path / "prompt.pt")]
-    sample.main(args + ["--cfg", "3", "--out", str(tmp_path / "a.png")])
-    sample.main(args + ["--out", str(tmp_path / "b.png")])
-    assert Image.open(tmp_path / "a.png").size == (2 * 18 + 2, 18 + 2)
-    assert not np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
+    sample.main(args + ["--cfg", "3", "--out", str(tmp_path / "a")])
+    sample.main(args + ["--out", str(tmp_path / "b")])
+    assert Image.open(tmp_path / "a" / "grid.png").size == (2 * 18 + 2, 18 + 2)
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "a" / "grid.png")),
+                              np.asarray(Image.open(tmp_path / "b" / "grid.png")))
     torch.save(torch.randn(3, 32), tmp_path / "only.pt")
     with pytest.raises(SystemExit, match="needs uc_context"):
         sample.main([str(tmp_path / "ckpt.pt"), "--n", "2", "--steps", "2", "--context", str(tmp_path / "only.pt"),
-                     "--cfg", "3", "--out", str(tmp_path / "c.png")])
+                     "--cfg", "3", "--out", str(tmp_path / "c")])
     torch.save(torch.randn(5, 3, 32), tmp_path / "bad.pt")
     with pytest.raises(SystemExit, match=r"expected a tensor \(L, D\) or \(2, L, D\)"):
-        sample.main(args[:-1] + [str(tmp_path / "bad.pt"), "--out", str(tmp_path / "d.png")])
+        sample.main(args[:-1] + [str(tmp_path / "bad.pt"), "--out", str(tmp_path / "d")])
     with pytest.raises(SystemExit, match="needs context"):
-        sample.main([str(tmp_path / "ckpt.pt"), "--n", "2", "--steps", "2", "--out", str(tmp_path / "e.png")])
+        sample.main([str(tmp_path / "ckpt.pt"), "--n", "2", "--steps", "2", "--out", str(tmp_path / "e")])
 
 
 def test_grad_checkpoint_and_no_grids(tmp_path):

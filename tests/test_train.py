@@ -90,13 +90,13 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
 def test_sample_py_writes_pngs(tmp_path):
     out = tmp_path / "run"
     run_train(out, "--steps", "2", "--sample-every", "100")
-    sample.main([str(out), "--n", "6", "--steps", "3", "--class", "1", "2", "--each", "--out", str(tmp_path / "g.png")])
-    assert Image.open(tmp_path / "g.png").size == (3 * 18 + 2, 2 * 18 + 2)
-    singles = sorted(tmp_path.glob("g_*.png"))
+    sample.main([str(out), "--n", "6", "--steps", "3", "--class", "1", "2", "--each", "--out", str(tmp_path / "g")])
+    assert Image.open(tmp_path / "g" / "grid.png").size == (3 * 18 + 2, 2 * 18 + 2)
+    singles = sorted((tmp_path / "g").glob("0*.png"))
     assert len(singles) == 6 and Image.open(singles[0]).size == (16, 16)
-    sample.main([str(out / "ckpt.pt"), "--n", "2", "--sampler", "ddim", "--steps", "2", "--cfg", "3",
-                 "--raw", "--out", str(tmp_path / "h.png")])
-    assert (tmp_path / "h.png").exists()
+    # --out is a folder in every mode; by default inside the run folder, or next to a checkpoint file
+    sample.main([str(out / "ckpt.pt"), "--n", "2", "--sampler", "ddim", "--steps", "2", "--cfg", "3", "--raw"])
+    assert (out / "generated" / "grid.png").exists()
 
 
 def test_cli_runs_as_a_script(tmp_path):
@@ -107,7 +107,7 @@ def test_cli_runs_as_a_script(tmp_path):
     assert "img/s" in r.stderr and "GFLOP/sample" in r.stdout
     r = subprocess.run([sys.executable, str(ROOT / "sample.py"), str(tmp_path / "r"), "--n", "4", "--steps", "2"],
                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert r.returncode == 0 and (tmp_path / "r" / "samples.png").exists(), r.stderr[-2000:]
+    assert r.returncode == 0 and (tmp_path / "r" / "generated" / "grid.png").exists(), r.stderr[-2000:]
 
 
 # ------------------------------------------------------------------------------------------- bad input
@@ -157,7 +157,7 @@ def test_wrong_checkpoints(tmp_path):
     out = tmp_path / "run"
     run_train(out, "--steps", "1", "--sample-every", "100")
     fails_with(None, lambda: train.main(["--model", "dit", "--config", "DiT-S/2", "--out", str(out), "--resume",
-                                         "--workers", "0"]), "dit tiny run")
+                                         "--workers", "0"]), "--config tiny (now DiT-S/2)")
     fails_with(None, lambda: run_train(tmp_path / "r2", "--steps", "1", "--set", "depth=3", "--init", str(out)),
                "does not fit this model", "blocks.2")
     (tmp_path / "junk.pt").write_bytes(b"junk")
