@@ -560,7 +560,7 @@ class VQLPIPSWithDiscriminator(nn.Module):
         if optimizer_idx == 1:
             logits_real = self.discriminator(inputs.detach()).float()  # (B, 1, H', W')
             logits_fake = self.discriminator(reconstructions.detach()).float()  # (B, 1, H', W')
-            # D maximises VQGAN Eq. 5 (LDM Eq. 25's log D_psi(x) term); hinge form in the released configs
+            # D maximises VQGAN Eq. 5 (LDM App. G Eq. 25's log D_psi(x) term); hinge form in the released configs
             d_loss = disc_factor * self.disc_loss(logits_real, logits_fake)  # (), 0 before disc_start
             log = {"disc_loss": d_loss.detach(), "logits_real": logits_real.detach().mean(),
                    "logits_fake": logits_fake.detach().mean()}
