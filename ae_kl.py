@@ -682,10 +682,10 @@ def _hparams(batch_size):
     batches); with more GPUs pass --lr 4.5e-6 x the new global batch (train.py does not rescale lr). The
     yamls shipped beside the checkpoints (models/first_stage_models/kl-f*/config.yaml) say batch 10/4/6/6
     without accumulation; we follow the training configs. Adam betas (0.5, 0.9) for both optimizers; no
-    EMA (ema_decay 0: the EMA copy equals the raw weights), no gradient clipping (grad_clip inf: a no-op).
+    EMA (ema_decay 0: the EMA copy equals the raw weights), no gradient clipping (grad_clip 0: off).
     """
     return {"lr": 4.5e-6 * batch_size, "betas": (0.5, 0.9), "weight_decay": 0.0, "ema_decay": 0.0,
-            "warmup_steps": 0, "grad_clip": float("inf"), "batch_size": batch_size}
+            "warmup_steps": 0, "grad_clip": 0.0, "batch_size": batch_size}
 
 
 CONFIGS = {

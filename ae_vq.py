@@ -706,9 +706,9 @@ _BATCH = {"vq-f4": 8, "vq-f4-noattn": 8, "vq-f8": 10, "vq-f8-n256": 10, "vq-f16"
 def _hparams(batch_size):
     """LDM main.py --scale_lr: lr = base_learning_rate 4.5e-6 x global batch (accumulation x GPUs x per-GPU
     batch; train.py's batch_size is the global one and it does not rescale lr: pass --lr with --batch-size).
-    Adam betas (0.5, 0.9) for both optimizers, no EMA (ema_decay 0), no gradient clipping (grad_clip inf)."""
+    Adam betas (0.5, 0.9) for both optimizers, no EMA (ema_decay 0), no gradient clipping (grad_clip 0: off)."""
     return {"lr": 4.5e-6 * batch_size, "betas": (0.5, 0.9), "weight_decay": 0.0, "ema_decay": 0.0,
-            "warmup_steps": 0, "grad_clip": float("inf"), "batch_size": batch_size}
+            "warmup_steps": 0, "grad_clip": 0.0, "batch_size": batch_size}
 
 
 # released models/first_stage_models/vq-*/config.yaml; all hinge, perceptual_weight 1, codebook_weight 1

@@ -815,9 +815,9 @@ class INFD(nn.Module):
 # Presets, create, load_official
 # =============================================================================================================
 # Official training settings (cfgs/trainers/ae.yaml, ae_ffhq.yaml): Adam lr 3.6e-5, betas (0.5, 0.9), no weight
-# decay, no gradient clipping (grad_clip inf: a no-op), global batch 8 (BaseTrainer splits it over the GPUs),
+# decay, no gradient clipping (grad_clip 0: off), global batch 8 (BaseTrainer splits it over the GPUs),
 # 1M iterations; no EMA for the autoencoder (decay 0 -> ema == weights). The tiny preset's lr 2e-4 is ours.
-AE_HPARAMS = dict(lr=3.6e-5, betas=(0.5, 0.9), weight_decay=0.0, grad_clip=float("inf"), batch_size=8, ema_decay=0.0)
+AE_HPARAMS = dict(lr=3.6e-5, betas=(0.5, 0.9), weight_decay=0.0, grad_clip=0.0, batch_size=8, ema_decay=0.0)
 
 CONFIGS = {
     # cfgs/models/ae-d4vq.yaml: 60.76M params without LPIPS (official count 75.48M incl. 14.72M LPIPS);
