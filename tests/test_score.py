@@ -64,12 +64,18 @@ def test_classifier_is_cached_and_right_on_held_out_shapes(cache, capsys):
 
 
 def test_training_is_deterministic():
-    """Two trainings give the same weights, and leave the caller's RNG where it was."""
+    """Two trainings give the same weights whatever the caller's thread count, and leave its RNG and threads as they were."""
     torch.manual_seed(123)
-    before = torch.get_rng_state()
-    a, _ = sample.train_shape_classifier(n=640)
-    assert torch.equal(torch.get_rng_state(), before)
-    b, _ = sample.train_shape_classifier(n=640)
+    before, threads = torch.get_rng_state(), torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a, _ = sample.train_shape_classifier(n=640)
+        assert torch.equal(torch.get_rng_state(), before) and torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        b, _ = sample.train_shape_classifier(n=640)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
 
 
