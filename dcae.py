@@ -688,6 +688,7 @@ def build_lpips(pretrained=True):
     return net.eval()
 
 
+# Copied from ae_kl.get_lpips
 def get_lpips(pretrained, device):
     """The process-wide frozen LPIPS for `device` (frozen, so models can share it)."""
     key = (bool(pretrained), str(device))
