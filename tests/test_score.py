@@ -63,6 +63,15 @@ def test_classifier_is_cached_and_right_on_held_out_shapes(cache, capsys):
     print(f"classifier trained in {cache[1]:.0f} s, held-out accuracy {100 * accuracy:.2f}%")
 
 
+def test_classifier_size_as_its_docstring_states():
+    from torch.utils.flop_counter import FlopCounterMode
+    net = sample.shape_classifier_net().eval()
+    assert sum(p.numel() for p in net.parameters()) == 60_948
+    with FlopCounterMode(display=False) as counter:
+        net(torch.zeros(1, 3, 32, 32))
+    assert round(counter.get_total_flops() / 1e5) == 68  # 6.8 MFLOP
+
+
 def test_training_is_deterministic():
     """Two trainings give the same weights whatever the caller's thread count, and leave its RNG and threads as they were."""
     torch.manual_seed(123)
@@ -102,6 +111,16 @@ def test_real_shapes_score_perfect_and_wrong_labels_score_low():
     assert wrong["score"] <= 0.02
     line = sample.format_score(right)
     assert line.startswith(f"shape score {100 * right['score']:.1f}% ({right['right']}/512 right; per class circle ")
+
+
+def test_soft_or_grainy_shapes_are_still_recognised():
+    """Samples in training are not clean: noise of std 0.1 or a 3x3 blur must not hide the shape."""
+    x, y = real_shapes(1000)
+    net = sample.shape_classifier(torch.device("cpu"))[0]
+    noisy = x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    assert sample.shape_score(sample.classify_shapes(net, noisy), y)["score"] >= 0.98
+    soft = torch.nn.functional.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+    assert sample.shape_score(sample.classify_shapes(net, soft), y)["score"] >= 0.97
 
 
 def test_larger_images_are_box_filtered_to_the_classifier():
