@@ -97,8 +97,8 @@ def model_transform(spec, image_size, img, rng):
 
 
 class Latents(torch.utils.data.Dataset):
-    """--cache-latents: RUN/latents.npy holds per image z (its latent and its mirror's: fast-DiT encodes both flips)
-    and y (its label); a step reads one through a memory map, mirrored where the image transform would flip."""
+    """--cache-latents: RUN/latents.npy holds per image z (its latent and its mirror's; fast-DiT's extract_features
+    stores one random flip, which freezes the augmentation) and y (its label), read through a memory map."""
 
     def __init__(self, path):
         self.path, self.rows = path, None
@@ -489,9 +489,10 @@ def main(argv=None):
             sums, n_steps, t0 = {}, 0, time.time()
         if main_proc and args.sample_every > 0 and (done % args.sample_every == 0 or done == args.steps):
             with autocast:
-                save_grid(preview(ema, ae, fixed, args, num_classes, device), out / "samples" / f"step_{done:07d}.png")
-                if args.data == "shapes":  # issue 17: the shape score of 64 fresh samples joins this step's log record
-                    log_shape_score(ema, ae, args, out / "log.jsonl", done, device)
+                grid = preview(ema, ae, fixed, args, num_classes, device)
+                save_grid(grid, out / "samples" / f"step_{done:07d}.png")
+                if args.data == "shapes":  # issue 17: the grid's shape score joins this step's log record
+                    log_shape_score(grid, ema, ae, args, out / "log.jsonl", done, device)
         if done % args.ckpt_every == 0 or done == args.steps:
             saved = checkpoint(done)
     pbar.close()
