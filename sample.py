@@ -389,17 +389,17 @@ def score_run(args, device):
     return result
 
 
-def log_shape_score(model, ae, args, path, step, device, n=64):
-    """train.py, at each grid of a shapes run: n fresh EMA samples with the grid's sampler settings; shape_score
-    (conditional models) and shape_hist join the step's record in log.jsonl (train.py logged it just before; a new
-    record when the step logged none). Autoencoders, and samples under 32 px, are not scored."""
-    if not hasattr(model, "sample"):
+def log_shape_score(grid, model, ae, args, path, step, device):
+    """train.py, at each grid of a shapes run: the grid's own samples (drawn with labels cycling through the classes,
+    so scoring costs no extra sampling; 16 samples: a coarse, 6.25%-step view, sample.py --score gives the 256-sample
+    number) are scored; shape_score (conditional models, else null) and shape_hist join the step's record in
+    log.jsonl (train.py logged it just before; a new record when the step logged none). Autoencoders' grids, and
+    samples under 32 px, are not scored."""
+    if not hasattr(model, "sample") or grid.shape[-1] < SCORE_SIZE:
         return
-    sampling = dict(steps=args.sample_steps, cfg=args.sample_cfg)
-    conditional, side = label_probe(model, ae, device, **sampling)
-    if side < SCORE_SIZE:
-        return
-    result = score_samples(model, ae, n, device, conditional, seed=args.seed, batch=n, **sampling)
+    conditional, _ = label_probe(model, ae, device, steps=args.sample_steps, cfg=args.sample_cfg)
+    labels = torch.arange(len(grid)) % len(Shapes.classes)
+    result = shape_score(classify_shapes(shape_classifier(device)[0], grid), labels if conditional else None)
     tqdm.write(f"step {step}: {format_score(result)}")
     values = {"shape_score": result.get("score"), "shape_hist": result["hist"]}
     lines = path.read_text().splitlines() if path.exists() else []

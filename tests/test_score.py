@@ -185,7 +185,7 @@ def test_train_logs_the_score_at_each_grid(dit_run):
     last = records[1]
     assert 0 <= last["shape_score"] <= 1 and np.isfinite(last["loss"])
     assert len(last["shape_hist"]) == 4 and sum(last["shape_hist"]) == pytest.approx(1)
-    assert (last["shape_score"] * 64) == pytest.approx(round(last["shape_score"] * 64))  # 64 samples
+    assert (last["shape_score"] * 16) == pytest.approx(round(last["shape_score"] * 16))  # the grid's 16 samples
 
 
 def test_score_end_to_end_prints_one_line(dit_run, capsys):
@@ -217,3 +217,14 @@ def test_score_refuses_other_runs(tmp_path, dit_run):
     fails_with(lambda: sample.main([str(dit_run), "--score", "--class", "5"]), "--class 5")
     fails_with(lambda: sample.main(["--model", "dit", "--official", "x.pt", "--config", "DiT-XL/2", "--score"]),
                "--score", "run folder")
+
+
+def test_unconditional_run_logs_and_prints_the_histogram(tmp_path, capsys):
+    out = tmp_path / "uncond"
+    train.main(["--model", "hdit", *TINY, "--image-size", "32", "--steps", "1", "--sample-every", "1",
+                "--set", "num_classes=0", "--out", str(out)])  # HDiT without a class embedding ignores labels
+    last = json.loads(open(out / "log.jsonl").read().splitlines()[-1])
+    assert last["shape_score"] is None and sum(last["shape_hist"]) == pytest.approx(1)
+    capsys.readouterr()
+    sample.main([str(out), "--score", "8", "--steps", "2", "--batch", "4"])
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("shape histogram of 8 unconditional samples: circle ")
