@@ -213,12 +213,12 @@ def save_grid(x, path, nrow=None):
     Image.fromarray(grid).save(path)
 
 
-# ------------------------------------------------------- shape score (issue 17): how recognisable are a shapes run's samples
+# ------------------------------------------------------- shape score (issue 17): is each sample the shape it was asked for?
 # A small CNN, trained once on real Shapes images and cached, names the shape in each generated image. The shape score
 # is the share of samples it names as the class they were drawn for; for an unconditional model, the class histogram.
 SCORE_SIZE = 32  # the classifier's input side: larger samples are box-filtered down to it, smaller ones are refused
 SCORE_VERSION = 2  # in the cache file's name: bump it whenever Shapes or the classifier's recipe changes
-SCORE_SEEDS = (1_000_001, 1_000_002)  # Shapes seeds of the classifier's training and held-out images (runs use 0, 1, ..)
+SCORE_SEEDS = (1_000_001, 1_000_002)  # Shapes seeds of the classifier's training and held-out images (runs: 0, 1..)
 
 
 def shapes_tensor(n, seed):
@@ -276,7 +276,8 @@ def train_shape_classifier(n=30_000, batch=32, lr=3e-3):
 
 
 def shape_classifier_path():
-    """$XDG_CACHE_HOME (default ~/.cache)/seven-papers/shape_classifier_32px_v1.pt; tests point XDG_CACHE_HOME elsewhere."""
+    """$XDG_CACHE_HOME (default ~/.cache)/seven-papers/shape_classifier_<SCORE_SIZE>px_v<SCORE_VERSION>.pt; the tests
+    point XDG_CACHE_HOME at a temporary folder."""
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return root / "seven-papers" / f"shape_classifier_{SCORE_SIZE}px_v{SCORE_VERSION}.pt"
 
@@ -323,25 +324,29 @@ def shape_score(predicted, labels=None):
     if labels is not None:
         hit = predicted == labels
         result.update(right=int(hit.sum()), score=hit.float().mean().item(),
-                      per_class=[hit[labels == c].float().mean().item() if (labels == c).any() else None for c in range(k)])
+                      per_class=[hit[labels == c].float().mean().item() if (labels == c).any() else None
+                                 for c in range(k)])
     return result
 
 
 def format_score(result):
-    """One line: "shape score 87.5% (224/256 right; per class circle 95% ...; named circle 26% ...)", or the histogram."""
+    """One line: "shape score 87.5% (224/256 right; per class circle 95% ...; named circle 26% ...)", or the
+    histogram."""
     hist = " ".join(f"{c} {100 * h:.0f}%" for c, h in zip(Shapes.classes, result["hist"]))
     if "score" not in result:
         return f"shape histogram of {result['n']} unconditional samples: {hist}"
     per = " ".join(f"{c} {100 * s:.0f}%" for c, s in zip(Shapes.classes, result["per_class"]) if s is not None)
-    return f"shape score {100 * result['score']:.1f}% ({result['right']}/{result['n']} right; per class {per}; named {hist})"
+    return (f"shape score {100 * result['score']:.1f}% ({result['right']}/{result['n']} right; per class {per}; "
+            f"named {hist})")
 
 
 @torch.no_grad()
 def label_probe(model, ae, device, size=None, **sampling):
     """The contract has no "is class-conditional" flag, so ask the model: do labels 0 and 1 draw different images from
     the same noise? -> (class-conditional?, side of the decoded images in pixels). Costs two one-image samples."""
-    a, b = (to_image(model.sample(1, labels=torch.tensor([c], device=device), generator=torch.Generator(device).manual_seed(0),
-                                  **sampling), ae, size) for c in (0, 1))
+    a, b = (to_image(model.sample(1, labels=torch.tensor([c], device=device),
+                                  generator=torch.Generator(device).manual_seed(0), **sampling), ae, size)
+            for c in (0, 1))
     return not torch.equal(a, b), a.shape[-1]
 
 
@@ -354,8 +359,8 @@ def score_samples(model, ae, n, device, conditional, classes=(0, 1, 2, 3), seed=
     net = shape_classifier(device)[0]
     for i in tqdm(range(0, n, batch), disable=not bar, desc="scoring", unit="batch"):
         y = labels[i:i + batch].to(device) if conditional else None
-        x = model.sample(min(batch, n - i), labels=y, generator=torch.Generator(device).manual_seed(seed_for("sample", seed, i)),
-                         **sampling)
+        gen = torch.Generator(device).manual_seed(seed_for("sample", seed, i))  # batch i: as sample.py seeds it
+        x = model.sample(min(batch, n - i), labels=y, generator=gen, **sampling)
         predicted.append(classify_shapes(net, to_image(x, ae, size)))
     return shape_score(torch.cat(predicted), labels if conditional else None)
 
@@ -374,7 +379,8 @@ def score_run(args, device):
         fail(f"--score: {args.ckpt} is an autoencoder; score a diffusion run (a latent run decodes through it)")
     classes = args.classes or list(range(len(Shapes.classes)))
     if not all(0 <= c < len(Shapes.classes) for c in classes):
-        fail(f"--class {' '.join(map(str, classes))}: shapes has classes 0..{len(Shapes.classes) - 1} ({', '.join(Shapes.classes)})")
+        fail(f"--class {' '.join(map(str, classes))}: shapes has classes 0..{len(Shapes.classes) - 1} "
+             f"({', '.join(Shapes.classes)})")
     sampling = dict(steps=args.steps, cfg=args.cfg, sampler=args.sampler)
     try:
         conditional, side = label_probe(model, ae, device, args.size, **sampling)

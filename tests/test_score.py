@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import sample
 import train
@@ -73,7 +74,8 @@ def test_classifier_size_as_its_docstring_states():
 
 
 def test_training_is_deterministic():
-    """Two trainings give the same weights whatever the caller's thread count, and leave its RNG and threads as they were."""
+    """Two trainings give the same weights whatever the caller's thread count, and leave its RNG and thread count
+    as they were."""
     torch.manual_seed(123)
     before, threads = torch.get_rng_state(), torch.get_num_threads()
     try:
@@ -138,7 +140,8 @@ def test_histogram_for_unconditional_samples():
     assert "score" not in balanced and np.allclose(balanced["hist"], 0.25, atol=0.01)
     circles = sample.shape_score(sample.classify_shapes(net, x[y == 0]))
     assert circles["hist"][0] >= 0.99 and sum(circles["hist"]) == pytest.approx(1)
-    assert sample.format_score(circles).startswith("shape histogram of 100 unconditional samples: circle 100% square 0%")
+    line = sample.format_score(circles)
+    assert line.startswith("shape histogram of 100 unconditional samples: circle 100% square 0%")
 
 
 class FakeModel(torch.nn.Module):
@@ -149,7 +152,8 @@ class FakeModel(torch.nn.Module):
         self.conditional, self.shift, self.w = conditional, shift, torch.nn.Parameter(torch.zeros(()))
 
     def sample(self, n, labels=None, generator=None, **kw):
-        kinds = labels.tolist() if self.conditional else [int(torch.randint(4, (), generator=generator)) for _ in range(n)]
+        kinds = (labels.tolist() if self.conditional
+                 else [int(torch.randint(4, (), generator=generator)) for _ in range(n)])
         source = sample.Shapes(32, 10**6, seed=1)
         images = [source.image(4 * k + (kind + self.shift) % 4)[0] for k, kind in enumerate(kinds)]
         return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -200,7 +204,6 @@ def test_score_refuses_other_runs(tmp_path, dit_run):
     folder.mkdir()
     rng = np.random.default_rng(0)
     for i in range(4):
-        from PIL import Image
         Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     other = tmp_path / "folder_run"
     train.main(["--model", "dit", *TINY[:2], "--data", str(folder), *TINY[4:], "--image-size", "32", "--steps", "1",
@@ -211,7 +214,8 @@ def test_score_refuses_other_runs(tmp_path, dit_run):
                 "--set", "lpips_pretrained=False", "--out", str(ae)])
     fails_with(lambda: sample.main([str(ae), "--score"]), "--score", "autoencoder")
     small = tmp_path / "small"
-    train.main(["--model", "dit", *TINY, "--image-size", "16", "--steps", "1", "--sample-every", "1", "--out", str(small)])
+    train.main(["--model", "dit", *TINY, "--image-size", "16", "--steps", "1", "--sample-every", "1",
+                "--out", str(small)])
     assert "shape_score" not in open(small / "log.jsonl").read()  # too small to score: the grid logs nothing
     fails_with(lambda: sample.main([str(small), "--score", "--steps", "2"]), "16 px", "at least 32 px")
     fails_with(lambda: sample.main([str(dit_run), "--score", "--class", "5"]), "--class 5")
@@ -227,4 +231,5 @@ def test_unconditional_run_logs_and_prints_the_histogram(tmp_path, capsys):
     assert last["shape_score"] is None and sum(last["shape_hist"]) == pytest.approx(1)
     capsys.readouterr()
     sample.main([str(out), "--score", "8", "--steps", "2", "--batch", "4"])
-    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("shape histogram of 8 unconditional samples: circle ")
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("shape histogram of 8 unconditional samples: circle ")
