@@ -48,7 +48,9 @@ Left out / differs
 """
 import copy
 import json
+import os
 import warnings
+import zipfile
 
 import torch
 import torch.nn as nn
@@ -1109,20 +1111,46 @@ def read_safetensors(path):
     return sd
 
 
-def _read_state_dict(path_or_state_dict):
-    """A flat {key: tensor} from a dict, a torch file (weights_only; flat, or under "state_dict" / "model") or
-    the HF repos' model.safetensors; DDP's `module.` and torch.compile's `_orig_mod.` prefixes are dropped."""
-    sd = path_or_state_dict
-    if not isinstance(sd, dict):
+# Copied from ae_kl.read_checkpoint
+def read_checkpoint(path_or_state_dict):
+    """A checkpoint (a dict, or a path read with torch.load(weights_only=True)) -> its flat {key: tensor}.
+
+    Lightning `.ckpt` files (the LDM and Stable Diffusion releases) also pickle their callbacks' classes
+    (pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint): those pytorch_lightning.* / lightning.* names,
+    and only those, are admitted as empty stand-in classes (torch >= 2.6 lists them without unpickling), so
+    neither pickle nor Lightning is needed. Any other global weights_only refuses stays refused.
+    Wrappers are opened outside-in, at each level the first present of
+      "ema", "model_ema"   EMA weights (train.py, DiT, k-diffusion), preferred
+      "state_dict"         Lightning (LDM), efficientvit
+      "model", "sd"        raw weights (train.py, DiT, k-diffusion); INFD nests model -> sd
+    (a wrapper is a dict keyed by names: efficientvit's "ema", {decay: weights}, is passed over). DDP's
+    `module.` and torch.compile's `_orig_mod.` prefixes are dropped, entries that are not tensors skipped."""
+    ckpt = path_or_state_dict
+    if isinstance(ckpt, (str, os.PathLike)):
+        scan = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)  # torch >= 2.6
         try:
-            sd = read_safetensors(sd) if str(sd).endswith(".safetensors") else \
-                torch.load(sd, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 (missing file, pickle, bad header: one line names it)
-            raise ValueError(f"cannot read checkpoint {path_or_state_dict!r}: {type(e).__name__}: {e}") from None
-    for wrapper in ("state_dict", "model"):
-        if isinstance(sd.get(wrapper), dict):
-            sd = sd[wrapper]
-    return {k.removeprefix("module.").replace("_orig_mod.", ""): v for k, v in sd.items() if torch.is_tensor(v)}
+            refused = scan(ckpt) if scan and zipfile.is_zipfile(ckpt) else []
+            unsafe = [g for g in refused if not g.startswith(("pytorch_lightning.", "lightning."))]
+            if unsafe:
+                raise RuntimeError(f"refused unsafe globals {unsafe[:3]} (only Lightning's classes are stubbed)")
+            stubs = [type(g.rpartition(".")[2], (), {"__module__": g.rpartition(".")[0]}) for g in refused]
+            with torch.serialization.safe_globals(stubs):
+                ckpt = torch.load(ckpt, map_location="cpu", weights_only=True)
+        except Exception as e:  # missing file, bad header, refused pickle: one line names it
+            lines = (str(e).strip() or "-").splitlines()
+            why = next((s.strip() for s in lines if "GLOBAL" in s), lines[0]).split(". Please use")[0]  # the culprit
+            fix = " (torch >= 2.6 reads Lightning checkpoints)" if "lightning" in why and not scan else ""
+            raise ValueError(f"cannot read checkpoint {str(path_or_state_dict)!r}: {type(e).__name__}: {why}{fix}") \
+                from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"a checkpoint must be a dict or a path, got {type(ckpt).__name__}")
+    for _ in range(3):  # INFD's model -> sd is the deepest; a bound, so a cyclic pickle cannot loop
+        inner = [ckpt[k] for k in ("ema", "model_ema", "state_dict", "model", "sd") if isinstance(ckpt.get(k), dict)
+                 and all(isinstance(name, str) for name in ckpt[k])]
+        if not inner:
+            break
+        ckpt = inner[0]
+    return {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in ckpt.items() if torch.is_tensor(v)}
 
 
 def load_official(path_or_state_dict, config):
@@ -1132,8 +1160,10 @@ def load_official(path_or_state_dict, config):
     model is built with loss=None (no PatchGAN), so every key but our `scale_factor` (the preset's) must match.
     """
     model = create(config, loss=None)
+    if isinstance(path_or_state_dict, (str, os.PathLike)) and str(path_or_state_dict).endswith(".safetensors"):
+        path_or_state_dict = read_safetensors(path_or_state_dict)  # {key: tensor}; torch files: read_checkpoint
     # official names -> ours (".op_list." -> "."), tensors untouched
-    sd = {official_to_ours(k): v for k, v in _read_state_dict(path_or_state_dict).items()}
+    sd = {official_to_ours(k): v for k, v in read_checkpoint(path_or_state_dict).items()}
     ours = model.state_dict()
     sd.setdefault("scale_factor", ours["scale_factor"])
     # strict key and shape match, checked before load_state_dict for a readable one-line error

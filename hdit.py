@@ -69,6 +69,7 @@ import functools
 import json
 import math
 import os
+import zipfile
 
 import torch
 import torch.nn.functional as F
@@ -1297,34 +1298,54 @@ def read_safetensors(path):
     return sd
 
 
-def _unwrap_checkpoint(sd):
-    """A path or a dict -> the raw state dict, in dit._unwrap_checkpoint's idiom: torch.load(weights_only=True) or,
-    for a convert_for_inference.py `.safetensors` file, read_safetensors; the "model_ema" (official train.py,
-    preferred), "ema" (ours, preferred) or "model" entry; a "module." (DDP) or "_orig_mod." (torch.compile) prefix
-    on every key stripped."""
-    if isinstance(sd, (str, os.PathLike)):
+# Copied from ae_kl.read_checkpoint
+def read_checkpoint(path_or_state_dict):
+    """A checkpoint (a dict, or a path read with torch.load(weights_only=True)) -> its flat {key: tensor}.
+
+    Lightning `.ckpt` files (the LDM and Stable Diffusion releases) also pickle their callbacks' classes
+    (pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint): those pytorch_lightning.* / lightning.* names,
+    and only those, are admitted as empty stand-in classes (torch >= 2.6 lists them without unpickling), so
+    neither pickle nor Lightning is needed. Any other global weights_only refuses stays refused.
+    Wrappers are opened outside-in, at each level the first present of
+      "ema", "model_ema"   EMA weights (train.py, DiT, k-diffusion), preferred
+      "state_dict"         Lightning (LDM), efficientvit
+      "model", "sd"        raw weights (train.py, DiT, k-diffusion); INFD nests model -> sd
+    (a wrapper is a dict keyed by names: efficientvit's "ema", {decay: weights}, is passed over). DDP's
+    `module.` and torch.compile's `_orig_mod.` prefixes are dropped, entries that are not tensors skipped."""
+    ckpt = path_or_state_dict
+    if isinstance(ckpt, (str, os.PathLike)):
+        scan = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)  # torch >= 2.6
         try:
-            sd = read_safetensors(sd) if str(sd).endswith(".safetensors") else torch.load(sd, map_location="cpu",
-                                                                                           weights_only=True)
-        except Exception as e:
-            raise ValueError(f"cannot read checkpoint {str(sd)!r}: {type(e).__name__}: "
-                             f"{str(e).splitlines()[0]}") from None
-    if not isinstance(sd, dict):
-        raise ValueError(f"a checkpoint must be a state dict, got {type(sd).__name__}")
-    for key in ("model_ema", "ema", "model"):
-        if isinstance(sd.get(key), dict):
-            sd = sd[key]
+            refused = scan(ckpt) if scan and zipfile.is_zipfile(ckpt) else []
+            unsafe = [g for g in refused if not g.startswith(("pytorch_lightning.", "lightning."))]
+            if unsafe:
+                raise RuntimeError(f"refused unsafe globals {unsafe[:3]} (only Lightning's classes are stubbed)")
+            stubs = [type(g.rpartition(".")[2], (), {"__module__": g.rpartition(".")[0]}) for g in refused]
+            with torch.serialization.safe_globals(stubs):
+                ckpt = torch.load(ckpt, map_location="cpu", weights_only=True)
+        except Exception as e:  # missing file, bad header, refused pickle: one line names it
+            lines = (str(e).strip() or "-").splitlines()
+            why = next((s.strip() for s in lines if "GLOBAL" in s), lines[0]).split(". Please use")[0]  # the culprit
+            fix = " (torch >= 2.6 reads Lightning checkpoints)" if "lightning" in why and not scan else ""
+            raise ValueError(f"cannot read checkpoint {str(path_or_state_dict)!r}: {type(e).__name__}: {why}{fix}") \
+                from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"a checkpoint must be a dict or a path, got {type(ckpt).__name__}")
+    for _ in range(3):  # INFD's model -> sd is the deepest; a bound, so a cyclic pickle cannot loop
+        inner = [ckpt[k] for k in ("ema", "model_ema", "state_dict", "model", "sd") if isinstance(ckpt.get(k), dict)
+                 and all(isinstance(name, str) for name in ckpt[k])]
+        if not inner:
             break
-    for prefix in ("module.", "_orig_mod."):
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
-    return sd
+        ckpt = inner[0]
+    return {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in ckpt.items() if torch.is_tensor(v)}
 
 
 def load_official(path_or_state_dict, config):
     """Load an official k-diffusion HDiT checkpoint strictly. Our module tree is the official one, so no key
     needs renaming."""
-    sd = _unwrap_checkpoint(path_or_state_dict)
+    if isinstance(path_or_state_dict, (str, os.PathLike)) and str(path_or_state_dict).endswith(".safetensors"):
+        path_or_state_dict = read_safetensors(path_or_state_dict)  # {key: tensor}; torch files: read_checkpoint
+    sd = read_checkpoint(path_or_state_dict)
     model = create(config)
     own = model.state_dict()
     missing = [k for k in own if k not in sd]

@@ -42,7 +42,9 @@ Conventions (official): images in [-1, 1]; coordinates in [-1, 1] are pixel CENT
 `cell` is the full pixel size (2/H, 2/W). decode(z) renders at the encoder resolution; render(z, size) at any size.
 """
 import copy
+import os
 import warnings
+import zipfile
 
 import numpy as np
 import torch
@@ -894,20 +896,46 @@ def official_to_create(spec):
     return kw
 
 
-# Copied from ae_kl._read_state_dict
-def _read_state_dict(path_or_state_dict):
-    """A flat {key: tensor} from a dict or a torch file (weights_only), flat or nested under "state_dict"
-    (Lightning), "model" (train.py; INFD) and "sd" (INFD); DDP's `module.` / torch.compile's `_orig_mod.` dropped."""
-    sd = path_or_state_dict
-    if not isinstance(sd, dict):
+# Copied from ae_kl.read_checkpoint
+def read_checkpoint(path_or_state_dict):
+    """A checkpoint (a dict, or a path read with torch.load(weights_only=True)) -> its flat {key: tensor}.
+
+    Lightning `.ckpt` files (the LDM and Stable Diffusion releases) also pickle their callbacks' classes
+    (pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint): those pytorch_lightning.* / lightning.* names,
+    and only those, are admitted as empty stand-in classes (torch >= 2.6 lists them without unpickling), so
+    neither pickle nor Lightning is needed. Any other global weights_only refuses stays refused.
+    Wrappers are opened outside-in, at each level the first present of
+      "ema", "model_ema"   EMA weights (train.py, DiT, k-diffusion), preferred
+      "state_dict"         Lightning (LDM), efficientvit
+      "model", "sd"        raw weights (train.py, DiT, k-diffusion); INFD nests model -> sd
+    (a wrapper is a dict keyed by names: efficientvit's "ema", {decay: weights}, is passed over). DDP's
+    `module.` and torch.compile's `_orig_mod.` prefixes are dropped, entries that are not tensors skipped."""
+    ckpt = path_or_state_dict
+    if isinstance(ckpt, (str, os.PathLike)):
+        scan = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)  # torch >= 2.6
         try:
-            sd = torch.load(sd, map_location="cpu", weights_only=True)
-        except Exception as e:  # missing file, pickle, bad header: one line names it
-            raise ValueError(f"cannot read checkpoint {path_or_state_dict!r}: {type(e).__name__}: {e}") from None
-    for wrapper in ("state_dict", "model", "sd"):
-        if isinstance(sd.get(wrapper), dict):
-            sd = sd[wrapper]
-    return {k.removeprefix("module.").replace("_orig_mod.", ""): v for k, v in sd.items() if torch.is_tensor(v)}
+            refused = scan(ckpt) if scan and zipfile.is_zipfile(ckpt) else []
+            unsafe = [g for g in refused if not g.startswith(("pytorch_lightning.", "lightning."))]
+            if unsafe:
+                raise RuntimeError(f"refused unsafe globals {unsafe[:3]} (only Lightning's classes are stubbed)")
+            stubs = [type(g.rpartition(".")[2], (), {"__module__": g.rpartition(".")[0]}) for g in refused]
+            with torch.serialization.safe_globals(stubs):
+                ckpt = torch.load(ckpt, map_location="cpu", weights_only=True)
+        except Exception as e:  # missing file, bad header, refused pickle: one line names it
+            lines = (str(e).strip() or "-").splitlines()
+            why = next((s.strip() for s in lines if "GLOBAL" in s), lines[0]).split(". Please use")[0]  # the culprit
+            fix = " (torch >= 2.6 reads Lightning checkpoints)" if "lightning" in why and not scan else ""
+            raise ValueError(f"cannot read checkpoint {str(path_or_state_dict)!r}: {type(e).__name__}: {why}{fix}") \
+                from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"a checkpoint must be a dict or a path, got {type(ckpt).__name__}")
+    for _ in range(3):  # INFD's model -> sd is the deepest; a bound, so a cyclic pickle cannot loop
+        inner = [ckpt[k] for k in ("ema", "model_ema", "state_dict", "model", "sd") if isinstance(ckpt.get(k), dict)
+                 and all(isinstance(name, str) for name in ckpt[k])]
+        if not inner:
+            break
+        ckpt = inner[0]
+    return {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in ckpt.items() if torch.is_tensor(v)}
 
 
 def load_official(path_or_state_dict, config="ae-d4vq", **overrides):
@@ -920,7 +948,7 @@ def load_official(path_or_state_dict, config="ae-d4vq", **overrides):
       scale_factor       added (ours): 1.0, the official diffusion model works on the raw z.
     A checkpoint without disc.* gives a model built with loss=None (inference only).
     `config`: a CONFIGS name or the official constructor kwargs (keys/*.txt first line)."""
-    sd = {k: v for k, v in _read_state_dict(path_or_state_dict).items() if not k.startswith(DROPPED)}
+    sd = {k: v for k, v in read_checkpoint(path_or_state_dict).items() if not k.startswith(DROPPED)}
     kw = official_to_create(config) if isinstance(config, dict) else dict(CONFIGS[config])
     kw.update(overrides)
     if not any(k.startswith("disc.") for k in sd):

@@ -56,11 +56,13 @@ Left out / differs from the official code
   * LatentDiffusion's own defaults for sampling (DDIM, 200 steps, eta 0) are txt2img.py's; the presets set
     their script's values; sample(cfg=1.0) by default (the repository's contract; the scripts guide with 3.0
     for cin256-v2 and 5.0 for txt2img). tiny and demo are not official presets.
-  * load_official reads checkpoints with torch.load(weights_only=True) (a full Lightning checkpoint that
-    needs pickle: load it yourself and pass the dict).
+  * load_official reads a released model.ckpt (a full Lightning checkpoint) with torch.load(weights_only=True):
+    read_checkpoint admits Lightning's pickled callback classes as empty stand-ins (torch >= 2.6), so neither
+    pickle nor pytorch_lightning is needed.
 """
 import math
 import os
+import zipfile
 
 import torch
 import torch.nn as nn
@@ -1001,33 +1003,53 @@ def convert_official(sd, model, use_ema=False):
     return out, notes
 
 
-# Copied from dit._unwrap_checkpoint
-def _unwrap_checkpoint(sd):
-    """A path or a dict -> the raw state dict: torch.load(weights_only=True); the "ema" (preferred, as the official
-    download.find_model), "model" or Lightning "state_dict" entry; a "module." (DDP) or "_orig_mod." (torch.compile)
-    prefix on every key stripped."""
-    if isinstance(sd, (str, os.PathLike)):
+# Copied from ae_kl.read_checkpoint
+def read_checkpoint(path_or_state_dict):
+    """A checkpoint (a dict, or a path read with torch.load(weights_only=True)) -> its flat {key: tensor}.
+
+    Lightning `.ckpt` files (the LDM and Stable Diffusion releases) also pickle their callbacks' classes
+    (pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint): those pytorch_lightning.* / lightning.* names,
+    and only those, are admitted as empty stand-in classes (torch >= 2.6 lists them without unpickling), so
+    neither pickle nor Lightning is needed. Any other global weights_only refuses stays refused.
+    Wrappers are opened outside-in, at each level the first present of
+      "ema", "model_ema"   EMA weights (train.py, DiT, k-diffusion), preferred
+      "state_dict"         Lightning (LDM), efficientvit
+      "model", "sd"        raw weights (train.py, DiT, k-diffusion); INFD nests model -> sd
+    (a wrapper is a dict keyed by names: efficientvit's "ema", {decay: weights}, is passed over). DDP's
+    `module.` and torch.compile's `_orig_mod.` prefixes are dropped, entries that are not tensors skipped."""
+    ckpt = path_or_state_dict
+    if isinstance(ckpt, (str, os.PathLike)):
+        scan = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)  # torch >= 2.6
         try:
-            sd = torch.load(sd, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"cannot read checkpoint {str(sd)!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    if not isinstance(sd, dict):
-        raise ValueError(f"a checkpoint must be a state dict, got {type(sd).__name__}")
-    for key in ("ema", "model", "state_dict"):
-        if isinstance(sd.get(key), dict):
-            sd = sd[key]
+            refused = scan(ckpt) if scan and zipfile.is_zipfile(ckpt) else []
+            unsafe = [g for g in refused if not g.startswith(("pytorch_lightning.", "lightning."))]
+            if unsafe:
+                raise RuntimeError(f"refused unsafe globals {unsafe[:3]} (only Lightning's classes are stubbed)")
+            stubs = [type(g.rpartition(".")[2], (), {"__module__": g.rpartition(".")[0]}) for g in refused]
+            with torch.serialization.safe_globals(stubs):
+                ckpt = torch.load(ckpt, map_location="cpu", weights_only=True)
+        except Exception as e:  # missing file, bad header, refused pickle: one line names it
+            lines = (str(e).strip() or "-").splitlines()
+            why = next((s.strip() for s in lines if "GLOBAL" in s), lines[0]).split(". Please use")[0]  # the culprit
+            fix = " (torch >= 2.6 reads Lightning checkpoints)" if "lightning" in why and not scan else ""
+            raise ValueError(f"cannot read checkpoint {str(path_or_state_dict)!r}: {type(e).__name__}: {why}{fix}") \
+                from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"a checkpoint must be a dict or a path, got {type(ckpt).__name__}")
+    for _ in range(3):  # INFD's model -> sd is the deepest; a bound, so a cyclic pickle cannot loop
+        inner = [ckpt[k] for k in ("ema", "model_ema", "state_dict", "model", "sd") if isinstance(ckpt.get(k), dict)
+                 and all(isinstance(name, str) for name in ckpt[k])]
+        if not inner:
             break
-    for prefix in ("module.", "_orig_mod."):
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
-    return sd
+        ckpt = inner[0]
+    return {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in ckpt.items() if torch.is_tensor(v)}
 
 
 def load_official(path_or_state_dict, config, use_ema=False, verbose=True):
     """Load a released LDM checkpoint (model.ckpt with a "state_dict", or the dict itself) strictly.
     config: a CONFIGS name or the official UNetModel kwargs (a key file's first line). The model is built on
     the meta device and takes the checkpoint's tensors (assign=True): no random init of ~1e9 parameters."""
-    sd = _unwrap_checkpoint(path_or_state_dict)
+    sd = read_checkpoint(path_or_state_dict)
     # meta tensors: no memory and no init; load_state_dict(assign=True) then adopts the checkpoint's tensors
     with torch.device("meta"):
         model = create(config)

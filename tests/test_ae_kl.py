@@ -10,7 +10,10 @@ and discriminator.pt (n_layers=3 / eval-mode BatchNorm; n_layers 1 and 2 are cov
 import functools
 import json
 import lzma
+import os
 import re
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -382,6 +385,58 @@ def test_load_official_roundtrip(capsys):
     # preset scale factors
     assert ae_kl.CONFIGS["kl-f8"]["scale_factor"] == 0.18215
     assert ae_kl.create("tiny", lpips_pretrained=False, scale_factor=0.25).scale_factor.item() == 0.25
+
+
+def lightning_ckpt(tmp_path, state_dict):
+    """A .ckpt laid out as LDM's released model.ckpt: saved by a process that has pytorch_lightning (a fake one
+    here), its ModelCheckpoint class and an instance under "callbacks", the weights under "state_dict"."""
+    pkg = tmp_path / "fake_pl" / "pytorch_lightning" / "callbacks"
+    pkg.mkdir(parents=True)
+    for init in (pkg.parent / "__init__.py", pkg / "__init__.py"):
+        init.write_text("")
+    (pkg / "model_checkpoint.py").write_text("class ModelCheckpoint:\n    def __init__(self):\n        self.k = 3\n")
+    torch.save(state_dict, tmp_path / "weights.pt")
+    save = ("import sys, torch\nfrom pytorch_lightning.callbacks.model_checkpoint import ModelCheckpoint as M\n"
+            "torch.save({'epoch': 3, 'global_step': 7, 'pytorch-lightning_version': '1.4.2', 'state_dict': "
+            "torch.load(sys.argv[1], weights_only=True), 'callbacks': {M: {'best_model_score': torch.tensor(0.5)}, "
+            "'instance': M()}}, sys.argv[2])")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "fake_pl"), os.environ.get("PYTHONPATH", "")]))
+    subprocess.run([sys.executable, "-c", save, str(tmp_path / "weights.pt"), str(tmp_path / "model.ckpt")],
+                   env=env, check=True)
+    return tmp_path / "model.ckpt"
+
+
+def test_load_official_reads_lightning_ckpt(tmp_path, monkeypatch):
+    """Released LDM .ckpt files pickle Lightning's callback classes: read with weights_only=True and stand-ins for
+    those classes, without pytorch_lightning in this process (issue 16 item 3)."""
+    torch.manual_seed(0)
+    src = ae_kl.create("tiny", lpips_pretrained=False)
+    for p in src.parameters():
+        p.data.normal_()
+    ckpt = lightning_ckpt(tmp_path, _official_names(src))
+    with monkeypatch.context() as mp:  # torch 2.5 cannot list a pickle's globals: one line naming the fix
+        mp.delattr(torch.serialization, "get_unsafe_globals_in_checkpoint", raising=False)
+        with pytest.raises(ValueError, match=r"GLOBAL pytorch_lightning\.callbacks\.model_checkpoint\.ModelCheckpoint"
+                                             r".*\(torch >= 2.6 reads Lightning checkpoints\)$"):
+            ae_kl.load_official(ckpt, "tiny")
+    if not hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):
+        return
+    m = ae_kl.load_official(ckpt, "tiny")
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in src.state_dict().items() if k != "scale_factor")
+
+
+def test_read_checkpoint_refuses_unsafe_pickle(tmp_path):
+    """Only pytorch_lightning.* / lightning.* globals are stubbed: a pickle that would call os.system is refused,
+    in one line, and nothing runs."""
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'pwned'}",)
+    torch.save({"state_dict": {}, "callbacks": {"x": Evil()}}, tmp_path / "evil.ckpt")
+    with pytest.raises(ValueError, match=r"cannot read checkpoint .*evil.ckpt.*(posix|os|nt)\.system") as e:
+        ae_kl.load_official(tmp_path / "evil.ckpt", "tiny")
+    assert "\n" not in str(e.value) and not (tmp_path / "pwned").exists()
+    with pytest.raises(ValueError, match="must be a dict or a path, got list"):
+        ae_kl.read_checkpoint([1, 2])
 
 
 def test_load_official_mismatch():

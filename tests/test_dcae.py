@@ -749,13 +749,18 @@ def test_encode_signature_and_scale_warning():
         measured.decode(torch.zeros(1, 32, 1, 1))
 
 
-def test_read_state_dict_unwraps_and_names_bad_files(tmp_path):
-    """One idiom for checkpoints: weights_only load, "state_dict"/"model" wrappers, DDP `module.` and
-    torch.compile `_orig_mod.` prefixes dropped; an unreadable file is one clear error."""
+def test_read_checkpoint_unwraps_and_names_bad_files(tmp_path):
+    """One idiom for checkpoints (read_checkpoint): weights_only load, "state_dict"/"model" wrappers, DDP `module.`
+    and torch.compile `_orig_mod.` prefixes dropped; an unreadable file is one clear error."""
     g = golden("tiny_in")
     wrapped = {"model": {f"module._orig_mod.{k}": v for k, v in g["state_dict"].items()}, "step": 3}
     torch.save(wrapped, tmp_path / "ckpt.pt")
     a, b = dcae.load_official(tmp_path / "ckpt.pt", g["config"]), dcae.load_official(g["state_dict"], g["config"])
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    # efficientvit Trainer.save_model(only_state_dict=False): its "ema" is {decay: weights}, not a state dict
+    zeros = {k: torch.zeros_like(v) for k, v in g["state_dict"].items()}
+    torch.save({"state_dict": g["state_dict"], "ema": {0.9998: zeros}, "epoch": 3}, tmp_path / "full.pt")
+    a = dcae.load_official(tmp_path / "full.pt", g["config"])
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
     with pytest.raises(ValueError, match="cannot read checkpoint"):
         dcae.load_official(tmp_path / "missing.pt", g["config"])

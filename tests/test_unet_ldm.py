@@ -10,6 +10,9 @@ import gzip
 import io
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -700,8 +703,45 @@ def test_spatial_transformer_liftable():
         assert torch.equal(lifted.eval()(x, ctx), mine(x, ctx))
 
 
+def lightning_ckpt(tmp_path, state_dict):
+    """A .ckpt laid out as LDM's released model.ckpt: saved by a process that has pytorch_lightning (a fake one
+    here), its ModelCheckpoint class and an instance under "callbacks", the weights under "state_dict"."""
+    pkg = tmp_path / "fake_pl" / "pytorch_lightning" / "callbacks"
+    pkg.mkdir(parents=True)
+    for init in (pkg.parent / "__init__.py", pkg / "__init__.py"):
+        init.write_text("")
+    (pkg / "model_checkpoint.py").write_text("class ModelCheckpoint:\n    def __init__(self):\n        self.k = 3\n")
+    torch.save(state_dict, tmp_path / "weights.pt")
+    save = ("import sys, torch\nfrom pytorch_lightning.callbacks.model_checkpoint import ModelCheckpoint as M\n"
+            "torch.save({'epoch': 3, 'global_step': 7, 'pytorch-lightning_version': '1.4.2', 'state_dict': "
+            "torch.load(sys.argv[1], weights_only=True), 'callbacks': {M: {'best_model_score': torch.tensor(0.5)}, "
+            "'instance': M()}}, sys.argv[2])")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "fake_pl"), os.environ.get("PYTHONPATH", "")]))
+    subprocess.run([sys.executable, "-c", save, str(tmp_path / "weights.pt"), str(tmp_path / "model.ckpt")],
+                   env=env, check=True)
+    return tmp_path / "model.ckpt"
+
+
+def test_load_official_reads_lightning_ckpt(tmp_path):
+    """A released model.ckpt is a full Lightning checkpoint (callback classes pickled): load_official reads it
+    with weights_only=True and stand-ins for those classes, without pytorch_lightning here (issue 16 item 3)."""
+    torch.manual_seed(0)
+    cfg = dict(U.CONFIGS["tiny"], image_size=8, in_channels=4, out_channels=4)
+    src = U.create(cfg)
+    sd = {(U.UNET_PREFIX + k[5:]) if k.startswith("unet.") else k: torch.randn_like(v)
+          for k, v in src.state_dict().items()}
+    ckpt = lightning_ckpt(tmp_path, {**sd, "betas": src.betas.clone(), "first_stage_model.x": torch.zeros(1)})
+    if not hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):  # torch 2.5: one line naming the fix
+        with pytest.raises(ValueError, match=r"ModelCheckpoint.*\(torch >= 2.6 reads Lightning checkpoints\)"):
+            U.load_official(ckpt, cfg, verbose=False)
+        return
+    model = U.load_official(ckpt, cfg, verbose=False)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, sd[(U.UNET_PREFIX + k[5:]) if k.startswith("unet.") else k]), k
+
+
 def test_load_official_paths_and_train_checkpoints(tmp_path):
-    """The one loading idiom (dit._unwrap_checkpoint): a path read with weights_only=True, a train.py checkpoint
+    """The one loading idiom (read_checkpoint): a path read with weights_only=True, a train.py checkpoint
     ("ema" preferred) with our own key names, a DDP "module." prefix; a file that needs pickle is a one-line error."""
     torch.manual_seed(0)
     cfg = dict(U.CONFIGS["tiny"], image_size=8, in_channels=4, out_channels=4)
