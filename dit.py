@@ -253,6 +253,10 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, T, D) -> (N, T, p*p*Cout)
 
 
+# The sampler names DiT.sample takes (sample.py --help lists them): ancestral DDPM (the paper's) and DDIM.
+SAMPLERS = ("ddpm", "ddim")
+
+
 # ---------------------------------------------------------------------------------------------------
 # The network (Sec. 3.2, Fig. 3 left)
 # ---------------------------------------------------------------------------------------------------
@@ -386,7 +390,7 @@ class DiT(nn.Module):
         clip_denoised: clip the predicted x0 to [-1, 1] (None = the preset's setting, off for the paper's)."""
         sampler = sampler or "ddpm"
         clip_denoised = self.clip_denoised if clip_denoised is None else clip_denoised
-        if sampler not in ("ddpm", "ddim"):
+        if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}: dit offers 'ddpm' and 'ddim'")
         # 250 respaced DDPM steps: the paper's setting for all reported FIDs (Sec. 4; official sample.py default)
         steps = 250 if steps is None else int(steps)

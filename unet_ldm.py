@@ -506,6 +506,10 @@ def _randn(shape, generator, device):
     return torch.randn(shape, generator=generator, device=generator.device).to(device)
 
 
+# The sampler names LatentDiffusion.sample takes (sample.py --help lists them).
+SAMPLERS = ("ddim", "ddpm")
+
+
 class LatentDiffusion(nn.Module):
     """eps_theta plus everything around it: the schedule, q_sample, L_simple, conditioning, DDIM/DDPM sampling.
     The contract of this repository (README "Model file contract") is implemented at the end of the class."""
