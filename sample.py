@@ -248,7 +248,7 @@ def train_shape_classifier(n=30_000, batch=32, lr=3e-3):
     waiting for its core made training 5x slower (measured); one thread also gives the same weights at any thread count.
     -> (net in eval mode, accuracy on 2,000 held-out Shapes images of another seed)."""
     threads = torch.get_num_threads()
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():  # first use may come from under no_grad (--score)
         torch.set_num_threads(1)
         torch.manual_seed(SCORE_SEEDS[0])
         x, y = shapes_tensor(n, SCORE_SEEDS[0])

@@ -74,13 +74,14 @@ def test_classifier_size_as_its_docstring_states():
 
 
 def test_training_is_deterministic():
-    """Two trainings give the same weights whatever the caller's thread count, and leave its RNG and thread count
-    as they were."""
+    """Two trainings give the same weights whatever the caller's thread count (and under no_grad, as in --score), and
+    leave its RNG and thread count as they were."""
     torch.manual_seed(123)
     before, threads = torch.get_rng_state(), torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        a, _ = sample.train_shape_classifier(n=640)
+        with torch.no_grad():
+            a, _ = sample.train_shape_classifier(n=640)
         assert torch.equal(torch.get_rng_state(), before) and torch.get_num_threads() == 1
         torch.set_num_threads(2)
         b, _ = sample.train_shape_classifier(n=640)
