@@ -6,6 +6,9 @@ from pathlib import Path
 # Set before torch loads: spinning OpenMP workers starve each other (and the subprocesses the end-to-end
 # tests start) on a 2-core CI machine; passive waiting keeps the suite's time predictable.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Tests never write into the user's home: caches (the shape classifier of sample.py --score) go under the
+# repository's .pytest_cache, so a second run reuses them; subprocesses inherit this.
+os.environ["XDG_CACHE_HOME"] = str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "xdg")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
