@@ -1,18 +1,12 @@
 """sample.py: generate, reconstruct, or render at any size; from our checkpoints or the official ones.
 
-    python sample.py runs/dit-demo                                  # 16 EMA samples -> runs/dit-demo/generated/grid.png
-    python sample.py runs/dit-demo --n 64 --class 2 --cfg 3 --sampler ddim --steps 50 --each
-    torchrun --nproc_per_node 8 sample.py runs/dit-xl --n 50000 --steps 250 --cfg 1.5 --npz dit.npz   # for FID
-    python sample.py --model dit --official DiT-XL-2-256x256.pt --config DiT-XL/2 \
-        --ae ae_kl:kl-f8:vae-ft-mse-840000-ema-pruned.ckpt --class 207 --cfg 4
-    python sample.py runs/ae_kl-tiny --reconstruct photo.jpg        # input|output pairs, PSNR and LPIPS
-    python sample.py runs/infd-tiny --reconstruct photos/ --size 1024   # INFD renders at any size
+    python sample.py runs/dit-demo --n 64 --class 2 --cfg 3    # -> runs/dit-demo/generated/grid.png
+    python sample.py runs/ae_kl-tiny --reconstruct photos/     # input|output pairs, PSNR and LPIPS
 
-Like train.py it knows only the model-file contract (README.md): `sample`, `encode`, `decode`, `render`,
-`load_official`. --out is always a folder (default: inside the run folder): grid.png, with --each one PNG per
-image, and with --reconstruct one input|output pair per image; --npz FILE adds the uint8 array FID suites read.
+Like train.py it knows only the model-file contract: `sample`, `encode`, `decode`, `render`, `load_official`.
+README.md lists the modes and flags (official weights, --npz for FID, torchrun).
 """
-import argparse, hashlib, importlib, inspect, json, math, os, random, re, sys, time  # noqa: E401
+import argparse, hashlib, importlib, inspect, json, math, os, random, sys, time  # noqa: E401
 from pathlib import Path
 
 import numpy as np
@@ -63,9 +57,9 @@ class Shapes:
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
         else:
             corners = {1: 4, 2: 3, 3: 10}[kind]
-            radii = [r if kind != 3 or j % 2 == 0 else 0.45 * r for j in range(corners)]
-            draw.polygon([(cx + q * math.cos(a + 2 * math.pi * j / corners), cy + q * math.sin(a + 2 * math.pi * j / corners))
-                          for j, q in enumerate(radii)], fill=color)
+            angles = [a + 2 * math.pi * j / corners for j in range(corners)]
+            radii = [r if kind != 3 or j % 2 == 0 else 0.45 * r for j in range(corners)]  # a star's inner corners
+            draw.polygon([(cx + q * math.cos(t), cy + q * math.sin(t)) for t, q in zip(angles, radii)], fill=color)
         return img.resize((self.size, self.size), Image.BOX), kind
 
 
@@ -96,7 +90,7 @@ class Folder:
 
 class CenterCrop:
     """ADM/DiT preprocessing: box-halve while large, bicubic-resize the short side, centre crop; random flip
-    (flip=False: never). A class, not a closure: DataLoader workers started with `spawn` (macOS, Windows) unpickle it."""
+    (flip=False: never). A class, not a closure, so that workers started by `spawn` (macOS, Windows) can unpickle it."""
 
     def __init__(self, image_size, flip=True):
         self.image_size, self.flip = image_size, flip
@@ -114,12 +108,17 @@ class CenterCrop:
 
 
 def pick_device(name=None):
-    """--device cpu|cuda|mps (default: cuda, else Apple's mps, else cpu); under torchrun, GPU number LOCAL_RANK."""
+    """--device cpu|cuda|mps (default: cuda, else Apple's mps, else cpu). A GPU (under torchrun, number LOCAL_RANK)
+    becomes the current device, with TF32 matmuls and convolutions."""
     ok = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     name = name or next(k for k, v in ok.items() if v)
     if not ok[name]:
         fail(f"--device {name}: not available on this machine (torch {torch.__version__})")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if name == "cuda" else torch.device(name)
+    if name != "cuda":
+        return torch.device(name)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 # ------------------------------------------------------- checkpoints and images (train.py uses these too)
@@ -134,8 +133,7 @@ def load_checkpoint(path):
     except Exception as e:  # noqa: BLE001
         fail(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
     if not isinstance(ck, dict) or "create" not in ck:
-        fail(f"{path} was not written by train.py (no 'create' entry); official weights go through "
-             "sample.py --official")
+        fail(f"{path} was not written by train.py (no 'create' entry); for official weights use sample.py --official")
     return ck
 
 
@@ -143,7 +141,8 @@ def load_weights(model, state, what):
     """Strict load; a mismatch names the first differing keys (the usual cause: the wrong --model/--config)."""
     mine, theirs = set(model.state_dict()), set(state)
     if mine != theirs:
-        fail(f"{what} does not fit this model: missing {sorted(mine - theirs)[:4]}, unexpected {sorted(theirs - mine)[:4]}")
+        fail(f"{what} does not fit this model: missing {sorted(mine - theirs)[:4]}, "
+             f"unexpected {sorted(theirs - mine)[:4]}")
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -165,7 +164,6 @@ def build_model(create, weights=None, what="checkpoint"):
 
 
 def load_official(name, path, config, flag):
-    """A released checkpoint through the model file's load_official; any failure is one line naming the flag."""
     try:
         return importlib.import_module(name).load_official(path, config)
     except Exception as e:  # noqa: BLE001 (unpickling, a wrong file or config: all mean "not this checkpoint")
@@ -186,26 +184,17 @@ def load_autoencoder(spec, device):
     return ae.to(device).eval().requires_grad_(False)
 
 
-@torch.no_grad()
-def fit_scale_factor(ae, x):
-    """train.py --ae with no stored factor: LDM's scale_by_std, 1 / std of the first batch's latents (every
-    process gets the same images and seed), so the diffusion model sees latents of unit variance."""
-    ae.scale_factor.fill_(1.0)
-    ae.scale_factor.fill_(float(ae.encode(x).float().var().rsqrt()))
-
-
 def to_uint8(x):
     """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8 on the host."""
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_grid(x, path, nrow=None):
-    """Images (B, 3, H, W) in [-1, 1] (or uint8 (B, H, W, 3)) -> one PNG grid with a 2-pixel gap."""
+def save_grid(x, path):
+    """Images (B, 3, H, W) in [-1, 1] (or uint8 (B, H, W, 3)) -> one square-ish PNG grid with a 2-pixel gap."""
     imgs = x if isinstance(x, np.ndarray) else to_uint8(x[:, :3])
     b, h, w, c = imgs.shape
-    nrow = nrow or math.ceil(math.sqrt(b))
-    rows = math.ceil(b / nrow)
-    grid = np.full((rows * (h + 2) + 2, nrow * (w + 2) + 2, c), 255, np.uint8)
+    nrow = math.ceil(math.sqrt(b))
+    grid = np.full((math.ceil(b / nrow) * (h + 2) + 2, nrow * (w + 2) + 2, c), 255, np.uint8)
     for k, img in enumerate(imgs):
         r, q = divmod(k, nrow)
         grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + q * (w + 2): 2 + q * (w + 2) + w] = img
@@ -425,26 +414,24 @@ def parse_args(argv=None):
     p.add_argument("--official", help="an official released checkpoint (needs --model and --config)")
     p.add_argument("--config", help="with --official: a CONFIGS preset of the model file")
     p.add_argument("--ae", help="decode through this autoencoder: our checkpoint or MODEL:CONFIG:OFFICIAL_PATH")
-    p.add_argument("--n", "--num-samples", type=int, default=16, help="samples (--num-samples under torchrun: it takes --n)")
+    p.add_argument("--n", "--num-samples", type=int, default=16, help="samples (under torchrun: --num-samples)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the paper's)")
     p.add_argument("--sampler", default=None, help="default: the paper's. " + (sampler_help() if {"-h", "--help"} &
                    set(sys.argv[1:] if argv is None else argv) else ""))
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--class", dest="classes", type=int, nargs="+", default=None, help="class label(s), cycled")
-    p.add_argument("--context", help="text-conditioned models: .pt with precomputed text-encoder states, a tensor "
-                   "(L, D) or (N, L, D), or a dict {'context': ..., 'uc_context': ...} (uc: the empty prompt, for --cfg)")
+    p.add_argument("--context", help="text-conditioned models: .pt of precomputed text-encoder states (README.md)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=16, help="images per forward pass (batch b is seeded by --seed and b)")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--reconstruct", help="autoencoders: an image or a folder of images to encode and decode")
     p.add_argument("--image-size", type=int, default=None, help="--reconstruct: input size (default: trained size)")
     p.add_argument("--size", type=int, default=None, help="render at this size (INFD's render(z, size))")
-    p.add_argument("--out", default=None, help="output FOLDER in every mode (default: RUN/generated, or "
-                   "RUN/reconstructed with --reconstruct; next to a checkpoint file given instead of a run folder)")
+    p.add_argument("--out", default=None, help="output FOLDER (default: RUN/generated or RUN/reconstructed)")
     p.add_argument("--each", action="store_true", help="also write one PNG per image")
     p.add_argument("--score", type=int, nargs="?", const=256, metavar="N", help="shapes runs: classify N samples "
                    "(default 256), print the shape score")
-    p.add_argument("--npz", help="also write all samples to this .npz: uint8 arr_0 (N, H, W, 3), as ADM/DiT's FID suite reads")
+    p.add_argument("--npz", help="also write the samples to this .npz (uint8 arr_0, as ADM/DiT's FID suite reads)")
     p.add_argument("--device", choices=["cpu", "cuda", "mps"], default=None, help="default: cuda, else mps, else cpu")
     args = p.parse_args(argv)
     for flag in ("n", "batch", "steps", "image_size", "size"):
@@ -455,7 +442,7 @@ def parse_args(argv=None):
 
 def sampler_help():
     """--help: the names of each model file's SAMPLERS, where it declares them."""
-    names = [f.stem for f in sorted(Path(__file__).parent.glob("*.py")) if re.search(r"^SAMPLERS\b", f.read_text(), re.M)]
+    names = [f.stem for f in sorted(Path(__file__).parent.glob("*.py")) if "\nSAMPLERS = " in f.read_text()]
     return "; ".join(f"{m}: {', '.join(importlib.import_module(m).SAMPLERS)}" for m in names) + \
         "; other model files: model-specific (see their sample(), e.g. ddpm, ddim)"
 
@@ -469,17 +456,16 @@ def load(args, device):
         return model.to(device).eval(), load_autoencoder(args.ae, device) if args.ae else None, None
     if not args.ckpt:
         fail("give a run folder / checkpoint, or --model NAME --official PATH --config NAME")
-    ck = load_checkpoint(args.ckpt)
-    weights = "model" if args.raw else "ema"
+    ck, weights = load_checkpoint(args.ckpt), "model" if args.raw else "ema"
     model = build_model(ck["create"], ck[weights], f"{args.ckpt} '{weights}'").to(device).eval()
-    ae = None
-    if args.ae or ck.get("ae"):
-        run = Path(args.ckpt) if Path(args.ckpt).is_dir() else Path(args.ckpt).parent
-        stored = ck.get("ae") and (str(run / ck["ae"]["spec"]) if (run / ck["ae"]["spec"]).exists() else ck["ae"]["spec"])
-        ae = load_autoencoder(args.ae or stored, device)  # train.py stores an AE inside the run folder relative to it
-        if ck.get("ae") and not args.ae:
-            ae.scale_factor.fill_(ck["ae"]["scale_factor"])  # the factor train.py measured (or the official one)
-    return model, ae, ck["create"]["overrides"].get("image_size")
+    size, stored = ck["create"]["overrides"].get("image_size"), ck.get("ae")
+    if args.ae or not stored:
+        return model, load_autoencoder(args.ae, device) if args.ae else None, size
+    # train.py stores an AE inside the run folder relative to it, and the scale factor it measured (or the official one)
+    run = Path(args.ckpt) if Path(args.ckpt).is_dir() else Path(args.ckpt).parent
+    ae = load_autoencoder(str(run / stored["spec"]) if (run / stored["spec"]).exists() else stored["spec"], device)
+    ae.scale_factor.fill_(stored["scale_factor"])
+    return model, ae, size
 
 
 def to_image(x, ae, size):
@@ -547,15 +533,13 @@ def generate(model, ae, args, device, out):
 
 
 def lpips_metric(device):
-    """LPIPS (AlexNet, as the LPIPS paper recommends for evaluation), or None with a clear note when the
-    ImageNet backbone weights cannot be downloaded."""
+    """LPIPS (AlexNet, as the LPIPS paper recommends for evaluation), or None when its weights cannot be downloaded."""
     try:
         import lpips
         return lpips.LPIPS(net="alex", verbose=False).to(device).eval()
     except Exception as e:  # noqa: BLE001 (no network: torchvision cannot fetch the backbone)
-        hub = Path(torch.hub.get_dir()) / "checkpoints"
         print(f"note: LPIPS not computed ({type(e).__name__}): put alexnet-owt-7be5be79.pth (torchvision's "
-              f"AlexNet ImageNet weights) in {hub}/ and run again")
+              f"AlexNet ImageNet weights) in {Path(torch.hub.get_dir()) / 'checkpoints'}/ and run again")
         return None
 
 
@@ -564,22 +548,17 @@ def reconstruct(model, args, size, device, out):
     if not (hasattr(model, "encode") and hasattr(model, "decode")):
         fail("--reconstruct needs an autoencoder checkpoint (encode/decode)")
     src = Path(args.reconstruct)
-    if src.is_file() and src.suffix.lower() in IMAGE_EXTS:
-        files = [src]
-    else:
-        files = Folder(src, labelled=False).files
+    files = [src] if src.is_file() and src.suffix.lower() in IMAGE_EXTS else Folder(src, labelled=False).files
     size_in = args.image_size or size or 256
     size_out = args.size or size_in
     out.mkdir(parents=True, exist_ok=True)
-    tf_in, tf_out, rng = CenterCrop(size_in, flip=False), CenterCrop(size_out, flip=False), None
+    tf_in, tf_out = CenterCrop(size_in, flip=False), CenterCrop(size_out, flip=False)
     metric, psnrs, dists = lpips_metric(device), [], []
     for f in files:
         with Image.open(f) as img:
             img = img.convert("RGB")
-        x, target = tf_in(img, rng)["x"][None].to(device), tf_out(img, rng)["x"][None].to(device)
-        z = model.encode(x)
-        y = model.render(z, size_out) if args.size and hasattr(model, "render") else model.decode(z)
-        y = y.float().clamp(-1, 1)
+        x, target = tf_in(img, None)["x"][None].to(device), tf_out(img, None)["x"][None].to(device)
+        y = to_image(model.encode(x), model, args.size).float().clamp(-1, 1)  # decoded, or rendered at --size
         if y.shape != target.shape:
             fail(f"the model reconstructs {tuple(y.shape[-2:])} from {size_in}px input; give --size")
         mse = ((y - target) / 2).pow(2).mean().item()  # on [0, 1] images
@@ -596,16 +575,14 @@ def reconstruct(model, args, size, device, out):
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun: every process samples its share of the batches
         dist.init_process_group("gloo")
     if args.score is not None:  # the shape score of a shapes run (issue 17)
         return score_run(args, device)
     model, ae, size = load(args, device)
-    src = Path(args.official or args.ckpt)
-    out = Path(args.out or (src if src.is_dir() else src.parent) / ("reconstructed" if args.reconstruct else "generated"))
+    run = Path(args.official or args.ckpt)
+    run = run if run.is_dir() else run.parent
+    out = Path(args.out or run / ("reconstructed" if args.reconstruct else "generated"))
     if args.reconstruct:
         reconstruct(model, args, size, device, out)
     else:

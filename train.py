@@ -3,8 +3,7 @@
     python train.py --model dit --config demo --data shapes --image-size 32 --steps 3000
     torchrun --nproc_per_node 8 train.py --model hdit --config hdit_ffhq1024 --data ffhq --image-size 1024
 
-It knows only the model-file contract (README.md): `create`, `optimizer_groups`, `loss`, `hparams`, and `sample` /
-`encode` / `decode` for the grids. The rest is plumbing: data, DDP, bf16, EMA, checkpoints, resume, logs.
+It knows only the model-file contract (README.md); the rest is plumbing: data, DDP, precision, EMA, checkpoints.
 
 Reproducibility: --batch-size is the GLOBAL batch. Each step reads one global batch from a per-epoch permutation and
 cuts it into world_size * grad_accum equal shards; shard s is the same samples, and every random draw for it (the
@@ -19,10 +18,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from sample import (CenterCrop, Folder, Shapes, build_model, fail, fit_scale_factor, load_autoencoder, load_checkpoint,
-                    load_weights, log_shape_score, pick_device, save_grid, seed_for)
+from sample import (CenterCrop, Folder, Shapes, build_model, fail, load_autoencoder, load_checkpoint, load_weights,
+                    log_shape_score, pick_device, save_grid, seed_for)
 
-DEFAULTS = dict(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, ema_decay=0.9999, warmup_steps=0, grad_clip=1.0, batch_size=64)
+DEFAULTS = dict(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, ema_decay=0.9999, warmup_steps=0, grad_clip=1.0,
+                batch_size=64)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
 
 
@@ -62,9 +62,8 @@ class Examples(torch.utils.data.Dataset):
 
 
 class ShardSampler(torch.utils.data.Sampler):
-    """Yields (index, augmentation seed) for this process's shards of every global batch, from start_step on.
-    Used instead of DistributedSampler (which deals rank r the samples r::world) so that the samples of a
-    shard do not depend on how many processes share the batch (see the module docstring)."""
+    """Yields (index, augmentation seed) for this process's shards of every global batch, from start_step on. Not
+    DistributedSampler (rank r gets samples r::world): a shard's samples must not depend on the number of processes."""
 
     def __init__(self, n, global_batch, shards, total_shards, seed, start_step):
         if global_batch > n:
@@ -170,7 +169,7 @@ class LossCall(torch.nn.Module):
         except (NotImplementedError, TypeError) as e:  # an op Apple's MPS backend lacks (float64, some kernels)
             if "MPS" not in str(e):
                 raise
-            fail(f"{str(e).splitlines()[0]} (set PYTORCH_ENABLE_MPS_FALLBACK=1 to run it on the CPU, or use --device cpu)")
+            fail(f"{str(e).splitlines()[0]} (set PYTORCH_ENABLE_MPS_FALLBACK=1 for a CPU fallback, or --device cpu)")
 
 
 def count_flops(call, batch, groups, step, forward_only=False):
@@ -201,8 +200,7 @@ def preview(ema, ae, fixed, args, num_classes, device):
         x = ema.sample(16, labels=labels, steps=args.sample_steps, cfg=args.sample_cfg, generator=gen)
         return ae.decode(x) if ae is not None else x
     x = fixed["x"][:8]
-    pairs = torch.stack([x, ema.decode(ema.encode(x))], 1)  # (8, 2, C, H, W): input next to reconstruction
-    return pairs.flatten(0, 1)
+    return torch.stack([x, ema.decode(ema.encode(x))], 1).flatten(0, 1)  # input next to its reconstruction
 
 
 # ------------------------------------------------------------------------------------ main
@@ -211,15 +209,15 @@ def parse_args(argv=None):
     p.error = fail  # a bad value is one line naming the flag, not usage text
     p.add_argument("--model", required=True, help="model file name: dit, hdit, unet_ldm, ae_kl, ae_vq, dcae, infd")
     p.add_argument("--config", default="tiny", help="preset name from the model file's CONFIGS")
-    p.add_argument("--data", default="shapes", help="shapes | ffhq | imagenet (under $DATA_ROOT, default ./data) | PATH")
+    p.add_argument("--data", default="shapes", help="shapes | ffhq | imagenet (under $DATA_ROOT) | PATH")
     p.add_argument("--image-size", type=int, default=None, help="pixels (default 32 for shapes, else 256)")
     p.add_argument("--out", default=None, help="run folder (default runs/MODEL-CONFIG)")
     p.add_argument("--batch-size", type=int, default=None, help="GLOBAL batch over all processes and accumulation")
     for name, default, what in [("steps", 10_000, "optimizer steps"), ("grad-accum", 1, "micro-batches per step"),
                                 ("warmup-steps", None, "linear LR warm-up"), ("seed", 0, "data order and RNG"),
                                 ("workers", min(4, os.cpu_count() or 1), "data loader processes"),
-                                ("log-every", 10, "steps"), ("sample-every", 1000, "steps (0: no grids)"), ("ckpt-every", 1000, "steps"),
-                                ("sample-steps", None, "sampler steps for the grids")]:
+                                ("log-every", 10, "steps"), ("sample-every", 1000, "steps (0: no grids)"),
+                                ("ckpt-every", 1000, "steps"), ("sample-steps", None, "sampler steps for the grids")]:
         p.add_argument(f"--{name}", type=int, default=default, help=what)
     for name in ("lr", "weight-decay", "ema-decay", "grad-clip"):
         p.add_argument(f"--{name}", type=float, default=None, help="default: the preset's hparams (0: none)")
@@ -227,8 +225,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/ckpt.pt (same flags; --lr may change)")
     p.add_argument("--init", default=None, help="start from this checkpoint's EMA weights (e.g. a DC-AE phase)")
     p.add_argument("--phase", type=int, default=None, help="passed to optimizer_groups (DC-AE phases 1-3)")
-    p.add_argument("--ae", default=None, help="train on the latents of this autoencoder checkpoint (or MODEL:CONFIG:PATH)")
-    p.add_argument("--cache-latents", action="store_true", help="with --ae: encode the data once into RUN_DIR/latents.npy")
+    p.add_argument("--ae", default=None, help="train on this autoencoder's latents: a checkpoint, or MODEL:CONFIG:PATH")
+    p.add_argument("--cache-latents", action="store_true", help="with --ae: encode the data once (RUN_DIR/latents.npy)")
     p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="create() overrides")
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="autocast; auto: bf16 on GPUs that support it, else fp16 + GradScaler; fp32 on CPU and MPS")
@@ -237,8 +235,9 @@ def parse_args(argv=None):
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute each layer in backward (saves memory)")
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: known GPUs)")
     args = p.parse_args(argv)
-    for flag, low in [("batch_size", 1), ("steps", 1), ("grad_accum", 1), ("image_size", 1), ("log_every", 1), ("ckpt_every", 1),
-                      ("workers", 0), ("sample_every", 0), ("warmup_steps", 0), ("lr", 0), ("ema_decay", 0), ("grad_clip", 0)]:
+    for flag, low in [("batch_size", 1), ("steps", 1), ("grad_accum", 1), ("image_size", 1), ("log_every", 1),
+                      ("ckpt_every", 1), ("workers", 0), ("sample_every", 0), ("warmup_steps", 0), ("lr", 0),
+                      ("ema_decay", 0), ("grad_clip", 0)]:
         if getattr(args, flag) is not None and getattr(args, flag) < low:
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected a number >= {low}")
     if args.cache_latents and not args.ae:
@@ -264,10 +263,11 @@ def parse_sets(items):
 
 def check_resume(ck, args, out):
     """--resume continues the same run: the flags that fix the model, its inputs and the data order must match."""
-    was, same = ck["args"], ("model", "config", "data", "image_size", "batch_size", "seed", "ae", "set", "phase")
-    diff = [f"--{k.replace('_', '-')} {was.get(k)} (now {getattr(args, k)})" for k in same if was.get(k) != getattr(args, k)]
+    was, now = ck["args"], vars(args)
+    same = ("model", "config", "data", "image_size", "batch_size", "seed", "ae", "set", "phase")
+    diff = [f"--{k.replace('_', '-')} {was.get(k)} (now {now[k]})" for k in same if was.get(k) != now[k]]
     if diff:
-        fail(f"--resume: {out}/ckpt.pt was trained with other flags: {', '.join(diff)}; give the same flags or a new --out")
+        fail(f"--resume: {out}/ckpt.pt was trained with other flags: {', '.join(diff)}; use them or a new --out")
     if was.get("lr") != args.lr:
         print(f"note: --resume with lr {args.lr} (the checkpoint's run used {was.get('lr')}) from step {ck['step']}")
 
@@ -288,15 +288,11 @@ def main(argv=None):
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     device = pick_device(args.device)
     cuda, main_proc, out = device.type == "cuda", rank == 0, Path(args.out)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cuda  # TF32 matmuls/convs on GPU
-    if cuda:
-        torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")
     precision, autocast, scaler = pick_precision(args.precision, device)
 
     ck = load_checkpoint(out / "ckpt.pt") if args.resume and (out / "ckpt.pt").exists() else None
     if world > 1:  # every process reads RUN_DIR itself: with per-node disks the other nodes would start at step 0
+        dist.init_process_group("nccl" if cuda else "gloo")
         seen = [None] * world
         dist.all_gather_object(seen, ck["step"] if ck else None)
         if len(set(seen)) > 1:
@@ -321,8 +317,10 @@ def main(argv=None):
         torch.manual_seed(seed_for("scale", args.seed))  # the same factor in every process and every run
         if ck and ck.get("ae"):
             ae.scale_factor.fill_(ck["ae"]["scale_factor"])
-        elif float(ae.scale_factor) == 0:
-            fit_scale_factor(ae, probe)
+        elif float(ae.scale_factor) == 0:  # LDM's scale_by_std: 1 / std of the latents, so the model sees unit variance
+            ae.scale_factor.fill_(1.0)
+            with torch.no_grad():
+                ae.scale_factor.fill_(float(ae.encode(probe).float().var().rsqrt()))
         with torch.no_grad(), autocast:
             shape = tuple(ae.encode(probe[:1]).shape[1:])
         inside = Path(args.ae).is_relative_to(out.resolve())  # stored relative: a moved run folder keeps working
@@ -357,8 +355,7 @@ def main(argv=None):
     for name, group in groups.items():
         pgs = [dict(g) for g in group] if group and isinstance(group[0], dict) else [{"params": list(group)}]
         for pg in pgs:  # a dict may scale the base lr (HDiT's mapping network: lr_scale 1/3)
-            scale = pg.pop("lr_scale", 1.0)
-            pg["initial_lr"] = pg.setdefault("lr", hp["lr"] * scale)
+            pg["initial_lr"] = pg.setdefault("lr", hp["lr"] * pg.pop("lr_scale", 1.0))
         opts[name] = torch.optim.AdamW(pgs, lr=hp["lr"], betas=tuple(hp["betas"]), weight_decay=hp["weight_decay"],
                                        fused=cuda or None)
         params[name] = [p for pg in pgs for p in pg["params"]]
@@ -394,10 +391,10 @@ def main(argv=None):
 
     first = torch.utils.data.default_collate([data[(j, j)] for j in (0, 1)])
     first = prepare({k: v for k, v in first.items() if k != "skipped"}, start, 0)
-    # FlopCounterMode's module hooks keep every activation alive, undoing --grad-checkpoint: there, count 3x a forward
     try:
         with torch.random.fork_rng(devices=[device] if cuda else []):  # rank 0 alone counts: keep its RNG in step
-            flops = count_flops(LossCall(model), first, list(groups), start, args.grad_checkpoint) if main_proc else None
+            flops = count_flops(LossCall(model), first, list(groups), start, args.grad_checkpoint) if main_proc \
+                else None
     except Exception as e:  # noqa: BLE001 (an op FlopCounterMode does not know: report no MFU, train anyway)
         flops, _ = None, print(f"note: FLOP count failed ({type(e).__name__}); MFU not reported")
     # Wrapped only now: DDP hooks every parameter's gradient, and the FLOP count's backward is not a DDP step.
@@ -407,12 +404,14 @@ def main(argv=None):
                                                          find_unused_parameters=len(groups) > 1)
     no_sync = call.no_sync if world > 1 else contextlib.nullcontext
     call = torch.compile(call) if args.compile else call
-    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if cuda and k in torch.cuda.get_device_name()), None)
+    gpu = torch.cuda.get_device_name() if cuda else ""
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
     if main_proc:
-        print(f"{args.model} {args.config}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, input {shape}, "
-              f"{f'{flops / 1e9:.3g}' if flops else '-'} GFLOP/sample/step{' (3x forward)' * args.grad_checkpoint}, "
-              f"{len(source)} images, {num_classes} classes, {world} process(es), global batch {batch} = {shards} x "
-              f"{batch // shards}, {device}, precision {precision}{' + GradScaler' * scaler.is_enabled()}")
+        print(f"{args.model} {args.config}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+              f"input {shape}, {f'{flops / 1e9:.3g}' if flops else '-'} GFLOP/sample/step"
+              f"{' (3x forward)' * args.grad_checkpoint}, {len(source)} images, {num_classes} classes, {world} "
+              f"process(es), global batch {batch} = {shards} x {batch // shards}, {device}, precision {precision}"
+              f"{' + GradScaler' * scaler.is_enabled()}")
 
     bad = torch.zeros((), dtype=torch.bool, device=device)
     sums, n_steps, t0, skipped, saved, fixed = {}, 0, time.time(), torch.zeros((), device=device), start, None
@@ -485,7 +484,8 @@ def main(argv=None):
                 with open(out / "log.jsonl", "a") as f:
                     f.write(json.dumps(rec) + "\n")
                 mfu = f"{100 * rec['mfu']:.1f}%" if rec["mfu"] is not None else "-"
-                pbar.set_postfix_str(f"loss {rec[keys[0]]:.4f} | {rate:.1f} img/s | MFU {mfu} | mem {rec['peak_mem_gb']:.1f}G")
+                mem = rec["peak_mem_gb"]
+                pbar.set_postfix_str(f"loss {rec[keys[0]]:.4f} | {rate:.1f} img/s | MFU {mfu} | mem {mem:.1f}G")
             sums, n_steps, t0 = {}, 0, time.time()
         if main_proc and args.sample_every > 0 and (done % args.sample_every == 0 or done == args.steps):
             with autocast:
