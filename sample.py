@@ -1,10 +1,9 @@
 """sample.py: generate, reconstruct, or render at any size; from our checkpoints or the official ones.
 
     python sample.py runs/dit-demo --n 64 --class 2 --cfg 3    # -> runs/dit-demo/generated/grid.png
-    python sample.py runs/ae_kl-tiny --reconstruct photos/     # input|output pairs, PSNR and LPIPS
 
-Like train.py it knows only the model-file contract: `sample`, `encode`, `decode`, `render`, `load_official`.
-README.md lists the modes and flags (official weights, --npz for FID, torchrun).
+Like train.py it knows only the model-file contract (`sample`, `encode`, `decode`, `render`, `load_official`);
+README.md lists the modes (--reconstruct, official weights, --npz for FID, torchrun) and their flags.
 """
 import argparse, hashlib, importlib, inspect, json, math, os, random, sys, time  # noqa: E401
 from pathlib import Path
@@ -489,8 +488,7 @@ def load_context(path, model, n, device):
     for k, v in obj.items():
         if k not in ("context", "uc_context") or not torch.is_tensor(v) or v.dim() not in (2, 3) or \
                 (v.dim() == 3 and len(v) not in (1, n)):
-            fail(f"--context {path}: expected a tensor (L, D) or ({n}, L, D), or a dict of them under "
-                 "'context' and 'uc_context'")
+            fail(f"--context {path}: expected a tensor (L, D) or ({n}, L, D), or a dict of them (context, uc_context)")
     return {k: (v if v.dim() == 3 else v[None]).float().expand(n, -1, -1) for k, v in obj.items()}
 
 

@@ -173,9 +173,8 @@ class LossCall(torch.nn.Module):
 
 
 def count_flops(call, batch, groups, step, forward_only=False):
-    """FLOPs of one training step for one sample: every group's loss forward + backward (FlopCounterMode).
-    forward_only (--grad-checkpoint): 3x a no-grad forward (backward ~ 2x forward), because the counter's module
-    hooks keep every activation of a backward pass alive, which checkpointing exists to avoid."""
+    """FLOPs of one training step for one sample: every group's loss forward + backward (FlopCounterMode). forward_only
+    (--grad-checkpoint): 3x a no-grad forward, as the counter's hooks would keep all activations of a backward alive."""
     from torch.utils.flop_counter import FlopCounterMode
     n = min(2, len(batch["x"]))
     few = {k: v[:n] if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -306,7 +305,6 @@ def main(argv=None):
         lines = (out / "log.jsonl").read_text().splitlines()
         (out / "log.jsonl").write_text("".join(r + "\n" for r in lines if json.loads(r)["step"] <= start))
 
-    # Data, and the shape the model sees: pixels, or the latents of a frozen autoencoder (--ae).
     source = find_data(args.data, args.image_size, args.seed)
     num_classes, accum, shards = len(source.classes), args.grad_accum, world * args.grad_accum
     default_tf = CenterCrop(args.image_size)
@@ -318,9 +316,8 @@ def main(argv=None):
         if ck and ck.get("ae"):
             ae.scale_factor.fill_(ck["ae"]["scale_factor"])
         elif float(ae.scale_factor) == 0:  # LDM's scale_by_std: 1 / std of the latents, so the model sees unit variance
-            ae.scale_factor.fill_(1.0)
-            with torch.no_grad():
-                ae.scale_factor.fill_(float(ae.encode(probe).float().var().rsqrt()))
+            ae.scale_factor.fill_(1.0)  # encode unscaled (the AE is frozen: no graph is kept)
+            ae.scale_factor.fill_(float(ae.encode(probe).float().var().rsqrt()))
         with torch.no_grad(), autocast:
             shape = tuple(ae.encode(probe[:1]).shape[1:])
         inside = Path(args.ae).is_relative_to(out.resolve())  # stored relative: a moved run folder keeps working
@@ -393,8 +390,7 @@ def main(argv=None):
     first = prepare({k: v for k, v in first.items() if k != "skipped"}, start, 0)
     try:
         with torch.random.fork_rng(devices=[device] if cuda else []):  # rank 0 alone counts: keep its RNG in step
-            flops = count_flops(LossCall(model), first, list(groups), start, args.grad_checkpoint) if main_proc \
-                else None
+            flops = count_flops(LossCall(model), first, groups, start, args.grad_checkpoint) if main_proc else None
     except Exception as e:  # noqa: BLE001 (an op FlopCounterMode does not know: report no MFU, train anyway)
         flops, _ = None, print(f"note: FLOP count failed ({type(e).__name__}); MFU not reported")
     # Wrapped only now: DDP hooks every parameter's gradient, and the FLOP count's backward is not a DDP step.
