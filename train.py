@@ -324,7 +324,8 @@ def main(argv=None):
         ae_info = {"spec": str(Path(args.ae).relative_to(out.resolve())) if inside else args.ae,
                    "scale_factor": float(ae.scale_factor)}
     spec = ck["create"] if ck else {"model": args.model, "config": args.config, "overrides": {
-        "image_size": shape[-1], "in_channels": shape[0], "num_classes": num_classes, **parse_sets(args.set)}}
+        "image_size": shape[-1], "in_channels": shape[0], "num_classes": num_classes,
+        **({"clip_denoised": False} if args.ae else {}), **parse_sets(args.set)}}  # latents are not in [-1, 1]
     torch.manual_seed(args.seed)  # the same initial weights in every process and every run with this seed
     try:
         model = build_model(spec)

@@ -100,6 +100,7 @@ def test_latent_diffusion_by_composition(model, ae, ae_runs, tmp_path, capsys):
     latent = {"ae_kl": (4, 8), "ae_vq": (4, 8), "dcae": (16, 4), "infd": (3, 8)}[ae]
     assert (ck["create"]["overrides"]["in_channels"], ck["create"]["overrides"]["image_size"]) == latent
     assert ck["ae"]["scale_factor"] > 0  # measured on the first batch (1 / std), stored for sample.py
+    assert ck["create"]["overrides"]["clip_denoised"] is False  # never clip latents, whatever the preset says
     assert Image.open(out / "samples" / "step_0000002.png").size == (4 * 34 + 2, 4 * 34 + 2)  # decoded to 32 px
     sample.main([str(out), "--n", "2", "--steps", "2"])
     assert Image.open(out / "generated" / "grid.png").size == (2 * 34 + 2, 1 * 34 + 2)
