@@ -12,8 +12,6 @@ import json
 import lzma
 import os
 import re
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -23,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import ae_kl
-from conftest import GOLDEN, assert_close, blob_batch, lift
+from conftest import GOLDEN, assert_close, blob_batch, lift, lightning_ckpt
 
 KEYS = Path(__file__).resolve().parent / "golden" / "ae_kl" / "keys"
 
@@ -385,25 +383,6 @@ def test_load_official_roundtrip(capsys):
     # preset scale factors
     assert ae_kl.CONFIGS["kl-f8"]["scale_factor"] == 0.18215
     assert ae_kl.create("tiny", lpips_pretrained=False, scale_factor=0.25).scale_factor.item() == 0.25
-
-
-def lightning_ckpt(tmp_path, state_dict):
-    """A .ckpt laid out as LDM's released model.ckpt: saved by a process that has pytorch_lightning (a fake one
-    here), its ModelCheckpoint class and an instance under "callbacks", the weights under "state_dict"."""
-    pkg = tmp_path / "fake_pl" / "pytorch_lightning" / "callbacks"
-    pkg.mkdir(parents=True)
-    for init in (pkg.parent / "__init__.py", pkg / "__init__.py"):
-        init.write_text("")
-    (pkg / "model_checkpoint.py").write_text("class ModelCheckpoint:\n    def __init__(self):\n        self.k = 3\n")
-    torch.save(state_dict, tmp_path / "weights.pt")
-    save = ("import sys, torch\nfrom pytorch_lightning.callbacks.model_checkpoint import ModelCheckpoint as M\n"
-            "torch.save({'epoch': 3, 'global_step': 7, 'pytorch-lightning_version': '1.4.2', 'state_dict': "
-            "torch.load(sys.argv[1], weights_only=True), 'callbacks': {M: {'best_model_score': torch.tensor(0.5)}, "
-            "'instance': M()}}, sys.argv[2])")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "fake_pl"), os.environ.get("PYTHONPATH", "")]))
-    subprocess.run([sys.executable, "-c", save, str(tmp_path / "weights.pt"), str(tmp_path / "model.ckpt")],
-                   env=env, check=True)
-    return tmp_path / "model.ckpt"
 
 
 def test_load_official_reads_lightning_ckpt(tmp_path, monkeypatch):

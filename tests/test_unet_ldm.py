@@ -10,14 +10,11 @@ import gzip
 import io
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import GOLDEN, assert_close, lift
+from conftest import GOLDEN, assert_close, lift, lightning_ckpt
 
 import unet_ldm as U
 
@@ -701,25 +698,6 @@ def test_spatial_transformer_liftable():
     lifted.load_state_dict(mine.state_dict())
     with torch.no_grad():
         assert torch.equal(lifted.eval()(x, ctx), mine(x, ctx))
-
-
-def lightning_ckpt(tmp_path, state_dict):
-    """A .ckpt laid out as LDM's released model.ckpt: saved by a process that has pytorch_lightning (a fake one
-    here), its ModelCheckpoint class and an instance under "callbacks", the weights under "state_dict"."""
-    pkg = tmp_path / "fake_pl" / "pytorch_lightning" / "callbacks"
-    pkg.mkdir(parents=True)
-    for init in (pkg.parent / "__init__.py", pkg / "__init__.py"):
-        init.write_text("")
-    (pkg / "model_checkpoint.py").write_text("class ModelCheckpoint:\n    def __init__(self):\n        self.k = 3\n")
-    torch.save(state_dict, tmp_path / "weights.pt")
-    save = ("import sys, torch\nfrom pytorch_lightning.callbacks.model_checkpoint import ModelCheckpoint as M\n"
-            "torch.save({'epoch': 3, 'global_step': 7, 'pytorch-lightning_version': '1.4.2', 'state_dict': "
-            "torch.load(sys.argv[1], weights_only=True), 'callbacks': {M: {'best_model_score': torch.tensor(0.5)}, "
-            "'instance': M()}}, sys.argv[2])")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "fake_pl"), os.environ.get("PYTHONPATH", "")]))
-    subprocess.run([sys.executable, "-c", save, str(tmp_path / "weights.pt"), str(tmp_path / "model.ckpt")],
-                   env=env, check=True)
-    return tmp_path / "model.ckpt"
 
 
 def test_load_official_reads_lightning_ckpt(tmp_path):
