@@ -107,3 +107,14 @@ def lightning_ckpt(tmp_path, state_dict):
     subprocess.run([sys.executable, "-c", save, str(tmp_path / "weights.pt"), str(tmp_path / "model.ckpt")],
                    env=env, check=True)
     return tmp_path / "model.ckpt"
+
+
+def fails_with(fn, *words):
+    """fn() stops with one line "error: ..." (no stack trace, no usage text) that names each of `words`."""
+    with pytest.raises(SystemExit) as e:
+        fn()
+    msg = str(e.value.code)
+    assert msg.startswith("error:") and "\n" not in msg, msg
+    for w in words:
+        assert w in msg, msg
+    return msg

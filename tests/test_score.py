@@ -14,6 +14,7 @@ from PIL import Image
 
 import sample
 import train
+from conftest import fails_with
 
 TINY = ["--config", "tiny", "--data", "shapes", "--batch-size", "4", "--workers", "0", "--sample-steps", "2"]
 
@@ -39,15 +40,6 @@ def real_shapes(n, size=32, seed=0):
     source = sample.Shapes(size, n, seed)
     images, labels = zip(*(source.image(i) for i in range(n)))
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1, torch.tensor(labels)
-
-
-def fails_with(fn, *words):
-    with pytest.raises(SystemExit) as e:
-        fn()
-    msg = str(e.value.code)
-    assert msg.startswith("error:") and "\n" not in msg, msg
-    for w in words:
-        assert w in msg, msg
 
 
 # ------------------------------------------------------------------------------------------- the classifier

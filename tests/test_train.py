@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, ddp_and_single
+from conftest import ROOT, ddp_and_single, fails_with
 
 import sample
 import train
@@ -36,16 +36,6 @@ def params(state):
 def max_diff(a, b):
     assert a.keys() == b.keys()
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-
-
-def fails_with(capsys_or_none, fn, *words):
-    with pytest.raises(SystemExit) as e:
-        fn()
-    msg = str(e.value.code)
-    assert msg.startswith("error:") and "\n" not in msg, msg
-    for w in words:
-        assert w in msg, msg
-    return msg
 
 
 def test_train_writes_checkpoint_grid_and_log(tmp_path):
@@ -119,14 +109,14 @@ def write_images(folder, n, size=20):
 
 
 def test_missing_and_empty_data_folders(tmp_path):
-    fails_with(None, lambda: train.main(TINY[:4] + ["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]),
+    fails_with(lambda: train.main(TINY[:4] + ["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]),
                "does not exist")
     (tmp_path / "empty").mkdir()
-    fails_with(None, lambda: train.main(TINY[:4] + ["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r")]),
+    fails_with(lambda: train.main(TINY[:4] + ["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r")]),
                "has no images")
     os.environ["DATA_ROOT"] = str(tmp_path)
     try:
-        fails_with(None, lambda: train.main(TINY[:4] + ["--data", "ffhq", "--out", str(tmp_path / "r")]), "ffhq")
+        fails_with(lambda: train.main(TINY[:4] + ["--data", "ffhq", "--out", str(tmp_path / "r")]), "ffhq")
     finally:
         del os.environ["DATA_ROOT"]
 
@@ -148,33 +138,33 @@ def test_folder_with_classes_and_an_unreadable_image(tmp_path, capfd):
 
 def test_batch_larger_than_data_and_indivisible_batch(tmp_path):
     write_images(tmp_path / "few", 3)
-    fails_with(None, lambda: train.main(TINY[:4] + ["--data", str(tmp_path / "few"), "--batch-size", "8",
+    fails_with(lambda: train.main(TINY[:4] + ["--data", str(tmp_path / "few"), "--batch-size", "8",
                                                     "--workers", "0", "--out", str(tmp_path / "r")]), "larger than")
-    fails_with(None, lambda: run_train(tmp_path / "r", "--batch-size", "5", "--grad-accum", "2"), "divisible")
+    fails_with(lambda: run_train(tmp_path / "r", "--batch-size", "5", "--grad-accum", "2"), "divisible")
 
 
 def test_wrong_checkpoints(tmp_path):
     out = tmp_path / "run"
     run_train(out, "--steps", "1", "--sample-every", "100")
-    fails_with(None, lambda: train.main(["--model", "dit", "--config", "DiT-S/2", "--out", str(out), "--resume",
+    fails_with(lambda: train.main(["--model", "dit", "--config", "DiT-S/2", "--out", str(out), "--resume",
                                          "--workers", "0"]), "--config tiny (now DiT-S/2)")
-    fails_with(None, lambda: run_train(tmp_path / "r2", "--steps", "1", "--set", "depth=3", "--init", str(out)),
+    fails_with(lambda: run_train(tmp_path / "r2", "--steps", "1", "--set", "depth=3", "--init", str(out)),
                "does not fit this model", "blocks.2")
     (tmp_path / "junk.pt").write_bytes(b"junk")
-    fails_with(None, lambda: sample.main([str(tmp_path / "junk.pt")]), "not a readable checkpoint")
+    fails_with(lambda: sample.main([str(tmp_path / "junk.pt")]), "not a readable checkpoint")
     torch.save({"weights": torch.zeros(1)}, tmp_path / "foreign.pt")
-    fails_with(None, lambda: sample.main([str(tmp_path / "foreign.pt")]), "not written by train.py")
-    fails_with(None, lambda: sample.main([str(tmp_path / "none")]), "no checkpoint")
-    fails_with(None, lambda: sample.main([str(out), "--reconstruct", str(out)]), "autoencoder")
-    fails_with(None, lambda: run_train(tmp_path / "r3", "--config", "DiT-Q/2"), "no preset")
-    fails_with(None, lambda: run_train(tmp_path / "r4", "--set", "depth"), "KEY=VALUE")
+    fails_with(lambda: sample.main([str(tmp_path / "foreign.pt")]), "not written by train.py")
+    fails_with(lambda: sample.main([str(tmp_path / "none")]), "no checkpoint")
+    fails_with(lambda: sample.main([str(out), "--reconstruct", str(out)]), "autoencoder")
+    fails_with(lambda: run_train(tmp_path / "r3", "--config", "DiT-Q/2"), "no preset")
+    fails_with(lambda: run_train(tmp_path / "r4", "--set", "depth"), "KEY=VALUE")
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     out = tmp_path / "run"
     run_train(out, "--steps", "2", "--sample-every", "100")
     good = torch.load(out / "ckpt.pt", weights_only=True)
-    msg = fails_with(None, lambda: run_train(out, "--steps", "40", "--resume", "--lr", "1e30", "--grad-clip", "0",
+    msg = fails_with(lambda: run_train(out, "--steps", "40", "--resume", "--lr", "1e30", "--grad-clip", "0",
                                              "--log-every", "1", "--ckpt-every", "1", "--sample-every", "100"), "NaN")
     kept = torch.load(out / "ckpt.pt", weights_only=True)
     assert f"step {kept['step']}) is kept" in msg
