@@ -73,6 +73,7 @@ class TRMSNorm2d(nn.LayerNorm):
         xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # float32 math, as the kernel
         # the mean runs over the channels only: each pixel is normalised on its own
         rrms = torch.rsqrt(xf.pow(2).mean(dim=1, keepdim=True) + self.eps)  # (B, 1, H, W)
+        # per-channel affine after the normalisation; cast back so the layer returns the caller's dtype
         return (xf * rrms * self.weight[:, None, None] + self.bias[:, None, None]).to(x.dtype)
 
 
@@ -174,9 +175,15 @@ class ChannelAveragingShortcut(nn.Module):
             raise ValueError(f"averaging shortcut: in_ch*factor^2={in_ch * factor**2} not divisible by {out_ch}")
         # parameter-free: nothing in the state dict (as in the official key lists)
         self.factor, self.out_ch = factor, out_ch
+        # g = space-to-channel values per output channel; the mean (not a sum) keeps the input's magnitude,
+        # so stacking shortcuts over many down blocks does not blow the activations up
         self.group_size = in_ch * factor**2 // out_ch
 
     def forward(self, x):
+        # why this makes high compression trainable (Sec. 3.1): space-to-channel is lossless and parameter-free, so
+        # each down block starts as an information-preserving map and its learned branch only fits a residual (as
+        # ResNet shortcuts do for depth); without it every block must learn the rearrangement from scratch, which
+        # gets harder the more blocks (the higher the compression) there are
         x = F.pixel_unshuffle(x, self.factor)  # (B, C, H, W) -> (B, C*r*r, h, w), h = H/r
         B, _, h, w = x.shape
         # consecutive channels form one group: (B, C*r*r, h, w) -> (B, C_out, g, h, w) -> mean over g
@@ -204,9 +211,12 @@ class ChannelDuplicatingShortcut(nn.Module):
             raise ValueError(f"duplicating shortcut: out_ch*factor^2={out_ch * factor**2} not divisible by {in_ch}")
         # parameter-free, like the averaging shortcut
         self.factor = factor
+        # R copies per input channel give exactly the out_ch*r^2 channels that channel-to-space consumes
         self.repeats = out_ch * factor**2 // in_ch
 
     def forward(self, x):
+        # decoder mirror of the averaging shortcut: a fixed, parameter-free channel-to-space map, so the learned
+        # up-sampling branch beside it also only learns a residual
         x = x.repeat_interleave(self.repeats, dim=1)  # (B, C, h, w) -> (B, C*R, h, w)
         return F.pixel_shuffle(x, self.factor)  # (B, C*R, h, w) -> (B, C*R/(r*r), h*r, w*r)
 
@@ -224,6 +234,7 @@ class ConvPixelUnshuffleDownsample(nn.Module):
         if out_ch % factor**2 != 0:
             raise ValueError(f"ConvPixelUnshuffle: out channels {out_ch} not divisible by {factor**2}")
         self.factor = factor
+        # C_out/4 channels at full resolution: pixel_unshuffle(2) then multiplies them by 4, landing on C_out
         self.conv = ConvLayer(in_ch, out_ch // factor**2, 3, bias=True)
 
     def forward(self, x):
@@ -238,6 +249,7 @@ class ConvPixelShuffleUpsample(nn.Module):
     def __init__(self, in_ch, out_ch, factor=2):
         super().__init__()
         self.factor = factor
+        # the conv runs at the low input resolution (the cheap side); pixel_shuffle trades its 4x channels for 2x2 space
         self.conv = ConvLayer(in_ch, out_ch * factor**2, 3, bias=True)
 
     def forward(self, x):
@@ -308,6 +320,7 @@ class ResBlock(nn.Module):
         self.conv2 = ConvLayer(channels, channels, 3, bias=False, norm=norm, act=None)
 
     def forward(self, x):
+        # no activation after the final norm: build_block's identity skip adds this branch to x as it is
         return self.conv2(self.conv1(x))
 
 
@@ -331,6 +344,7 @@ class GLUMBConv(nn.Module):
     def forward(self, x):
         x = self.depth_conv(self.inverted_conv(x))  # (B, C, H, W) -> (B, 8C, H, W)
         x, gate = x.chunk(2, dim=1)  # (B, 8C, H, W) -> 2 x (B, 4C, H, W): value first, gate second
+        # gated linear unit: act(gate) scales each value channel per pixel, a data-dependent filter
         return self.point_conv(x * self.glu_act(gate))  # (B, 4C, H, W) -> (B, C, H, W)
 
 
@@ -386,15 +400,24 @@ class LiteMLA(nn.Module):
         with no_autocast(qkv.device):
             if not quadratic and qkv.dtype == torch.float16:
                 qkv = qkv.float()  # official: fp16 (range 65504) would overflow the linear branch's sums
+            # each head group's channels are contiguous [q, k, v] (class docstring), so one reshape separates the head
+            # groups and flattens the H x W grid into the token axis N
             qkv = qkv.reshape(B, -1, 3 * self.dim, H * W)  # (B, 3*G*dim, H, W) -> (B, G, 3*dim, N)
             q, k, v = qkv.split(self.dim, dim=2)  # 3 x (B, G, dim, N)
             # ReLU instead of softmax's exp: the similarity factorises, so the matmuls can be reordered
+            # non-negative q, k also make every k_m . q_n >= 0: the normaliser is a sum of non-negative weights, so
+            # out_n is a weighted average of the v_m, as softmax attention's is
             q, k = F.relu(q), F.relu(k)
             if not quadratic:
                 # (v k^T) q never forms the N x N map; the row of ones added to v also yields sum_m k_m . q_n
+                # why the ones row gives the normaliser: the padded row of (v k^T) is sum_m k_m^T, so the same row of
+                # (v k^T) q is sum_m k_m . q_n; numerator and denominator come out of one pair of matmuls
                 v = F.pad(v, (0, 0, 0, 1), mode="constant", value=1.0)  # (B, G, dim+1, N)
                 out = (v @ k.transpose(-1, -2)) @ q  # (B, G, dim+1, dim) @ (B, G, dim, N) -> (B, G, dim+1, N)
+                # the division in float32 (as the official code): both rows are sums over all N tokens, which half
+                # precision rounds coarsely (bf16 keeps 8 mantissa bits); a small denominator amplifies that error
                 out = out.float() if out.dtype in half else out
+                # eps only guards a query whose ReLU weights are all zero (0 / 0); it is far below any real sum
                 out = out[:, :, :-1] / (out[:, :, -1:] + self.eps)  # (B, G, dim, N)
             else:
                 # few tokens: the explicit N x N map, normalised over the keys by the same sum_m k_m . q_n
@@ -402,6 +425,7 @@ class LiteMLA(nn.Module):
                 att32 = att.float() if att.dtype in half else att
                 att = (att32 / (att32.sum(dim=2, keepdim=True) + self.eps)).to(att.dtype)
                 out = v @ att  # (B, G, dim, N_key) @ (B, G, N_key, N) -> (B, G, dim, N)
+        # undo the head split: head groups back to channels, tokens back to the H x W grid, for the 1x1 proj
         return out.reshape(B, -1, H, W)  # (B, G, dim, N) -> (B, G*dim, H, W)
 
     def forward(self, x):
@@ -514,6 +538,8 @@ class Encoder(nn.Module):
             self.project_out = main
         elif cfg["out_shortcut"] == "averaging":
             # residual autoencoding at the latent: conv(x) + channel-group mean of x (factor 1)
+            # factor 1: no spatial change; the shortcut gives the latent a fixed summary of the last features, so the
+            # conv only learns a residual on it (the same residual-autoencoding idea as the down blocks)
             self.project_out = ResidualBlock(main, ChannelAveragingShortcut(widths[-1], cfg["latent_channels"], 1))
         else:
             raise ValueError(f"unknown encoder out_shortcut {cfg['out_shortcut']!r} (expected 'averaging' or None)")
@@ -747,11 +773,13 @@ class DCAE(nn.Module):
             self._scale_checked = True
             if float(self.scale_factor) == 0:
                 warnings.warn("DC-AE scale_factor is not measured (0): encode/decode use 1 (train.py --ae measures it)")
+        # torch.where, not a Python if: no host sync on every encode/decode
         return torch.where(self.scale_factor == 0, torch.ones_like(self.scale_factor), self.scale_factor)
 
     def _check_images(self, x):
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected images (B, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
+        # each stage transition halves H and W, so sizes must be multiples of f or a pixel_unshuffle fails
         f = self.spatial_compression_ratio
         if x.shape[-2] % f or x.shape[-1] % f:
             raise ValueError(f"image size {tuple(x.shape[-2:])} is not divisible by the compression factor {f}")
@@ -789,6 +817,7 @@ class DCAE(nn.Module):
         """
         enc = [s for s in self.encoder.stages if len(s) > 0]  # encoder order
         dec = [s for s in reversed(self.decoder.stages) if len(s) > 0]  # decoder execution order
+        # phase 1: everything trains, at low resolution where full training is affordable
         if phase == 1:
             return [self.encoder, self.decoder]
         if phase == 2:
@@ -799,6 +828,7 @@ class DCAE(nn.Module):
         if phase == 3:
             # the GAN loss sharpens local detail; the latent space of phase 2 stays fixed
             k = self.train_cfg["head_stages"]
+            # at low resolution the GAN's extra passes stay cheap, and local detail does not need the large image
             return dec[len(dec) - k:] + [self.decoder.project_out]
         raise ValueError(f"unknown phase {phase!r} (expected 1, 2 or 3)")
 
@@ -834,6 +864,7 @@ class DCAE(nn.Module):
         # everything before this step can run under no_grad in _reconstruct (no activations kept)
         self._first_trainable = next(i for i, s in enumerate(steps) if any(p.requires_grad for p in s.parameters()))
         self.train(self.training)  # re-apply the frozen-BatchNorm rule below
+        # the PatchGAN is left out of 'ae' even when it trains: each group gets its own optimiser and loss
         ae = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("disc.")]
         return {"ae": ae, "disc": list(self.disc.parameters())} if phase == 3 else {"ae": ae}
 
@@ -857,6 +888,7 @@ class DCAE(nn.Module):
         (phase 2: the early encoder; phase 3: the encoder and most of the decoder) -- the memory saving
         the paper reports for phase 2."""
         steps = self._steps()
+        # the frozen prefix holds no trainable parameter, so no gradient has to pass through it: skip its graph
         with torch.no_grad():
             for step in steps[: self._first_trainable]:
                 x = step(x)
@@ -873,6 +905,7 @@ class DCAE(nn.Module):
     def _last_layer(self):
         """Weight of the decoder's final conv (where LDM's adaptive GAN weight compares gradient norms)."""
         last = self.decoder.project_out[-1]  # ConvLayer, or an up-sampling layer whose .conv is a ConvLayer
+        # up-sampling layers wrap a ConvLayer (.conv.conv is the nn.Conv2d); a bare ConvLayer's .conv is the Conv2d
         return last.conv.conv.weight if isinstance(last.conv, ConvLayer) else last.conv.weight
 
     def loss(self, group, batch, step):
