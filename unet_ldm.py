@@ -94,6 +94,8 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 (official util.GroupNorm32), so bf16/fp16 activations normalise stably."""
 
     def forward(self, x):
+        # mean/variance over a group are reductions that lose precision (or overflow) in half precision;
+        # the result is cast back so the rest of the block keeps running in the model's dtype
         return super().forward(x.float()).type(x.dtype)
 
 
@@ -108,6 +110,8 @@ def normalization(channels):
 def zero_module(module):
     """Zero-initialise the last layer of every residual branch (ADM), so each block starts as the identity."""
     # detach(): zero in place without recording an autograd op on a leaf parameter
+    # why zero: the residual branch adds exactly 0 at init, so a deep UNet starts as a short, stable
+    # identity path and each block learns its contribution from there (gradients still reach the zeroed layer)
     for p in module.parameters():
         p.detach().zero_()
     return module
@@ -117,6 +121,8 @@ class TimestepEmbedSequential(nn.Sequential):
     """nn.Sequential that hands the time embedding to ResBlocks and the context to SpatialTransformers."""
 
     def forward(self, x, emb, context=None):
+        # one container for every block type, so UNetModel.forward can treat all blocks alike;
+        # layers that need neither emb nor context (convs, Up/Downsample, AttentionBlock) get x only
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
@@ -190,6 +196,7 @@ class ResBlock(nn.Module):
             h = self.in_layers[-1](h)
         else:
             h = self.in_layers(x)
+        # the time embedding is one vector per sample: project it to this block's width and broadcast it over H, W
         emb_out = self.emb_layers(emb).type(h.dtype)[:, :, None, None]  # (B, C') -> (B, C', 1, 1)
         # ADM FiLM: t modulates the normalised features; the default instead adds emb as a bias before the GN
         # ADM Sec. 3.1 AdaGN(h, y) = y_s GroupNorm(h) + y_b; (1 + scale) makes y_s = 1 when scale = 0
@@ -222,7 +229,9 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x):
         b, c, *spatial = x.shape
+        # flatten space so that attention sees all H*W positions as one sequence of length T
         x = x.reshape(b, c, -1)  # (B, C, H, W) -> (B, C, T)
+        # pre-norm: GroupNorm on the input only, the residual below adds the un-normalised x
         qkv = self.qkv(self.norm(x))
         t, d = qkv.shape[-1], c // self.num_heads
         # legacy order [head][q|k|v][d]: reshape to (B*heads, 3d, T) BEFORE splitting into q, k, v
@@ -243,12 +252,15 @@ class CrossAttention(nn.Module):
         inner_dim, context_dim = dim_head * heads, context_dim or query_dim
         self.heads = heads
         self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
+        # K and V are projected from context_dim to the same inner width as Q, so Q K^T is defined for any context
         self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
 
     def forward(self, x, context=None):
         # Q from the image tokens (B, N, query_dim), K and V from tau_theta(y) (B, L, context_dim)
+        # why K, V from the context: each image position (query) picks which conditioning tokens to read,
+        # so the condition can act differently at every location; the output keeps the query's shape (B, N, .)
         context = x if context is None else context
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)  # (B, N, h*d), (B, L, h*d) x 2
         # split heads on the last dim as (h d): (B, N, h*d) -> (B, h, N, d)
@@ -319,10 +331,12 @@ class SpatialTransformer(nn.Module):
         b, c, h, w = x.shape
         x_in = x
         x = self.proj_in(self.norm(x))  # (B, C, H, W) -> (B, inner, H, W)
+        # tokens for the transformer: every spatial position becomes one token of width inner_dim
         x = x.flatten(2).transpose(1, 2)  # (B, inner, H, W) -> (B, H*W, inner)
         # each block attends from the H*W image tokens to the L context tokens (L = 1 for cin256-v2)
         for block in self.transformer_blocks:
             x = block(x, context=context)
+        # back to a feature map so the conv layers of the UNet can continue
         x = x.transpose(1, 2).reshape(b, -1, h, w)  # (B, H*W, inner) -> (B, inner, H, W)
         return self.proj_out(x) + x_in  # (B, inner, H, W) -> (B, C, H, W), then residual
 
@@ -429,6 +443,7 @@ class UNetModel(nn.Module):
         """x (B, C, H, W), timesteps (B,) int or float, context (B, L, context_dim), y (B,) int64 -> eps (B, C, H, W)."""
         if (y is not None) != (self.num_classes is not None):
             raise ValueError("unet_ldm: pass y (B,) labels if and only if the model was built with num_classes")
+        # t -> sinusoid (B, model_channels) -> MLP (B, 4 model_channels): one embedding shared by every ResBlock
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
         if self.num_classes is not None:
             emb = emb + self.label_emb(y)  # (B, 4 mc) + (B, 4 mc)
@@ -439,8 +454,12 @@ class UNetModel(nn.Module):
             hs.append(h)
         h = self._run(self.middle_block, h, emb, context)
         for block in self.output_blocks:
+            # the skip concatenation: the decoder gets the encoder's features at the same resolution back, so fine
+            # spatial detail lost by downsampling need not pass through the bottleneck; concatenated, not added, so the
+            # next ResBlock learns how to mix the two (hence its input width ch + skip channels)
             h = torch.cat([h, hs.pop()], dim=1)  # (B, C, H, W) + (B, C_skip, H, W) -> (B, C + C_skip, H, W)
             h = self._run(block, h, emb, context)
+        # eps has the input's shape: the network predicts the noise that was added to every element of z_t
         return self.out(h)  # (B, model_channels, H, W) -> (B, out_channels, H, W) = eps
 
 
@@ -454,6 +473,7 @@ class ClassEmbedder(nn.Module):
         self.embedding = nn.Embedding(n_classes, embed_dim)
 
     def forward(self, labels):
+        # the context tokens: a sequence of L vectors the UNet cross-attends to; for a class label L = 1
         return self.embedding(labels[:, None])  # (B,) -> (B, 1) -> (B, 1, embed_dim)
 
 
@@ -464,6 +484,7 @@ def make_beta_schedule(linear_start, linear_end, timesteps=1000):
     """The LDM "linear" schedule: linear in sqrt(beta), i.e. beta_t = linspace(sqrt(b0), sqrt(b1), T)^2 (float64).
     (The official option literally named "sqrt_linear" is the plain linspace of betas: names are swapped.)"""
     # cin256 / faces: 0.0015 -> 0.0195; txt2img: 0.00085 -> 0.012 (DDPM Sec. 4: linear 1e-4 -> 0.02 in pixel space)
+    # a small beta at t = 0 keeps the first steps close to the data; the end value makes abar_T small
     return torch.linspace(linear_start ** 0.5, linear_end ** 0.5, timesteps, dtype=torch.float64) ** 2  # (T,) float64
 
 
@@ -484,6 +505,8 @@ def make_ddim_timesteps(num_ddim_steps, num_timesteps=1000, discretize="uniform"
                 min((s for s in range(num_ddim_steps + 1, num_timesteps + 1) if works(s)), default=None)]
         raise ValueError(f"unet_ldm: {num_ddim_steps} uniform DDIM steps would reach t = {num_timesteps} (the official "
                          f"code fails there); nearest step counts that work: {[s for s in near if s]}")
+    # why +1 (official: 'to get the final alpha values right'): unshifted, the smallest step would be t = 0 with
+    # abar_prev = abar_0 = abar_t, a step that leaves x unchanged; shifted, the last step goes from t = 1 to abar_0
     return torch.arange(0, num_timesteps, num_timesteps // num_ddim_steps) + 1  # (S',) int64, ascending
 
 
@@ -547,6 +570,7 @@ class LatentDiffusion(nn.Module):
         betas = make_beta_schedule(self.linear_start, self.linear_end, self.num_timesteps)
         # DDPM notation: alpha_t = 1 - beta_t, abar_t = prod_{s<=t} alpha_s (Ho et al. Sec. 2)
         alphas = 1.0 - betas
+        # abar_t is what q_sample and both samplers use: the signal fraction left after t noising steps
         ac = torch.cumprod(alphas, dim=0)  # abar_t
         # abar_{t-1} with abar_{-1} = 1, for the posterior q(x_{t-1} | x_t, x_0) (DDPM Eq. 6-7)
         ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])  # (1,) + (T-1,) -> (T,)
@@ -630,11 +654,13 @@ class LatentDiffusion(nn.Module):
     def guided_eps(self, x, t, cond, uncond, scale):
         """Classifier-free guidance with ONE model call on [uncond; cond] (official order):
         e = e_uncond + s (e_cond - e_uncond)."""
+        # doubling the batch runs the conditional and unconditional predictions in one forward pass
         x_in, t_in = torch.cat([x, x]), torch.cat([t, t])  # (B, ...) -> (2B, ...)
         # uncond first, as the official DDIMSampler concatenates [unconditional_conditioning, c]
         c_in = torch.cat([uncond, cond])  # (B, L, D) x 2 -> (2B, L, D); labels (B,) -> (2B,)
         e_uncond, e_cond = self.apply_model(x_in, t_in, c_in).chunk(2)  # (2B, C, H, W) -> 2 x (B, C, H, W)
         # s > 1 extrapolates away from the unconditional prediction (Ho & Salimans Sec. 3.2, with s = 1 + w)
+        # what cfg mixes: the two noise predictions of the same x_t; scale 1 gives e_cond, 0 gives e_uncond
         return e_uncond + scale * (e_cond - e_uncond)
 
     def eps(self, x, t, cond, uncond=None, scale=1.0):
@@ -648,6 +674,7 @@ class LatentDiffusion(nn.Module):
         sigma computed in float64 from the float32 alphas, as the official numpy/torch mix does)."""
         ts = make_ddim_timesteps(steps, self.num_timesteps).to(self.alphas_cumprod.device)
         ac = self.alphas_cumprod
+        # DDIM only needs abar at the kept steps: it jumps from one kept timestep to the previous one
         alphas = ac[ts]  # (S,) abar at the kept steps
         # (1,) + (S-1,) -> (S,): abar of the previous kept step
         alphas_prev = torch.cat([ac[:1], ac[ts[:-1]]])  # the last step uses abar_0 = 0.9985, not 1
@@ -666,10 +693,15 @@ class LatentDiffusion(nn.Module):
         a_t = sched["alphas"][index]
         a_prev, sigma_t = sched["alphas_prev"][index], sched["sigmas"][index]
         # DDIM Eq. 12: sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma_t^2) eps + sigma_t z, x0_hat from inverting q_sample
+        # term 1, predicted x0: solve z_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps for x0 with eps = e_t
         pred_x0 = (x - sched["sqrt_one_minus_alphas"][index] * e_t) / a_t.sqrt()
+        # term 2, direction pointing to x_t: re-adds the predicted noise at the previous step's level, leaving
+        # sigma_t^2 of the variance for fresh noise so the marginal at t_prev keeps variance 1 - a_prev
         dir_xt = (1.0 - a_prev - sigma_t ** 2).sqrt() * e_t  # direction pointing to x_t
+        # x0 scaled to the previous step's signal level, plus the direction term
         x_prev = a_prev.sqrt() * pred_x0 + dir_xt
         if noise is not None:  # sigma_t = 0 (eta = 0) is deterministic DDIM (DDIM Sec. 4.1)
+            # term 3, random noise: sigma_t z with z ~ N(0, I); eta = 1: the DDPM posterior variance on the sub-sequence
             x_prev = x_prev + sigma_t * noise
         return x_prev, pred_x0
 
@@ -703,6 +735,7 @@ class LatentDiffusion(nn.Module):
         coef1 = (beta * ac_prev.sqrt() / (1 - ac)).float()
         coef2 = ((1 - ac_prev) * (1 - beta).sqrt() / (1 - ac)).float()
         x = _randn(shape, generator, device)  # x_T ~ N(0, I), (n, C, H, W)
+        # ancestral sampling: each step draws from the posterior q(x_prev | x_t, x0) with x0 replaced by x0_hat
         for i, step in enumerate(ts):
             t = step.expand(shape[0])  # () -> (n,)
             e = self.eps(x, t, cond, uncond, scale).float()
@@ -740,6 +773,7 @@ class LatentDiffusion(nn.Module):
         x0 = batch["x"].float()
         self._check_x(x0)
         b = x0.shape[0]
+        # one t per sample: the loss is a Monte Carlo estimate of the expectation over t, eps and z_0
         t = torch.randint(0, self.num_timesteps, (b,), device=x0.device)  # (B,); DDPM Algorithm 1, t 0-indexed
         noise = torch.randn_like(x0)  # eps ~ N(0, I), (B, C, H, W)
         labels = batch.get("y")
@@ -747,6 +781,7 @@ class LatentDiffusion(nn.Module):
             if labels is None:
                 raise ValueError("unet_ldm: class-conditional model needs batch['y'] (B,) int64")
             if self.ucg_rate > 0:  # classifier-free guidance training: the null class replaces some labels
+                # why drop labels: one network then also learns the unconditional eps (null class), which cfg needs
                 drop = torch.rand(b, device=x0.device) < self.ucg_rate  # (B,) bool
                 labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
         cond = self.get_learned_conditioning(labels, batch.get("context"))
@@ -784,6 +819,7 @@ class LatentDiffusion(nn.Module):
                 if uc_context is None:
                     raise ValueError("unet_ldm: text guidance (cfg != 1) needs uc_context, the context of the empty prompt")
                 uncond = self.get_learned_conditioning(context=uc_context)
+        # both samplers start from x_T ~ N(0, I) and return z_0 in the model's space (latents: decode them separately)
         if sampler == "ddim":
             return self.ddim_sample(cond, uncond, shape, steps, eta, cfg, generator=generator)[0]
         if sampler == "ddpm":
