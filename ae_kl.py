@@ -284,6 +284,8 @@ class DiagonalGaussianDistribution:
         # fp16/bf16 moments are upcast: exp(logvar) and the summed KL lose precision in half precision
         low = parameters.dtype in (torch.float16, torch.bfloat16)
         self.parameters = parameters.float() if low else parameters  # (B, 2C, h, w)
+        # the encoder predicts log sigma^2 rather than sigma: any real output is a valid variance, no positivity
+        # constraint needed (the clamp below only guards exp against overflow)
         self.mean, self.logvar = torch.chunk(self.parameters, 2, dim=1)  # (B, 2C, h, w) -> 2 x (B, C, h, w)
         # clamp as the official: exp(20) ~ 4.9e8 and exp(-30) ~ 9e-14 keep var finite and nonzero
         self.logvar = torch.clamp(self.logvar, -30.0, 20.0)
@@ -298,7 +300,10 @@ class DiagonalGaussianDistribution:
         """mean + std * eps (reparameterised: gradients reach mean and std), eps ~ N(0, I) from the global RNG
         on the latent's device, or the given `noise` (reproducible tests)."""
         if noise is None:
+            # eps carries all the randomness, so z is a deterministic, differentiable function of (mean, std)
             noise = torch.randn(self.mean.shape, device=self.mean.device, dtype=self.mean.dtype)
+        # training decodes a sample, not the mean: the decoder must tolerate the posterior's spread, which keeps
+        # the latent space smooth for the diffusion model that later samples in it
         return self.mean + self.std * noise.to(self.mean)
 
     def kl(self, other=None):
@@ -307,6 +312,7 @@ class DiagonalGaussianDistribution:
             return torch.tensor([0.0])  # the official returns a CPU float32 (1,) tensor here
         if other is None:
             # the closed form of KL(N(mu, sigma^2) || N(0, 1)), summed: (B, C, h, w) -> (B,)
+            # per element 0.5 * (mu^2 + sigma^2 - 1 - log sigma^2): zero exactly when mu = 0 and sigma = 1
             return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
         # KL between two diagonal Gaussians (unused by the autoencoder; official API, pinned by the golden)
         return 0.5 * torch.sum((self.mean - other.mean).pow(2) / other.var + self.var / other.var - 1.0
@@ -464,11 +470,17 @@ class LPIPSWithDiscriminator(nn.Module):
         if disc_loss not in ("hinge", "vanilla"):
             raise ValueError(f"disc_loss must be 'hinge' or 'vanilla', got {disc_loss!r}")
         # weight of L_reg: 1e-6 in the released configs, the "slight KL-penalty" of Sec. 3.1
+        # why tiny: the KL only has to stop the latent from drifting to arbitrary scales; a VAE-sized weight
+        # would blur reconstructions, and LDM wants a near-lossless first stage (the diffusion model does the
+        # generative work), so the latent stays high-variance and is rescaled later by scale_factor
         self.kl_weight = kl_weight
         self.pixel_weight = pixelloss_weight  # stored and never used, as in the official code
         self.perceptual_weight = perceptual_weight
         self.lpips_pretrained = lpips_pretrained  # LPIPS: get_lpips, built at the first loss, not in state_dict()
         # output log variance: the reconstruction is scored as a Laplace likelihood with a learned scale
+        # why a logvar: rec / exp(logvar) + logvar is a likelihood with a learnable scale, which would let the
+        # model trade reconstruction against the KL itself; the official never optimizes it, so with
+        # logvar_init 0 the nll is just the summed reconstruction loss
         self.logvar = nn.Parameter(torch.ones(size=()) * logvar_init, requires_grad=False)
         # disc_ndf is ours (the official is always 64: the CPU-sized tiny preset narrows it); n_layers=3 is
         # pix2pix's 70x70 PatchGAN (each output logit sees a 70x70 input patch)
@@ -476,6 +488,8 @@ class LPIPSWithDiscriminator(nn.Module):
         # DCGAN-style N(0, 0.02) init, applied after construction as in taming
         self.discriminator.apply(weights_init)
         # the GAN term starts at step disc_start (adopt_weight), once reconstructions are reasonable
+        # why late: early reconstructions are blurry and trivially told apart, so D would win at once and its
+        # gradients would be large and uninformative; L1 + LPIPS first get the decoder close to the data
         self.discriminator_iter_start = disc_start
         # the discriminator's term of App. G Eq. 25 (log D_psi(x) side), hinge or softplus form
         self.disc_loss = hinge_d_loss if disc_loss == "hinge" else vanilla_d_loss
@@ -509,22 +523,31 @@ class LPIPSWithDiscriminator(nn.Module):
         disc_factor = adopt_weight(self.disc_factor, global_step, threshold=self.discriminator_iter_start)
         if optimizer_idx == 0:
             # L_rec of Eq. 25: pixel L1 plus the perceptual loss (VQGAN Sec. 3.1 replaces L2 by a perceptual loss)
+            # L1 rather than L2: L2 averages plausible outputs and blurs; L1 keeps edges sharper
             rec_loss = torch.abs(inputs - reconstructions)  # (B, C, H, W)
             if self.perceptual_weight > 0:
+                # LPIPS compares VGG features, so textures that match perceptually but not pixel by pixel are not
+                # punished; this is what lets the GAN fill in detail instead of fighting the pixel loss
                 p_loss = self.perceptual_loss(inputs, reconstructions)  # (B, 1, 1, 1), broadcast to every pixel
                 rec_loss = rec_loss + self.perceptual_weight * p_loss  # (B, C, H, W) + (B, 1, 1, 1) -> (B, C, H, W)
             # one scale for all pixels: for the L1 part the Laplace NLL |x - x_rec| / b + log b, b = exp(logvar)
             nll_loss = rec_loss / torch.exp(self.logvar) + self.logvar
             # summed over all elements / B (the official's per-element `weights` option: never passed, left out)
+            # a sum, not a mean: each pixel counts fully, so the summed KL (over latent elements) times kl_weight
+            # is compared against a loss of the same summed scale
             nll_loss = torch.sum(nll_loss) / nll_loss.shape[0]
             # L_reg: kl() is (B,), already summed over C, h, w; averaged over the batch like the nll
             kl_loss = posteriors.kl()
             kl_loss = torch.sum(kl_loss) / kl_loss.shape[0]  # (B,) -> scalar
             # generator side of Eq. 25: the decoder is pushed to raise D(x_rec) on every patch
+            # D's parameters are frozen for this call but x_rec is not: the gradient of -D(x_rec) reaches the
+            # decoder and encoder only
             logits_fake = self._discriminate_for_generator(reconstructions)  # (B, 1, H', W')
             g_loss = -torch.mean(logits_fake)  # -L_adv
             if self.disc_factor > 0.0:
                 # lambda of VQGAN Eq. 7 at W = last_layer, computed even before disc_start (as the official)
+                # why at the decoder's last layer: both losses reach the image only through it, so their gradient norms
+                # there are a cheap measure of their relative pull; no hand-tuned GAN weight per dataset
                 d_weight = calculate_adaptive_weight(nll_loss, g_loss, last_layer, self.discriminator_weight)
             else:
                 # disc_factor 0: no GAN at all, and no autograd.grad through last_layer
@@ -542,6 +565,7 @@ class LPIPSWithDiscriminator(nn.Module):
             logits_real = self.discriminator(inputs.detach()).float()  # (B, C, H, W) -> (B, 1, H', W')
             logits_fake = self.discriminator(reconstructions.detach()).float()  # (B, C, H, W) -> (B, 1, H', W')
             # hinge: 0.5 * (mean relu(1 - D(x)) + mean relu(1 + D(x_rec))), 0 before disc_start
+            # hinge: D stops pushing once a patch is classified with margin 1, which keeps its logits bounded
             d_loss = disc_factor * self.disc_loss(logits_real, logits_fake)
             log = {"disc_loss": d_loss.detach(), "logits_real": logits_real.detach().mean(),
                    "logits_fake": logits_fake.detach().mean()}
@@ -582,6 +606,8 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(out_ch=out_ch, **body)  # D: z_channels -> out_ch
         # loss=None: inference only, no PatchGAN / logvar (and never an LPIPS)
         self.loss_fn = None if loss is None else LPIPSWithDiscriminator(**loss)
+        # the name is the VQ model's: here no quantization happens, the 1x1 conv only maps E's output to the
+        # mean / logvar moments of embed_dim channels, so KL and VQ models share one Encoder/Decoder
         self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1)  # moments: (mean, logvar) per channel
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)  # (B, embed_dim, h, w) -> (B, z_channels, h, w)
         self.in_channels, self.embed_dim = in_channels, embed_dim
@@ -609,6 +635,7 @@ class AutoencoderKL(nn.Module):
     def forward(self, x, sample_posterior=True):
         """(reconstruction, posterior): decode a posterior sample (training) or, if not sample_posterior, its mode."""
         posterior = self.encode_posterior(x)
+        # training reconstructs from a sample (the decoder sees the posterior noise); evaluation can use the mean
         z = posterior.sample() if sample_posterior else posterior.mode()
         return self.decode_latent(z), posterior
 
@@ -630,10 +657,13 @@ class AutoencoderKL(nn.Module):
         sample=False, the posterior mode (the mean: deterministic)."""
         posterior = self.encode_posterior(x)
         # scaled so that the diffusion model sees latents of about unit variance (Sec. 4.3.2)
+        # why rescale: with a KL weight of 1e-6 the latent's variance is arbitrary, and the diffusion noise
+        # schedule assumes data of about unit variance; one scalar fixes that without retraining E
         return (posterior.sample() if sample else posterior.mode()) * self._scale()
 
     def decode(self, z):
         """Scaled latent -> image in (about) [-1, 1]: LDM's decode_first_stage (divide, then decode)."""
+        # the inverse of encode's scaling: the decoder was trained on unscaled latents
         return self.decode_latent(z / self._scale())
 
     def _loss_fn(self):
@@ -646,6 +676,8 @@ class AutoencoderKL(nn.Module):
         # everything but the loss module (PatchGAN; logvar, which the official never optimizes)
         loss_fn = self._loss_fn()
         ae = [p for name, p in self.named_parameters() if not name.startswith("loss_fn.")]
+        # two optimizers because the GAN is a min-max game: D ascends the adversarial objective that the
+        # autoencoder descends, so each side takes its own step (and keeps its own Adam state)
         return {"ae": ae, "disc": list(loss_fn.discriminator.parameters())}
 
     def loss(self, group, batch, step):

@@ -416,6 +416,7 @@ class VectorQuantizer(nn.Module):
         self.sane_index_shape = sane_index_shape
         # the codebook Z = {e_k}, a (n_e, e_dim) table, trained only through the codebook term of the loss
         self.embedding = nn.Embedding(n_e, e_dim)
+        # all codes start in a tiny box around 0 (scale 1/n_e), close together, none far from the others
         self.embedding.weight.data.uniform_(-1.0 / n_e, 1.0 / n_e)  # the official init
 
     def forward(self, z):
@@ -423,23 +424,31 @@ class VectorQuantizer(nn.Module):
         with torch.autocast(z.device.type, enabled=False):
             # each latent pixel's C-vector becomes one row to quantize
             z = z.float().permute(0, 2, 3, 1).contiguous()  # (B, C, H, W) -> (B, H, W, C)
+            # why flatten: quantization is per spatial position, independent of batch and location, so the
+            # (B, H, W, C) grid becomes N = B*H*W independent C-vectors and one matrix of distances covers them all
             z_flattened = z.view(-1, self.e_dim)  # (N, C), N = B*H*W
             e = self.embedding.weight.float()  # (n_e, C)
             # squared distances ||z||^2 + ||e||^2 - 2 z.e, the expanded form of the official: (N, n_e)
+            # expanded rather than broadcast (z[:, None] - e[None]): a GEMM, never an (N, n_e, C) tensor in memory
             d = (torch.sum(z_flattened ** 2, dim=1, keepdim=True) + torch.sum(e ** 2, dim=1)
                  - 2 * z_flattened @ e.t())
             # VQGAN Eq. 2: one code per latent pixel (argmin takes the first minimum on ties)
+            # argmin has no gradient: this is why the codebook and commitment terms and the straight-through
+            # estimator below are needed at all
             min_encoding_indices = torch.argmin(d, dim=1)  # (N,)
             # lookup in e (a differentiable cast of the weight): the codebook term reaches the weight
             z_q = F.embedding(min_encoding_indices, e).view(z.shape)  # (B, H, W, C)
             # VQGAN Eq. 4's last two terms: sg[z_q] - z pulls the encoder to the codes (commitment), z_q - sg[z]
             # moves the codes (codebook); legacy: beta on the codebook term; else VQ-VAE Eq. 3's placement
             if self.legacy:
+                # why stop-gradients: without them one squared distance would pull codes and encoder towards each
+                # other at the same rate; sg[.] splits it so each side has its own term and its own weight
                 loss = torch.mean((z_q.detach() - z) ** 2) + self.beta * torch.mean((z_q - z.detach()) ** 2)
             else:
                 loss = self.beta * torch.mean((z_q.detach() - z) ** 2) + torch.mean((z_q - z.detach()) ** 2)
             # straight-through (VQ-VAE Sec. 3.2, "copy gradients from decoder input z_q(x) to encoder output
             # z_e(x)"): the value is z_q, the gradient d z_q / d z = I
+            # the decoder's gradient w.r.t. z_q is passed unchanged to z, as if quantization were the identity
             z_q = z + (z_q - z).detach()
             z_q = z_q.permute(0, 3, 1, 2).contiguous()  # (B, H, W, C) -> (B, C, H, W)
         if self.sane_index_shape:  # (N,) -> (B, H, W), the latent grid layout of the codes
@@ -496,12 +505,15 @@ class VQLPIPSWithDiscriminator(nn.Module):
         self.perceptual_weight = perceptual_weight
         self.pixel_loss = pixel_loss
         # n_classes = n_embed: the histogram size of measure_perplexity (not a class count)
+        # (perplexity near n_embed: codes used evenly; far below: many dead codes)
         self.n_classes = n_classes
         self.lpips_pretrained = lpips_pretrained  # LPIPS: get_lpips, built at the first loss, not in state_dict()
         # PatchGAN D of VQGAN Sec. 3.1: one real/fake logit per image patch, not per image
         self.discriminator = NLayerDiscriminator(disc_in_channels, ndf=disc_ndf, n_layers=disc_num_layers)
         self.discriminator.apply(weights_init)
         # disc_start: global step before which disc_factor is 0 (VQGAN trains the GAN term late)
+        # why late: early reconstructions are blurry and D would win at once with large, uninformative gradients;
+        # L_rec + L_VQ first bring the decoder close to the data and settle the codebook
         self.discriminator_iter_start = disc_start
         self.disc_loss = hinge_d_loss if disc_loss == "hinge" else vanilla_d_loss
         self.disc_factor = disc_factor
@@ -540,12 +552,19 @@ class VQLPIPSWithDiscriminator(nn.Module):
                 rec_loss = rec_loss + self.perceptual_weight * p_loss
             else:
                 p_loss = torch.zeros((), device=inputs.device)  # (), logged only
+            # no KL or logvar here: the codebook bounds the latent by construction (a finite set of codes), so only
+            # L_VQ regularizes, and a mean suffices for the reconstruction term
             nll_loss = torch.mean(rec_loss)  # a mean over all elements, unlike the KL loss's sum / B
             # generator side of VQGAN Eq. 5 in the code's hinge form: -E[D(x_rec)], D itself frozen here
+            # D is frozen inside this call but x_rec is not: the gradient reaches the decoder, codebook and E only via
+            # the reconstruction
             g_loss = -torch.mean(self._discriminate_for_generator(reconstructions))
             # lambda of VQGAN Eq. 7 (delta 1e-4 as the code; the paper: 1e-6), times disc_weight
+            # why at the decoder's last layer: L_rec and L_GAN both reach the image only through it, so
+            # matching their gradient norms there balances the two terms without a hand-tuned GAN weight
             d_weight = calculate_adaptive_weight(nll_loss, g_loss, last_layer, self.discriminator_weight)
             # VQGAN Eq. 6 for E, D and the codebook: L_rec + L_VQ + lambda * L_GAN (lambda = 0 before disc_start)
+            # the codebook only learns through codebook_loss: argmin gives it no gradient from L_rec or L_GAN
             loss = nll_loss + d_weight * disc_factor * g_loss + self.codebook_weight * codebook_loss.mean()
             log = {"total_loss": loss.detach(), "quant_loss": codebook_loss.detach().mean(),
                    "nll_loss": nll_loss.detach(), "rec_loss": rec_loss.detach().mean(),
@@ -607,6 +626,8 @@ class VQModel(nn.Module):
         # beta 0.25 and legacy=True as VQModel constructs it (legacy is never passed, so True)
         self.quantize = VectorQuantizer(n_embed, embed_dim, beta=beta, legacy=legacy)
         # 1x1 convs between E/D's z_channels and the codebook dimension embed_dim (equal in all presets)
+        # why a 1x1 conv: the codebook dimension can be chosen apart from E's output width at the cost of
+        # a per-pixel linear map
         self.quant_conv = nn.Conv2d(z_channels, embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
         self.in_channels, self.embed_dim, self.n_embed = in_channels, embed_dim, n_embed
@@ -634,6 +655,7 @@ class VQModel(nn.Module):
 
     def forward(self, x, return_pred_indices=False):
         """(x_rec, codebook loss[, indices]), as VQModel.forward."""
+        # training always quantizes: E, codebook and D must agree on the discrete latent D will be given
         quant, diff, (_, _, ind) = self.encode_quant(x)
         dec = self.decode_quant(quant)  # (B, embed_dim, H/f, W/f) -> (B, out_ch, H, W)
         return (dec, diff, ind) if return_pred_indices else (dec, diff)
@@ -654,6 +676,8 @@ class VQModel(nn.Module):
     def encode(self, x, sample=True):
         """x in [-1, 1] -> h * scale_factor, h the PRE-quantization latent (what the official LDM diffuses).
         Deterministic: `sample` is accepted, as by the other autoencoders, and ignored."""
+        # LDM diffuses the continuous h, not z_q: the diffusion model's output need not land exactly on codes,
+        # and decode() snaps it there
         return self.encode_to_prequant(x) * self._scale()
 
     def decode(self, z, force_not_quantize=False):
@@ -685,6 +709,7 @@ class VQModel(nn.Module):
         x, loss_fn = batch["x"], self._loss_fn()
         if group == "ae":
             # full forward with gradients: L_rec, L_GAN and L_VQ all flow back into E, codebook and D
+            # the indices are only for logging the codebook usage, not for any loss
             x_rec, qloss, ind = self(x, return_pred_indices=True)  # x_rec (B, C, H, W), ind (N,)
             return loss_fn(qloss, x, x_rec, 0, step, last_layer=self.get_last_layer(), predicted_indices=ind)
         if group == "disc":
